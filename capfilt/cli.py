@@ -1,0 +1,192 @@
+"""The `capfilt` command line. `main(argv)` takes a list so tests drive the real entry point.
+
+Exit codes: 0 success, 1 an unexpected failure, 2 a problem with the user's input (the message
+names it). Heavy imports happen inside the commands so `capfilt --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .errors import CapfiltError
+
+log = logging.getLogger("capfilt")
+EXIT_USAGE = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="CKPT",
+                   help="our checkpoint directory, a transformers BLIP directory, or an original BLIP .pth")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capfilt",
+        description="BLIP's CapFilt: caption and filter image-text pairs, and manage MED checkpoints.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("caption", help="write captions for images with a captioner checkpoint")
+    _add_model_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--method", choices=["nucleus", "beam", "greedy"], default="nucleus",
+                   help="decoding: nucleus sampling (CapFilt's), beam search or greedy (default: nucleus)")
+    p.add_argument("--num-captions", type=int, default=1, metavar="K",
+                   help="captions per image: K samples (nucleus) or the K best beams (default: 1)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus probability mass (default: 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty for repeated tokens (default: 1.1 for nucleus as in BLIP's CapFilt, else 1.0)")
+    p.add_argument("--num-beams", type=int, default=3, help="beam width (default: 3, BLIP's)")
+    p.add_argument("--max-tokens", type=int, default=30, help="most caption tokens, [SEP] included (default: 30)")
+    p.add_argument("--min-tokens", type=int, default=5, help="fewest caption tokens before [SEP] (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; image i uses seed + i (default: 0)")
+    p.add_argument("--json", action="store_true", help='print {"results": [{"image", "captions"}]}')
+
+    p = sub.add_parser("score", help="score texts against an image with a filter checkpoint (ITM and ITC)")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--text", action="append", required=True, metavar="T", help="a text to score (repeatable)")
+    p.add_argument("--raw-text", action="store_true",
+                   help="score texts as given, without BLIP's caption cleaning (lower-case, punctuation)")
+    p.add_argument("--json", action="store_true", help='print {"image", "scores": [{"text", "itm", "itc"}]}')
+
+    p = sub.add_parser("convert", help="convert a checkpoint: BLIP .pth or transformers -> ours, or ours -> transformers")
+    p.add_argument("--input", required=True, metavar="PATH", help="checkpoint to read (any supported layout)")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--to", choices=["capfilt", "transformers"], default="capfilt",
+                   help="output layout (default: capfilt)")
+    p.add_argument("--kind", choices=["captioning", "retrieval"], default=None,
+                   help="transformers class to export (default: by role; required for a pre-trained MED)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory for an original .pth (default: look beside the .pth)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize position embeddings to this resolution (e.g. 384 for fine-tuning)")
+    p.add_argument("--vision-heads", type=int, default=None, help=".pth only: ViT heads (default: width / 64)")
+    p.add_argument("--text-heads", type=int, default=None, help=".pth only: text heads (default: width / 64)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except CapfiltError as err:  # includes CheckpointError via _user_errors
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+def _load(path: str, device: str, **kwargs: Any):  # -> Checkpoint
+    from capfilt.model.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path, device=device, **kwargs)
+    except CheckpointError as err:
+        raise CapfiltError(str(err)) from err
+
+
+def _images(paths: Sequence[str]) -> list:
+    from .images import open_image
+
+    return [open_image(p) for p in paths]  # ImageError (a CapfiltError) names the bad file
+
+
+def _require(ckpt: Any, task: str, path: str) -> None:
+    from capfilt.model.checkpoint import CheckpointError
+
+    try:
+        ckpt.require(task, path)
+    except CheckpointError as err:
+        raise CapfiltError(str(err)) from err
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from capfilt.model.generate import GenerationConfig
+
+    from .inference import Captioner
+
+    rep = args.repetition_penalty if args.repetition_penalty is not None else (1.1 if args.method == "nucleus" else 1.0)
+    gen = GenerationConfig(
+        method=args.method, num_captions=args.num_captions, num_beams=args.num_beams, top_p=args.top_p,
+        temperature=args.temperature, repetition_penalty=rep, max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens, seed=args.seed,
+    )
+    try:
+        gen.validate()
+    except ValueError as err:
+        raise CapfiltError(f"invalid caption options: {err}") from err
+    images = _images(args.images)  # all decoded before the model loads: fail fast on a bad file
+    ckpt = _load(args.model, args.device)
+    _require(ckpt, "caption", args.model)
+    captions = Captioner(ckpt, device=args.device, batch_size=args.batch_size, generation=gen).caption(images)
+    results = [{"image": path, "captions": caps} for path, caps in zip(args.images, captions)]
+    if args.json:
+        print(json.dumps({"results": results}, ensure_ascii=False))
+    else:
+        for r in results:
+            for c in r["captions"]:
+                print(f"{r['image']}\t{c}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .inference import Filter
+
+    image = _images([args.image])[0]
+    ckpt = _load(args.model, args.device)
+    _require(ckpt, "score", args.model)
+    scores = Filter(ckpt, device=args.device, batch_size=args.batch_size, clean_text=not args.raw_text).score(
+        [image], [args.text]
+    )[0]
+    rows = [{"text": s.text, "itm": s.itm, "itc": s.itc} for s in scores]
+    if args.json:
+        print(json.dumps({"image": args.image, "scores": rows}, ensure_ascii=False))
+    else:
+        for r in rows:
+            print(f"itm={r['itm']:.4f}\titc={r['itc']:+.4f}\t{r['text']}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from capfilt.model.checkpoint import CheckpointError, export_transformers, save_checkpoint
+
+    overrides = {k: v for k, v in (("vision_heads", args.vision_heads), ("text_heads", args.text_heads)) if v}
+    ckpt = _load(args.input, "cpu", tokenizer=args.tokenizer, image_size=args.image_size, overrides=overrides)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and (out / "config.json").exists():
+        raise CapfiltError(f"{out} already holds a checkpoint; choose an empty output directory")
+    try:
+        if args.to == "transformers":
+            export_transformers(ckpt, out, args.kind)
+        else:
+            ckpt.provenance = {**ckpt.provenance, "converted_from": str(args.input)}
+            save_checkpoint(ckpt, out)
+    except CheckpointError as err:
+        raise CapfiltError(str(err)) from err
+    print(json.dumps({"output": str(out), "format": args.to, "role": ckpt.role, "source_format": ckpt.source_format}))
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "score": cmd_score, "convert": cmd_convert}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

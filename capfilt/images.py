@@ -1,0 +1,91 @@
+"""Reading and preprocessing images the way the checkpoint's config says.
+
+Preprocessing follows BLIP: RGB, bicubic resize to a square of the model's image size,
+scale to [0, 1], normalise with the checkpoint's mean and std. Beyond BLIP, EXIF rotation is
+applied and transparent images are laid on white, so what the model sees is what a person sees.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import CapfiltError
+
+MAX_PIXELS = 64_000_000  # refuse larger images: decompression bombs
+
+
+class ImageError(CapfiltError):
+    """An image that cannot be decoded; `reason` is a short machine-readable code."""
+
+    def __init__(self, message: str, reason: str = "image_undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image file or bytes into an RGB PIL image, or raise ImageError naming it."""
+    label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"image not found: {path}", "image_missing")
+        data = path.read_bytes()
+    else:
+        data = source
+    if not data:
+        raise ImageError(f"{label}: empty file", "image_empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise ImageError(
+                    f"{label}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}", "image_too_large"
+                )
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{label}: refused as a decompression bomb ({err})", "image_too_large") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"{label}: not a readable image ({err})", "image_undecodable") from err
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF-rotate and convert any mode (palette, alpha, 16-bit, CMYK, grayscale) to RGB."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError):
+        pass  # a broken EXIF block does not make the pixels unusable
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() or 1.0
+        img = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def preprocess(
+    images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """RGB images -> normalised pixels (B, 3, size, size), float32."""
+    arrays = [np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for img in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,381 @@
+"""Checkpoints: our directory format, and the loaders for the layouts users bring.
+
+Our checkpoint is a directory:
+    config.json        {"format": "capfilt-med", "role": ..., "architecture": MEDConfig, "provenance": {...}}
+    model.safetensors  the MED's weights (tied LM head stored once)
+    tokenizer files    transformers layout (tokenizer.json, tokenizer_config.json)
+
+`load_checkpoint` also accepts a transformers BLIP directory (`save_pretrained` of
+`BlipForConditionalGeneration` or `BlipForImageTextRetrieval`) and an original BLIP `.pth`
+(state dict under "model"). Nothing is unpickled with code execution: safetensors, or
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import convert
+from .config import ROLES, MEDConfig
+from .med import MED
+from .tokenizer import CaptionTokenizer
+from .vit import resize_pos_embed
+
+log = logging.getLogger(__name__)
+
+FORMAT = "capfilt-med"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used; the message says which path and why."""
+
+
+@dataclass
+class Checkpoint:
+    med: MED
+    tokenizer: CaptionTokenizer
+    role: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    source_format: str = FORMAT  # "capfilt-med" | "transformers" | "blip-pth"
+    digest: str = ""  # sha256 of the weights: identifies the checkpoint in ledgers
+
+    @property
+    def config(self) -> MEDConfig:
+        return self.med.config
+
+    def require(self, task: str, path: str | Path = "") -> None:
+        """Fail clearly when a checkpoint cannot do `task` ("caption" or "score")."""
+        where = f" {path}" if path else ""
+        if task == "caption":
+            if self.role == "filter" or not self.config.has_decoder:
+                raise CheckpointError(
+                    f"checkpoint{where} is a {self.role} (image-grounded encoder) and cannot write captions; "
+                    "pass a captioner checkpoint"
+                )
+        elif task == "score":
+            if self.role == "captioner" or not self.config.has_encoder:
+                raise CheckpointError(
+                    f"checkpoint{where} is a {self.role} (image-grounded decoder) and cannot score texts; "
+                    "pass a filter checkpoint"
+                )
+        else:
+            raise ValueError(f"unknown task {task!r}")
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(ckpt: Checkpoint, directory: str | Path) -> Path:
+    """Write `ckpt` as our checkpoint directory (created if missing) and return its path."""
+    if ckpt.role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {ckpt.role!r}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in ckpt.med.state_dict().items()}
+    if ckpt.config.has_decoder and ckpt.config.text.tie_word_embeddings:
+        state.pop("lm_head.decoder.weight")  # the word embeddings, stored once
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "capfilt": FORMAT})
+    tmp.replace(out / "model.safetensors")
+    ckpt.tokenizer.save(out)
+    provenance = {"saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **ckpt.provenance}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "role": ckpt.role,
+        "architecture": ckpt.config.to_dict(),
+        "provenance": provenance,
+    }
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    ckpt.digest = file_digest(out / "model.safetensors")
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def detect_format(path: str | Path) -> str:
+    """"capfilt-med", "transformers" or "blip-pth" for a path; CheckpointError otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        cfg_path = p / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{p} is a directory without config.json; it is not a checkpoint")
+        cfg = _read_json(cfg_path)
+        if cfg.get("format") == FORMAT:
+            return FORMAT
+        if cfg.get("model_type") == "blip" or "text_config" in cfg:
+            return "transformers"
+        raise CheckpointError(f"{cfg_path} describes neither a CapFilt nor a transformers BLIP checkpoint")
+    return "blip-pth"
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    image_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load any supported checkpoint as a MED in eval mode.
+
+    tokenizer: a directory with tokenizer files, for an original `.pth` (which has none; a
+        tokenizer beside the `.pth` is found on its own).
+    image_size: run at another resolution; position embeddings are resized bicubically.
+    overrides: architecture facts a `.pth` cannot tell ("vision_heads", "text_heads"); BLIP's
+        `med_config.json` beside the `.pth` is read for them too. Default: 64-wide heads, as BLIP's.
+    """
+    kind = detect_format(path)
+    try:
+        if kind == FORMAT:
+            ckpt = _load_ours(Path(path))
+        elif kind == "transformers":
+            ckpt = _load_transformers(Path(path))
+        else:
+            ckpt = _load_blip_pth(Path(path), tokenizer, overrides or {})
+    except CheckpointError:
+        raise
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, KeyError, OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+    if image_size and image_size != ckpt.config.vision.image_size:
+        _set_image_size(ckpt.med, image_size)
+    return _finish(ckpt, device)
+
+
+def _finish(ckpt: Checkpoint, device: str | torch.device) -> Checkpoint:
+    ckpt.med.to(device).eval()
+    ckpt.med.requires_grad_(False)
+    return ckpt
+
+
+def _set_image_size(med: MED, image_size: int) -> None:
+    v = med.config.vision
+    if image_size % v.patch_size:
+        raise CheckpointError(f"image size {image_size} is not a multiple of the patch size {v.patch_size}")
+    grid = image_size // v.patch_size
+    new = resize_pos_embed(med.visual_encoder.pos_embed.data, grid)
+    med.visual_encoder.pos_embed = torch.nn.Parameter(new)
+    med.visual_encoder.patch_embed.img_size = (image_size, image_size)
+    med.visual_encoder.patch_embed.grid_size = (grid, grid)
+    med.visual_encoder.patch_embed.num_patches = grid * grid
+    v.image_size = image_size
+    log.info("resized position embeddings to %d px (%dx%d patches)", image_size, grid, grid)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _build(config: MEDConfig, state: dict[str, torch.Tensor], source: str) -> MED:
+    med = MED(config)
+    missing, unexpected = med.load_state_dict(state, strict=False)
+    if config.has_decoder and config.text.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.decoder.weight"]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the architecture "
+            f"(missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    med.tie_weights()
+    return med
+
+
+def _load_ours(path: Path) -> Checkpoint:
+    meta = _read_json(path / "config.json")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer CapFilt (format {meta['format_version']})")
+    role = meta.get("role")
+    if role not in ROLES:
+        raise CheckpointError(f"{path}/config.json has role {role!r}; expected one of {ROLES}")
+    try:
+        config = MEDConfig.from_dict(meta["architecture"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}/config.json has an invalid architecture: {err}") from err
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no model.safetensors")
+    med = _build(config, load_file(str(weights)), str(path))
+    tok = CaptionTokenizer.load(path, dec_id=config.text.dec_token_id, enc_id=config.text.enc_token_id)
+    return Checkpoint(med, tok, role, meta.get("provenance", {}), FORMAT, file_digest(weights))
+
+
+def _transformers_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    single = path / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single)), [single]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(load_file(str(path / name)))
+        return state, [path / f for f in files]
+    legacy = path / "pytorch_model.bin"
+    if legacy.is_file():
+        return _safe_torch_load(legacy), [legacy]
+    raise CheckpointError(f"{path} has no model.safetensors (or pytorch_model.bin)")
+
+
+def _load_transformers(path: Path) -> Checkpoint:
+    hf_cfg = _read_json(path / "config.json")
+    state, files = _transformers_weights(path)
+    conv = convert.from_transformers(state)
+    for note in conv.notes:
+        log.warning("%s: %s", path, note)
+    config = convert.config_from_transformers(hf_cfg, conv)
+    tok = _tokenizer_for(path, config)
+    config.text.enc_token_id, config.text.dec_token_id = tok.ids.enc, tok.ids.dec
+    config.text.cls_token_id = tok.ids.cls
+    med = _build(config, conv.state_dict, str(path))
+    arch = (hf_cfg.get("architectures") or [""])[0]
+    role = "captioner" if conv.has_decoder and not conv.has_encoder else "filter" if conv.has_encoder and not conv.has_decoder else "pretrain"
+    provenance = {"source": str(path), "source_format": "transformers", "architecture": arch}
+    digest = file_digest(files[0]) if len(files) == 1 else "sha256:" + hashlib.sha256(
+        "".join(file_digest(f) for f in files).encode()).hexdigest()
+    log.info("loaded transformers %s from %s (%s)", arch or "BLIP", path, conv.summary())
+    return Checkpoint(med, tok, role, provenance, "transformers", digest)
+
+
+def _tokenizer_for(path: Path, config: MEDConfig) -> CaptionTokenizer:
+    """A transformers BLIP tokenizer may or may not list [DEC]/[ENC]; BLIP's ids are bos and bos+1."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} has no usable tokenizer files: {err}") from err
+    vocab = hf.get_vocab()
+    dec = vocab.get("[DEC]", config.text.dec_token_id)
+    enc = vocab.get("[ENC]", config.text.enc_token_id)
+    if "[ENC]" not in vocab:
+        log.info("%s: tokenizer has no [ENC]; using id %d (BLIP's: right after [DEC])", path, enc)
+    return CaptionTokenizer(hf, dec_id=dec, enc_id=enc)
+
+
+def _safe_torch_load(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain data; refusing to unpickle it "
+            f"(that could run code). Details: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+
+
+def _med_config_facts(path: Path) -> dict[str, Any]:
+    """Architecture facts from BLIP's `med_config.json` beside a `.pth` (BERT keys), if present.
+    Head counts are the one thing tensor shapes cannot tell; `vision_heads` may be added there."""
+    if not path.is_file():
+        return {}
+    cfg = _read_json(path)
+    names = {"num_attention_heads": "text_heads", "layer_norm_eps": "text_layer_norm_eps", "vision_heads": "vision_heads"}
+    return {ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg}
+
+
+def _load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str, Any]) -> Checkpoint:
+    raw = _safe_torch_load(path)
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        state = raw["model"]
+    elif isinstance(raw, dict) and any(k.startswith("visual_encoder.") for k in raw):
+        state = raw
+    else:
+        raise CheckpointError(f"{path} is not a BLIP checkpoint (no state dict under 'model')")
+    if not any(k.startswith("visual_encoder.") for k in state):
+        raise CheckpointError(f"{path} has no visual_encoder weights; it is not a BLIP model")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    conv = convert.from_blip(state)
+    log.info("%s: %s", path, conv.summary())
+    for note in conv.notes:
+        log.warning("%s: %s", path, note)
+    facts = _med_config_facts(path.parent / "med_config.json")
+    facts.update(overrides)
+    train_cfg = raw.get("config") if isinstance(raw, dict) else None
+    tok_dir = Path(tokenizer) if tokenizer else path.parent
+    try:
+        tok = CaptionTokenizer.load(tok_dir, dec_id=facts.get("dec_token_id"), enc_id=facts.get("enc_token_id"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"no tokenizer for {path}: an original BLIP .pth has none. Put bert-base-uncased tokenizer files "
+            f"(vocab.txt or tokenizer.json, with [DEC] and [ENC] added) beside it or pass --tokenizer DIR ({err})"
+        ) from err
+    facts.update({f"{k}_token_id": getattr(tok.ids, k) for k in ("pad", "sep", "dec", "enc", "cls")})
+    config = convert.config_from_blip_state(state, conv, facts)
+    if isinstance(train_cfg, dict) and isinstance(train_cfg.get("prompt"), str):
+        config.prompt = train_cfg["prompt"]
+    med = _build(config, conv.state_dict, str(path))
+    role = "pretrain" if conv.has_encoder and conv.has_decoder else "captioner" if conv.has_decoder else "filter"
+    provenance = {"source": str(path), "source_format": "blip-pth", "skipped": dict(conv.skipped)}
+    return Checkpoint(med, tok, role, provenance, "blip-pth", file_digest(path))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_transformers(ckpt: Checkpoint, directory: str | Path, kind: str | None = None) -> Path:
+    """Write `ckpt` as a transformers BLIP directory that `from_pretrained` loads.
+
+    kind: "captioning" (BlipForConditionalGeneration) or "retrieval" (BlipForImageTextRetrieval);
+    by default the captioner exports as captioning and the filter as retrieval.
+    """
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipImageProcessor
+
+    if kind is None:
+        if ckpt.config.has_decoder and ckpt.config.has_encoder:
+            raise CheckpointError(
+                "a pre-trained MED holds both a captioner and a filter; choose --kind captioning or --kind retrieval"
+            )
+        kind = "captioning" if ckpt.config.has_decoder else "retrieval"
+    if kind == "captioning" and not ckpt.config.has_decoder:
+        raise CheckpointError("this checkpoint has no text decoder to export as a captioning model")
+    if kind == "retrieval" and not ckpt.config.has_encoder:
+        raise CheckpointError("this checkpoint has no text encoder to export as a retrieval model")
+    hf_config = BlipConfig(**convert.transformers_config(ckpt.config))
+    cls = BlipForConditionalGeneration if kind == "captioning" else BlipForImageTextRetrieval
+    hf_config.architectures = [cls.__name__]
+    model = cls(hf_config)
+    state = convert.to_transformers(ckpt.med.state_dict(), kind)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    assert not missing and not unexpected, (missing, unexpected)
+    out = Path(directory)
+    model.save_pretrained(str(out))
+    ckpt.tokenizer.save(out)
+    size = ckpt.config.vision.image_size
+    BlipImageProcessor(
+        size={"height": size, "width": size},
+        image_mean=list(ckpt.config.image_mean),
+        image_std=list(ckpt.config.image_std),
+    ).save_pretrained(str(out))
+    return out

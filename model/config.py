@@ -1,0 +1,145 @@
+"""MED configuration: flat dataclasses and the one registry of named sizes.
+
+A config fully describes the network's shapes; it is written into every checkpoint's
+`config.json` (under "architecture") so a checkpoint rebuilds without outside knowledge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# BLIP normalises images with the CLIP statistics (blip/data/__init__.py; HF BlipImageProcessor).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_PROMPT = "a picture of "
+ROLES = ("pretrain", "captioner", "filter")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224  # pixels per side; position embeddings are resized when this changes
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6  # BLIP's ViT; transformers' BLIP port uses 1e-5
+    drop_path: float = 0.0  # stochastic depth during training
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30524  # bert-base-uncased 30522 + [DEC] + [ENC]
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.0  # hidden and attention dropout (BLIP trains with 0.1)
+    tie_word_embeddings: bool = True  # LM head weight is the word embedding matrix, as in BERT
+    # Special token ids; the tokenizer saved with the checkpoint agrees with them.
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102  # also EOS for generation
+    dec_token_id: int = 30522  # [DEC]: position 0 of the image-grounded decoder (bos)
+    enc_token_id: int = 30523  # [ENC]: position 0 of the image-grounded encoder (ITM)
+
+
+@dataclass
+class MEDConfig:
+    """The multimodal mixture of encoder-decoder.
+
+    `has_encoder` / `has_decoder` say which text branches exist: a transformers captioner has
+    only the decoder (causal self-attention + LM head), a retrieval model only the encoder
+    (bidirectional self-attention + ITC projections + ITM head). Our own pre-trained MED has both.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # ITC projection width
+    has_encoder: bool = True
+    has_decoder: bool = True
+    prompt: str = DEFAULT_PROMPT  # captioner prompt, stripped from generated captions
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    max_text_tokens: int = 35  # BLIP tokenises ITM/ITC texts with max_length=35
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MEDConfig:
+        data = dict(data)
+        vision = VisionConfig(**data.pop("vision", {}))
+        text = TextConfig(**data.pop("text", {}))
+        for key in ("image_mean", "image_std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown MED config fields: {sorted(unknown)}")
+        return cls(vision=vision, text=text, **data)
+
+    def replace(self, **changes: Any) -> MEDConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- named sizes
+# Each size is a short function, timm-style. `image_size=None` takes the size's default
+# (pre-training resolution); BLIP fine-tunes base/large at 384 px.
+
+
+def _tiny(image_size: int | None) -> MEDConfig:
+    # For tests: trains in seconds on a CPU.
+    return MEDConfig(
+        vision=VisionConfig(image_size=image_size or 32, patch_size=8, width=32, depth=2, heads=2),
+        text=TextConfig(width=32, depth=2, heads=2, intermediate=64, max_positions=64),
+        embed_dim=32,
+    )
+
+
+def _small(image_size: int | None) -> MEDConfig:
+    # The built-in world: small images with a handful of objects; trains on a laptop in minutes.
+    return MEDConfig(
+        vision=VisionConfig(image_size=image_size or 64, patch_size=8, width=192, depth=6, heads=3),
+        text=TextConfig(width=192, depth=4, heads=3, intermediate=768, max_positions=64),
+        embed_dim=128,
+    )
+
+
+def _base(image_size: int | None) -> MEDConfig:
+    # BLIP ViT-B/16 + BERT-base.
+    return MEDConfig(
+        vision=VisionConfig(image_size=image_size or 224, patch_size=16, width=768, depth=12, heads=12),
+        text=TextConfig(width=768, depth=12, heads=12, intermediate=3072, dropout=0.1),
+    )
+
+
+def _large(image_size: int | None) -> MEDConfig:
+    # BLIP ViT-L/16 + BERT-base (the text side stays BERT-base in BLIP-L).
+    return MEDConfig(
+        vision=VisionConfig(image_size=image_size or 224, patch_size=16, width=1024, depth=24, heads=16),
+        text=TextConfig(width=768, depth=12, heads=12, intermediate=3072, dropout=0.1),
+    )
+
+
+SIZES = {"tiny": _tiny, "small": _small, "base": _base, "large": _large}
+FINETUNE_IMAGE_SIZE = {"tiny": 32, "small": 64, "base": 384, "large": 384}
+
+
+def med_config(size: str, image_size: int | None = None, **text_ids: int) -> MEDConfig:
+    """The config of a named size; `text_ids` overrides vocab size and special token ids."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    config = SIZES[size](image_size)
+    if text_ids:
+        config.text = dataclasses.replace(config.text, **text_ids)
+    return config

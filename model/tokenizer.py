@@ -1,0 +1,113 @@
+"""The text tokenizer: BERT WordPiece with BLIP's `[DEC]` and `[ENC]` tokens.
+
+Our own checkpoints cannot fetch bert-base-uncased, so `train_tokenizer` learns a WordPiece
+vocabulary from the training captions with the `tokenizers` package. The tokenizer is saved
+inside every checkpoint in transformers' layout (tokenizer.json, tokenizer_config.json,
+vocab.txt), which also makes an exported checkpoint loadable by transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from tokenizers.trainers import WordPieceTrainer
+from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: pad id 0, as BERT
+DEC, ENC = "[DEC]", "[ENC]"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 1) -> CaptionTokenizer:
+    """Learn a lower-cased WordPiece vocabulary from captions; `[DEC]`, `[ENC]` are appended last."""
+    tok = Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, strip_accents=None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([DEC, ENC])
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    hf = BertTokenizer(
+        tokenizer_object=tok,
+        vocab=tok.get_vocab(),
+        bos_token=DEC,
+        additional_special_tokens=[ENC],
+    )
+    return CaptionTokenizer(hf)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    pad: int
+    cls: int
+    sep: int
+    dec: int
+    enc: int
+    vocab_size: int
+
+    def as_text_config(self) -> dict[str, int]:
+        return {
+            "pad_token_id": self.pad,
+            "cls_token_id": self.cls,
+            "sep_token_id": self.sep,
+            "dec_token_id": self.dec,
+            "enc_token_id": self.enc,
+            "vocab_size": self.vocab_size,
+        }
+
+
+class CaptionTokenizer:
+    """A transformers tokenizer plus the ids the MED needs; texts in, padded id tensors out."""
+
+    def __init__(self, hf: PreTrainedTokenizerBase, dec_id: int | None = None, enc_id: int | None = None) -> None:
+        self.hf = hf
+        vocab = hf.get_vocab()
+        self.ids = TokenIds(
+            pad=hf.pad_token_id,
+            cls=hf.cls_token_id,
+            sep=hf.sep_token_id,
+            dec=dec_id if dec_id is not None else vocab[DEC],
+            enc=enc_id if enc_id is not None else vocab[ENC],
+            vocab_size=len(hf),
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path, dec_id: int | None = None, enc_id: int | None = None) -> CaptionTokenizer:
+        """Load tokenizer files from a local directory (ours or a transformers BLIP checkpoint)."""
+        hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        vocab = hf.get_vocab()
+        if dec_id is None and DEC not in vocab:
+            raise ValueError(f"the tokenizer in {directory} has no {DEC} token; pass its id explicitly")
+        if enc_id is None and ENC not in vocab:
+            raise ValueError(f"the tokenizer in {directory} has no {ENC} token; pass its id explicitly")
+        return cls(hf, dec_id, enc_id)
+
+    def save(self, directory: str | Path) -> None:
+        self.hf.save_pretrained(str(directory))
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[CLS] text [SEP]`, padded to the longest, truncated to `max_length` -> (ids, mask), both (B, T)."""
+        enc = self.hf(
+            list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """The decoder's prefix for `prompt`: `[DEC] prompt-tokens` (no `[SEP]`), shape (P,)."""
+        ids = self.hf(prompt, add_special_tokens=True)["input_ids"][:-1]  # drop [SEP], as BLIP does
+        ids[0] = self.ids.dec
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True).strip()

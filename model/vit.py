@@ -1,0 +1,84 @@
+"""The image encoder: a ViT built from timm's blocks, with BLIP's parameter names.
+
+Parameter names (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.*`, `norm`) are the
+ones in BLIP's original checkpoints, so an original state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .config import VisionConfig
+
+
+class VisionTransformer(nn.Module):
+    """Pixels (B, 3, H, W) -> token features (B, 1 + N, width); token 0 is `[CLS]`."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        norm_layer = partial(nn.LayerNorm, eps=config.layer_norm_eps)
+        self.patch_embed = PatchEmbed(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.width,
+            strict_img_size=False,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
+        drop_path = torch.linspace(0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(
+                config.width,
+                config.heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=True,
+                drop_path=drop_path[i],
+                norm_layer=norm_layer,
+            )
+            for i in range(config.depth)
+        )
+        self.norm = norm_layer(config.width)
+        self.grad_checkpointing = False
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_vit_weights)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+        x = x + self._pos_embed_for(x.shape[1], pixels.shape[-2:])
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+    def _pos_embed_for(self, num_tokens: int, hw: torch.Size) -> torch.Tensor:
+        if num_tokens == self.pos_embed.shape[1]:
+            return self.pos_embed
+        grid = [hw[0] // self.config.patch_size, hw[1] // self.config.patch_size]
+        return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=1)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Resize (1, 1 + g*g, D) position embeddings to a new square grid, bicubically (BLIP's
+    `interpolate_pos_embed`, used when a 224 px checkpoint is fine-tuned at 384 px)."""
+    return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], num_prefix_tokens=1, antialias=False)
+
+
+def _init_vit_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,202 @@
+"""Parity with transformers: our loaders on transformers directories and original `.pth` files
+give transformers' own outputs (ITM, ITC within 1e-4; greedy and beam captions token-identical)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from capfilt.model.checkpoint import CheckpointError, export_transformers, load_checkpoint, save_checkpoint
+from capfilt.model.generate import GenerationConfig, generate
+
+TEXTS = ["a red circle on a blue background", "two green squares", "a black cat", "sunset beach dogs running"]
+
+
+def _inputs(tokenizer, n_images=2):
+    torch.manual_seed(7)
+    pixels = torch.randn(n_images, 3, 32, 32)
+    ids, mask = tokenizer(TEXTS[: 2 * n_images], max_length=35)
+    return pixels, ids, mask
+
+
+def _hf_retrieval_scores(hf_dir, pixels, ids, mask, enc_id):
+    from transformers import BlipForImageTextRetrieval
+
+    model = BlipForImageTextRetrieval.from_pretrained(hf_dir).eval()
+    n = ids.shape[0]
+    px = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
+    enc_ids = ids.clone()
+    enc_ids[:, 0] = enc_id  # the same position-0 token on both sides: BLIP trains ITM with [ENC]
+    with torch.no_grad():
+        itm = model(input_ids=enc_ids, pixel_values=px, attention_mask=mask).itm_score.softmax(-1)[:, 1]
+        itc = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score.diagonal()
+    return itm, itc
+
+
+def _our_scores(ckpt, pixels, ids, mask):
+    med = ckpt.med
+    n = ids.shape[0]
+    with torch.no_grad():
+        embeds = med.encode_image(pixels).repeat_interleave(n // pixels.shape[0], dim=0)
+        itm = med.itm_logits(embeds, ids, mask).softmax(-1)[:, 1]
+        itc = (med.image_feature(embeds) * med.text_feature(ids, mask)).sum(-1)
+    return itm, itc
+
+
+@pytest.mark.parametrize("layout", ["transformers", "pth", "ours"])
+def test_itm_and_itc_match_transformers(layout, request, hf_retrieval_dir, tokenizer):
+    path = {
+        "transformers": hf_retrieval_dir,
+        "pth": request.getfixturevalue("blip_filter_pth"),
+        "ours": request.getfixturevalue("our_filter_dir"),
+    }[layout]
+    ckpt = load_checkpoint(path)
+    assert ckpt.role == "filter"
+    pixels, ids, mask = _inputs(tokenizer)
+    hf_itm, hf_itc = _hf_retrieval_scores(hf_retrieval_dir, pixels, ids, mask, tokenizer.ids.enc)
+    itm, itc = _our_scores(ckpt, pixels, ids, mask)
+    assert torch.allclose(itm, hf_itm, atol=1e-4), (itm, hf_itm)
+    assert torch.allclose(itc, hf_itc, atol=1e-4), (itc, hf_itc)
+    assert (hf_itm.max() - hf_itm.min()) > 1e-3  # the comparison is not between constants
+
+
+def _hf_generate(hf_dir, pixels, prompt_ids, max_tokens, min_tokens, num_beams, k):
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(hf_dir).eval()
+    P = prompt_ids.shape[0]
+    # transformers' BLIP generate writes bos over position 0 and drops the last token ([SEP]).
+    input_ids = torch.cat([prompt_ids, prompt_ids[:1]]).repeat(pixels.shape[0], 1)
+    with torch.no_grad():
+        out = model.generate(
+            pixel_values=pixels, input_ids=input_ids, max_length=P + max_tokens, min_new_tokens=min_tokens,
+            num_beams=num_beams, num_return_sequences=k, do_sample=False, repetition_penalty=1.0,
+        )
+    sep, pad = model.config.text_config.sep_token_id, model.config.text_config.pad_token_id
+    captions = []
+    for row in out[:, P:].tolist():
+        cut = row.index(sep) if sep in row else len(row)
+        captions.append([t for t in row[:cut] if t != pad])
+    return [captions[i * k : (i + 1) * k] for i in range(pixels.shape[0])]
+
+
+@pytest.mark.parametrize("layout", ["transformers", "pth", "ours"])
+@pytest.mark.parametrize(("method", "beams", "k"), [("greedy", 1, 1), ("beam", 3, 1), ("beam", 3, 2)])
+def test_greedy_and_beam_captions_are_token_identical(layout, method, beams, k, request, hf_captioner_dir, tokenizer):
+    path = {
+        "transformers": hf_captioner_dir,
+        "pth": request.getfixturevalue("blip_captioner_pth"),
+        "ours": request.getfixturevalue("our_captioner_dir"),
+    }[layout]
+    ckpt = load_checkpoint(path)
+    assert ckpt.role == "captioner"
+    torch.manual_seed(11)
+    pixels = torch.randn(4, 3, 32, 32)
+    prompt = tokenizer.prompt_ids("a picture of ")
+    cfg = GenerationConfig(method=method, num_beams=beams, num_captions=k, max_tokens=12, min_tokens=2,
+                           repetition_penalty=1.0)
+    with torch.no_grad():
+        ours = generate(ckpt.med, ckpt.med.encode_image(pixels), prompt, cfg)
+    theirs = _hf_generate(hf_captioner_dir, pixels, prompt, 12, 2, beams, k)
+    assert ours == theirs
+    lengths = {len(c) for caps in ours for c in caps}
+    assert len(lengths) > 1 or min(lengths) < 12, "captions never end early: [SEP] handling untested"
+
+
+def test_base_loads_transformers_base_shapes_without_missing_or_unexpected_keys():
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.model import convert
+    from capfilt.model.config import med_config
+    from capfilt.model.med import MED
+
+    hf_config = BlipConfig()  # BLIP-base shapes, random weights
+    for cls, branches in ((BlipForConditionalGeneration, {"has_encoder": False}),
+                          (BlipForImageTextRetrieval, {"has_decoder": False})):
+        state = cls(hf_config).state_dict()
+        conv = convert.from_transformers(state)
+        med = MED(med_config("base", image_size=384).replace(**branches))
+        result = med.load_state_dict(conv.state_dict, strict=False)
+        assert result.missing_keys == [] and result.unexpected_keys == [], result
+        assert not conv.skipped, conv.skipped
+        del state, med
+
+
+def test_pth_skips_momentum_and_queues_with_a_summary(blip_filter_pth, caplog):
+    with caplog.at_level(logging.INFO, logger="capfilt.model.checkpoint"):
+        ckpt = load_checkpoint(blip_filter_pth)
+    skipped = ckpt.provenance["skipped"]
+    assert skipped["momentum-encoder tensors"] > 10
+    assert skipped["feature queues"] == 4
+    assert skipped["ITC temperature (training state)"] == 1
+    assert "momentum-encoder tensors" in caplog.text
+
+
+def test_export_to_transformers_round_trips(tmp_path, our_filter_dir, our_captioner_dir, tokenizer):
+    from transformers import BlipForImageTextRetrieval
+
+    ckpt = load_checkpoint(our_filter_dir)
+    export_transformers(ckpt, tmp_path / "hf")
+    model = BlipForImageTextRetrieval.from_pretrained(tmp_path / "hf").eval()
+    back = load_checkpoint(tmp_path / "hf")
+    pixels, ids, mask = _inputs(tokenizer)
+    a, _ = _our_scores(ckpt, pixels, ids, mask)
+    b, _ = _our_scores(back, pixels, ids, mask)
+    assert torch.allclose(a, b, atol=1e-6)
+    enc = ids.clone()
+    enc[:, 0] = tokenizer.ids.enc
+    with torch.no_grad():
+        hf = model(input_ids=enc, pixel_values=pixels.repeat_interleave(2, 0), attention_mask=mask).itm_score
+    assert torch.allclose(hf.softmax(-1)[:, 1], a, atol=1e-4)
+    cap = load_checkpoint(our_captioner_dir)
+    export_transformers(cap, tmp_path / "hf_cap")
+    assert load_checkpoint(tmp_path / "hf_cap").role == "captioner"
+
+
+def test_our_checkpoint_round_trip_is_exact(tmp_path, our_captioner_dir):
+    ckpt = load_checkpoint(our_captioner_dir)
+    save_checkpoint(ckpt, tmp_path / "again")
+    again = load_checkpoint(tmp_path / "again")
+    for (k, a), (_, b) in zip(ckpt.med.state_dict().items(), again.med.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert again.role == "captioner" and again.digest == ckpt.digest
+
+
+def test_image_size_change_resizes_position_embeddings(our_filter_dir):
+    ckpt = load_checkpoint(our_filter_dir, image_size=48)
+    assert ckpt.med.visual_encoder.pos_embed.shape[1] == 1 + 6 * 6
+    assert ckpt.med.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
+
+
+def test_malicious_pth_is_not_executed(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04broken zip"])
+def test_garbage_files_are_checkpoint_errors(tmp_path, content):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        load_checkpoint(path)
+
+
+def test_missing_and_non_checkpoint_directories(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="without config.json"):
+        load_checkpoint(tmp_path)
