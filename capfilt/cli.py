@@ -23,8 +23,12 @@ EXIT_USAGE = 2
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="CKPT",
-                   help="our checkpoint directory, a transformers BLIP directory, or an original BLIP .pth")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="CKPT",
+        help="our checkpoint directory, a transformers BLIP directory, or an original BLIP .pth",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
 
@@ -34,23 +38,42 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capfilt",
         description="BLIP's CapFilt: caption and filter image-text pairs, and manage MED checkpoints.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("caption", help="write captions for images with a captioner checkpoint")
     _add_model_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--method", choices=["nucleus", "beam", "greedy"], default="nucleus",
-                   help="decoding: nucleus sampling (CapFilt's), beam search or greedy (default: nucleus)")
-    p.add_argument("--num-captions", type=int, default=1, metavar="K",
-                   help="captions per image: K samples (nucleus) or the K best beams (default: 1)")
+    p.add_argument(
+        "--method",
+        choices=["nucleus", "beam", "greedy"],
+        default="nucleus",
+        help="decoding: nucleus sampling (CapFilt's), beam search or greedy (default: nucleus)",
+    )
+    p.add_argument(
+        "--num-captions",
+        type=int,
+        default=1,
+        metavar="K",
+        help="captions per image: K samples (nucleus) or the K best beams (default: 1)",
+    )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus probability mass (default: 0.9)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="penalty for repeated tokens (default: 1.1 for nucleus as in BLIP's CapFilt, else 1.0)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="penalty for repeated tokens (default: 1.1 for nucleus as in BLIP's CapFilt, else 1.0)",
+    )
     p.add_argument("--num-beams", type=int, default=3, help="beam width (default: 3, BLIP's)")
-    p.add_argument("--max-tokens", type=int, default=30, help="most caption tokens, [SEP] included (default: 30)")
-    p.add_argument("--min-tokens", type=int, default=5, help="fewest caption tokens before [SEP] (default: 5)")
+    p.add_argument(
+        "--max-tokens", type=int, default=30, help="most caption tokens, [SEP] included (default: 30)"
+    )
+    p.add_argument(
+        "--min-tokens", type=int, default=5, help="fewest caption tokens before [SEP] (default: 5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed; image i uses seed + i (default: 0)")
     p.add_argument("--json", action="store_true", help='print {"results": [{"image", "captions"}]}')
 
@@ -58,22 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--text", action="append", required=True, metavar="T", help="a text to score (repeatable)")
-    p.add_argument("--raw-text", action="store_true",
-                   help="score texts as given, without BLIP's caption cleaning (lower-case, punctuation)")
+    p.add_argument(
+        "--raw-text",
+        action="store_true",
+        help="score texts as given, without BLIP's caption cleaning (lower-case, punctuation)",
+    )
     p.add_argument("--json", action="store_true", help='print {"image", "scores": [{"text", "itm", "itc"}]}')
 
-    p = sub.add_parser("convert", help="convert a checkpoint: BLIP .pth or transformers -> ours, or ours -> transformers")
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint: BLIP .pth or transformers -> ours, or ours -> transformers"
+    )
     p.add_argument("--input", required=True, metavar="PATH", help="checkpoint to read (any supported layout)")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write")
-    p.add_argument("--to", choices=["capfilt", "transformers"], default="capfilt",
-                   help="output layout (default: capfilt)")
-    p.add_argument("--kind", choices=["captioning", "retrieval"], default=None,
-                   help="transformers class to export (default: by role; required for a pre-trained MED)")
-    p.add_argument("--tokenizer", metavar="DIR", default=None,
-                   help="tokenizer directory for an original .pth (default: look beside the .pth)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize position embeddings to this resolution (e.g. 384 for fine-tuning)")
-    p.add_argument("--vision-heads", type=int, default=None, help=".pth only: ViT heads (default: width / 64)")
+    p.add_argument(
+        "--to",
+        choices=["capfilt", "transformers"],
+        default="capfilt",
+        help="output layout (default: capfilt)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["captioning", "retrieval"],
+        default=None,
+        help="transformers class to export (default: by role; required for a pre-trained MED)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        default=None,
+        help="tokenizer directory for an original .pth (default: look beside the .pth)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize position embeddings to this resolution (e.g. 384 for fine-tuning)",
+    )
+    p.add_argument(
+        "--vision-heads", type=int, default=None, help=".pth only: ViT heads (default: width / 64)"
+    )
     p.add_argument("--text-heads", type=int, default=None, help=".pth only: text heads (default: width / 64)")
     return parser
 
@@ -123,11 +169,21 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     from .inference import Captioner
 
-    rep = args.repetition_penalty if args.repetition_penalty is not None else (1.1 if args.method == "nucleus" else 1.0)
+    rep = (
+        args.repetition_penalty
+        if args.repetition_penalty is not None
+        else (1.1 if args.method == "nucleus" else 1.0)
+    )
     gen = GenerationConfig(
-        method=args.method, num_captions=args.num_captions, num_beams=args.num_beams, top_p=args.top_p,
-        temperature=args.temperature, repetition_penalty=rep, max_tokens=args.max_tokens,
-        min_tokens=args.min_tokens, seed=args.seed,
+        method=args.method,
+        num_captions=args.num_captions,
+        num_beams=args.num_beams,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        repetition_penalty=rep,
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        seed=args.seed,
     )
     try:
         gen.validate()
@@ -181,7 +237,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             save_checkpoint(ckpt, out)
     except CheckpointError as err:
         raise CapfiltError(str(err)) from err
-    print(json.dumps({"output": str(out), "format": args.to, "role": ckpt.role, "source_format": ckpt.source_format}))
+    print(
+        json.dumps(
+            {"output": str(out), "format": args.to, "role": ckpt.role, "source_format": ckpt.source_format}
+        )
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ applied and transparent images are laid on white, so what the model sees is what
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Sequence
@@ -29,7 +30,9 @@ class ImageError(CapfiltError):
         self.reason = reason
 
 
-def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(
+    source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
     """Decode an image file or bytes into an RGB PIL image, or raise ImageError naming it."""
     label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
     if isinstance(source, (str, Path)):
@@ -47,7 +50,8 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
                 raise ImageError(
-                    f"{label}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}", "image_too_large"
+                    f"{label}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}",
+                    "image_too_large",
                 )
             img.load()
     except ImageError:
@@ -61,10 +65,8 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF-rotate and convert any mode (palette, alpha, 16-bit, CMYK, grayscale) to RGB."""
-    try:
+    with contextlib.suppress(OSError, ValueError, SyntaxError):  # broken EXIF: the pixels are still fine
         img = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError):
-        pass  # a broken EXIF block does not make the pixels unusable
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -84,7 +86,9 @@ def preprocess(
     images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """RGB images -> normalised pixels (B, 3, size, size), float32."""
-    arrays = [np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for img in images]
+    arrays = [
+        np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for img in images
+    ]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

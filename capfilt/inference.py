@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from capfilt.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from capfilt.model.checkpoint import Checkpoint, load_checkpoint
 from capfilt.model.generate import GenerationConfig, generate
 
 from .images import preprocess
@@ -45,7 +45,9 @@ class _Hosted:
 
     task = ""
 
-    def __init__(self, checkpoint: Checkpoint | str | Path, *, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self, checkpoint: Checkpoint | str | Path, *, device: str | torch.device = "cpu", batch_size: int = 32
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.ckpt = _resolve(checkpoint, device)
@@ -130,10 +132,16 @@ class Filter(_Hosted):
             raise ValueError(f"got {len(texts)} text lists for {len(images)} images")
         out: list[list[TextScore]] = []
         for start in range(0, len(images), self.batch_size):
-            out.extend(self._score_batch(images[start : start + self.batch_size], texts[start : start + self.batch_size]))
+            out.extend(
+                self._score_batch(
+                    images[start : start + self.batch_size], texts[start : start + self.batch_size]
+                )
+            )
         return out
 
-    def _score_batch(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
+    def _score_batch(
+        self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]
+    ) -> list[list[TextScore]]:
         med, tok = self.med, self.ckpt.tokenizer
         embeds = med.encode_image(self.pixels(images))  # (B, 1+N, Dv): once per image
         image_feat = med.image_feature(embeds)  # (B, E)
@@ -155,4 +163,3 @@ class Filter(_Hosted):
         for i, text, p, c in zip(owner, flat, p_match, cosine):
             results[i].append(TextScore(text, p, c))
         return results
-

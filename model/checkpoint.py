@@ -74,6 +74,23 @@ class Checkpoint:
             raise ValueError(f"unknown task {task!r}")
 
 
+def new_checkpoint(
+    size: str,
+    tokenizer: CaptionTokenizer,
+    role: str = "pretrain",
+    image_size: int | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """A randomly initialised MED of a named size whose vocabulary and special ids are `tokenizer`'s."""
+    from .config import med_config
+
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    config = med_config(size, image_size=image_size, **tokenizer.ids.as_text_config())
+    prov = {"created_from": f"random init, size {size}", **(provenance or {})}
+    return Checkpoint(MED(config), tokenizer, role, prov, FORMAT)
+
+
 # ----------------------------------------------------------------------------- saving
 
 
@@ -90,7 +107,10 @@ def save_checkpoint(ckpt: Checkpoint, directory: str | Path) -> Path:
     save_file(state, str(tmp), metadata={"format": "pt", "capfilt": FORMAT})
     tmp.replace(out / "model.safetensors")
     ckpt.tokenizer.save(out)
-    provenance = {"saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **ckpt.provenance}
+    provenance = {
+        "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **ckpt.provenance,
+    }
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -107,7 +127,7 @@ def save_checkpoint(ckpt: Checkpoint, directory: str | Path) -> Path:
 
 
 def detect_format(path: str | Path) -> str:
-    """"capfilt-med", "transformers" or "blip-pth" for a path; CheckpointError otherwise."""
+    """ "capfilt-med", "transformers" or "blip-pth" for a path; CheckpointError otherwise."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
@@ -150,7 +170,14 @@ def load_checkpoint(
             ckpt = _load_blip_pth(Path(path), tokenizer, overrides or {})
     except CheckpointError:
         raise
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, KeyError, OSError, json.JSONDecodeError) as err:
+    except (
+        SafetensorError,
+        pickle.UnpicklingError,
+        RuntimeError,
+        KeyError,
+        OSError,
+        json.JSONDecodeError,
+    ) as err:
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
     if image_size and image_size != ckpt.config.vision.image_size:
         _set_image_size(ckpt.med, image_size)
@@ -258,10 +285,19 @@ def _load_transformers(path: Path) -> Checkpoint:
     config.text.cls_token_id = tok.ids.cls
     med = _build(config, conv.state_dict, str(path))
     arch = (hf_cfg.get("architectures") or [""])[0]
-    role = "captioner" if conv.has_decoder and not conv.has_encoder else "filter" if conv.has_encoder and not conv.has_decoder else "pretrain"
+    role = (
+        "captioner"
+        if conv.has_decoder and not conv.has_encoder
+        else "filter"
+        if conv.has_encoder and not conv.has_decoder
+        else "pretrain"
+    )
     provenance = {"source": str(path), "source_format": "transformers", "architecture": arch}
-    digest = file_digest(files[0]) if len(files) == 1 else "sha256:" + hashlib.sha256(
-        "".join(file_digest(f) for f in files).encode()).hexdigest()
+    digest = (
+        file_digest(files[0])
+        if len(files) == 1
+        else "sha256:" + hashlib.sha256("".join(file_digest(f) for f in files).encode()).hexdigest()
+    )
     log.info("loaded transformers %s from %s (%s)", arch or "BLIP", path, conv.summary())
     return Checkpoint(med, tok, role, provenance, "transformers", digest)
 
@@ -300,7 +336,11 @@ def _med_config_facts(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     cfg = _read_json(path)
-    names = {"num_attention_heads": "text_heads", "layer_norm_eps": "text_layer_norm_eps", "vision_heads": "vision_heads"}
+    names = {
+        "num_attention_heads": "text_heads",
+        "layer_norm_eps": "text_layer_norm_eps",
+        "vision_heads": "vision_heads",
+    }
     return {ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg}
 
 
@@ -324,7 +364,9 @@ def _load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str
     train_cfg = raw.get("config") if isinstance(raw, dict) else None
     tok_dir = Path(tokenizer) if tokenizer else path.parent
     try:
-        tok = CaptionTokenizer.load(tok_dir, dec_id=facts.get("dec_token_id"), enc_id=facts.get("enc_token_id"))
+        tok = CaptionTokenizer.load(
+            tok_dir, dec_id=facts.get("dec_token_id"), enc_id=facts.get("enc_token_id")
+        )
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"no tokenizer for {path}: an original BLIP .pth has none. Put bert-base-uncased tokenizer files "
@@ -335,7 +377,9 @@ def _load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str
     if isinstance(train_cfg, dict) and isinstance(train_cfg.get("prompt"), str):
         config.prompt = train_cfg["prompt"]
     med = _build(config, conv.state_dict, str(path))
-    role = "pretrain" if conv.has_encoder and conv.has_decoder else "captioner" if conv.has_decoder else "filter"
+    role = (
+        "pretrain" if conv.has_encoder and conv.has_decoder else "captioner" if conv.has_decoder else "filter"
+    )
     provenance = {"source": str(path), "source_format": "blip-pth", "skipped": dict(conv.skipped)}
     return Checkpoint(med, tok, role, provenance, "blip-pth", file_digest(path))
 
@@ -349,7 +393,12 @@ def export_transformers(ckpt: Checkpoint, directory: str | Path, kind: str | Non
     kind: "captioning" (BlipForConditionalGeneration) or "retrieval" (BlipForImageTextRetrieval);
     by default the captioner exports as captioning and the filter as retrieval.
     """
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipImageProcessor
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipImageProcessor,
+    )
 
     if kind is None:
         if ckpt.config.has_decoder and ckpt.config.has_encoder:

@@ -81,7 +81,7 @@ def _text_key(bert_key: str, branch: str) -> str | None:
     i, rest = m.groups()
     if rest.startswith("attention."):
         own = "attention." if branch == "encoder" else "causal_attention."
-        return f"text.layer.{i}.{own}{rest[len('attention.'):]}"
+        return f"text.layer.{i}.{own}{rest[len('attention.') :]}"
     return f"text.layer.{i}.{rest}"
 
 
@@ -93,9 +93,16 @@ def _merge_shared(out: dict[str, torch.Tensor], key: str, value: torch.Tensor, n
     out.setdefault(key, value)
 
 
-def _lm_head(sd: dict[str, torch.Tensor], prefix: str, word_embeddings: torch.Tensor | None, conv: Conversion) -> None:
+def _lm_head(
+    sd: dict[str, torch.Tensor], prefix: str, word_embeddings: torch.Tensor | None, conv: Conversion
+) -> None:
     out = conv.state_dict
-    for name in ("transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight", "transform.LayerNorm.bias"):
+    for name in (
+        "transform.dense.weight",
+        "transform.dense.bias",
+        "transform.LayerNorm.weight",
+        "transform.LayerNorm.bias",
+    ):
         out[f"lm_head.{name}"] = sd[f"{prefix}{name}"]
     # transformers' forward adds `decoder.bias`; BLIP ties it to `bias`. Prefer the one actually used.
     bias = sd.get(f"{prefix}decoder.bias", sd.get(f"{prefix}bias"))
@@ -115,7 +122,7 @@ def from_transformers(sd: dict[str, torch.Tensor]) -> Conversion:
     out = conv.state_dict
     for key, value in sd.items():
         if key.startswith("vision_model."):
-            new = _rename(key[len("vision_model."):], _HF_VISION)
+            new = _rename(key[len("vision_model.") :], _HF_VISION)
             if new is None:
                 if key.endswith("position_ids"):
                     continue
@@ -124,7 +131,7 @@ def from_transformers(sd: dict[str, torch.Tensor]) -> Conversion:
                 continue
             out["visual_encoder." + new] = value
         elif key.startswith("text_encoder."):
-            new = _text_key(key[len("text_encoder."):], "encoder")
+            new = _text_key(key[len("text_encoder.") :], "encoder")
             if new is None:
                 if not key.endswith("position_ids"):
                     conv.skipped["text pooler or unknown keys"] += 1
@@ -132,7 +139,7 @@ def from_transformers(sd: dict[str, torch.Tensor]) -> Conversion:
             conv.has_encoder = True
             _merge_shared(out, new, value, conv.notes)
         elif key.startswith("text_decoder.bert."):
-            new = _text_key(key[len("text_decoder.bert."):], "decoder")
+            new = _text_key(key[len("text_decoder.bert.") :], "decoder")
             if new is None:
                 if not key.endswith("position_ids"):
                     conv.skipped["text pooler or unknown keys"] += 1
@@ -174,14 +181,14 @@ def from_blip(sd: dict[str, torch.Tensor]) -> Conversion:
         elif key.startswith("visual_encoder."):
             out[key] = value
         elif key.startswith("text_encoder."):
-            new = _text_key(key[len("text_encoder."):], "encoder")
+            new = _text_key(key[len("text_encoder.") :], "encoder")
             if new is None:
                 conv.skipped["text pooler or unknown keys"] += 1
                 continue
             conv.has_encoder = True
             _merge_shared(out, new, value, conv.notes)
         elif key.startswith("text_decoder.bert."):
-            new = _text_key(key[len("text_decoder.bert."):], "decoder")
+            new = _text_key(key[len("text_decoder.bert.") :], "decoder")
             if new is None:
                 conv.skipped["text pooler or unknown keys"] += 1
                 continue
@@ -198,13 +205,15 @@ def from_blip(sd: dict[str, torch.Tensor]) -> Conversion:
     return conv
 
 
-def config_from_blip_state(sd: dict[str, torch.Tensor], conv: Conversion, overrides: dict[str, Any]) -> MEDConfig:
+def config_from_blip_state(
+    sd: dict[str, torch.Tensor], conv: Conversion, overrides: dict[str, Any]
+) -> MEDConfig:
     """Rebuild the architecture from tensor shapes. Head counts are not in the shapes: BLIP uses
     64-wide heads, so heads = width // 64 unless `overrides` ("vision_heads", "text_heads") say."""
     s = conv.state_dict
     width = s["visual_encoder.cls_token"].shape[-1]
     patch = s["visual_encoder.patch_embed.proj.weight"].shape[-1]
-    grid = int(round((s["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5))
+    grid = round((s["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
     depth = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("visual_encoder.blocks."))
     hidden = s["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0]
     vision = VisionConfig(
@@ -230,7 +239,13 @@ def config_from_blip_state(sd: dict[str, torch.Tensor], conv: Conversion, overri
         **{k: int(v) for k, v in overrides.items() if k.endswith("_token_id")},
     )
     embed_dim = s["vision_proj.weight"].shape[0] if "vision_proj.weight" in s else 256
-    return MEDConfig(vision=vision, text=text, embed_dim=embed_dim, has_encoder=conv.has_encoder, has_decoder=conv.has_decoder)
+    return MEDConfig(
+        vision=vision,
+        text=text,
+        embed_dim=embed_dim,
+        has_encoder=conv.has_encoder,
+        has_decoder=conv.has_decoder,
+    )
 
 
 def config_from_transformers(hf: dict[str, Any], conv: Conversion) -> MEDConfig:
@@ -275,17 +290,19 @@ def config_from_transformers(hf: dict[str, Any], conv: Conversion) -> MEDConfig:
 
 
 def _bert_keys(sd: dict[str, torch.Tensor], branch: str, prefix: str) -> dict[str, torch.Tensor]:
-    own, other = ("attention.", "causal_attention.") if branch == "encoder" else ("causal_attention.", "attention.")
+    own, other = (
+        ("attention.", "causal_attention.") if branch == "encoder" else ("causal_attention.", "attention.")
+    )
     out = {}
     for key, value in sd.items():
         if key.startswith("text.embeddings."):
-            out[prefix + key[len("text."):]] = value
+            out[prefix + key[len("text.") :]] = value
         elif key.startswith("text.layer."):
             _, _, i, rest = key.split(".", 3)
             if rest.startswith(other):
                 continue
             if rest.startswith(own):
-                rest = "attention." + rest[len(own):]
+                rest = "attention." + rest[len(own) :]
             out[f"{prefix}encoder.layer.{i}.{rest}"] = value
     return out
 
@@ -296,14 +313,14 @@ def to_transformers(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.T
     out = {}
     for key, value in sd.items():
         if key.startswith("visual_encoder."):
-            new = _rename(key[len("visual_encoder."):], _OUR_VISION)
+            new = _rename(key[len("visual_encoder.") :], _OUR_VISION)
             assert new is not None, key
             out["vision_model." + new] = value
     if kind == "captioning":
         out.update(_bert_keys(sd, "decoder", "text_decoder.bert."))
         for key, value in sd.items():
             if key.startswith("lm_head.transform."):
-                out["text_decoder.cls.predictions." + key[len("lm_head."):]] = value
+                out["text_decoder.cls.predictions." + key[len("lm_head.") :]] = value
         out["text_decoder.cls.predictions.decoder.weight"] = sd["lm_head.decoder.weight"]
         out["text_decoder.cls.predictions.bias"] = sd["lm_head.bias"]
         out["text_decoder.cls.predictions.decoder.bias"] = sd["lm_head.bias"]

@@ -130,4 +130,6 @@ class MED(nn.Module):
 
     def decoder_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters the image-grounded decoder uses (everything on the text side but the encoder's SA)."""
-        return {n: p for n, p in self.text.named_parameters() if ".attention." not in n or "crossattention" in n}
+        return {
+            n: p for n, p in self.text.named_parameters() if ".attention." not in n or "crossattention" in n
+        }

@@ -118,7 +118,6 @@ class Attention(nn.Module):
         return self.output(y, x)
 
 
-
 class TextLayer(nn.Module):
     """Self-attention (the mode's own), cross-attention to the image (shared), feed-forward (shared)."""
 
@@ -214,7 +213,11 @@ def self_attention_mask(
     mask = None
     device = attention_mask.device if attention_mask is not None else None
     if attention_mask is not None:
-        keys = attention_mask[:, -S:] if attention_mask.shape[1] >= S else F.pad(attention_mask, (S - attention_mask.shape[1], 0), value=1)
+        keys = (
+            attention_mask[:, -S:]
+            if attention_mask.shape[1] >= S
+            else F.pad(attention_mask, (S - attention_mask.shape[1], 0), value=1)
+        )
         mask = torch.zeros(keys.shape[0], 1, 1, S, dtype=dtype, device=device)
         mask = mask.masked_fill(keys[:, None, None, :] == 0, neg)
     if causal and T > 1:

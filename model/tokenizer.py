@@ -31,12 +31,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_frequency:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, strip_accents=None)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens([DEC, ENC])
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     hf = BertTokenizer(
         tokenizer_object=tok,
@@ -70,7 +74,9 @@ class TokenIds:
 class CaptionTokenizer:
     """A transformers tokenizer plus the ids the MED needs; texts in, padded id tensors out."""
 
-    def __init__(self, hf: PreTrainedTokenizerBase, dec_id: int | None = None, enc_id: int | None = None) -> None:
+    def __init__(
+        self, hf: PreTrainedTokenizerBase, dec_id: int | None = None, enc_id: int | None = None
+    ) -> None:
         self.hf = hf
         vocab = hf.get_vocab()
         self.ids = TokenIds(
@@ -83,7 +89,9 @@ class CaptionTokenizer:
         )
 
     @classmethod
-    def load(cls, directory: str | Path, dec_id: int | None = None, enc_id: int | None = None) -> CaptionTokenizer:
+    def load(
+        cls, directory: str | Path, dec_id: int | None = None, enc_id: int | None = None
+    ) -> CaptionTokenizer:
         """Load tokenizer files from a local directory (ours or a transformers BLIP checkpoint)."""
         hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         vocab = hf.get_vocab()

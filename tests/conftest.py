@@ -40,13 +40,24 @@ def tiny_blip_config(tokenizer):
     ids = tokenizer.ids
     return BlipConfig(
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
             patch_size=8,
         ),
         text_config=dict(
-            vocab_size=ids.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=64, pad_token_id=ids.pad, bos_token_id=ids.dec,
-            sep_token_id=ids.sep, eos_token_id=ids.sep,
+            vocab_size=ids.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=ids.pad,
+            bos_token_id=ids.dec,
+            sep_token_id=ids.sep,
+            eos_token_id=ids.sep,
         ),
         image_text_hidden_size=16,
     )
@@ -86,7 +97,10 @@ _HF_TO_BLIP_VISION = [
     (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
     (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
     (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.",
+        r"visual_encoder.blocks.\1.attn.proj.",
+    ),
     (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
     (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
     (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
@@ -112,9 +126,13 @@ def _write_pth(directory: Path, hf_dir: Path, tokenizer, momentum: bool) -> Path
     from safetensors.torch import load_file
 
     state = hf_to_blip_names(load_file(str(hf_dir / "model.safetensors")))
-    if "text_decoder.cls.predictions.decoder.weight" not in state and any(k.startswith("text_decoder") for k in state):
+    if "text_decoder.cls.predictions.decoder.weight" not in state and any(
+        k.startswith("text_decoder") for k in state
+    ):
         # BLIP's state dicts carry the tied LM head weight explicitly
-        state["text_decoder.cls.predictions.decoder.weight"] = state["text_decoder.bert.embeddings.word_embeddings.weight"]
+        state["text_decoder.cls.predictions.decoder.weight"] = state[
+            "text_decoder.bert.embeddings.word_embeddings.weight"
+        ]
     if momentum:  # what BLIP's pre-training / retrieval checkpoints also hold
         for key in list(state):
             head = key.split(".")[0]

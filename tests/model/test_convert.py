@@ -31,7 +31,9 @@ def _hf_retrieval_scores(hf_dir, pixels, ids, mask, enc_id):
     enc_ids[:, 0] = enc_id  # the same position-0 token on both sides: BLIP trains ITM with [ENC]
     with torch.no_grad():
         itm = model(input_ids=enc_ids, pixel_values=px, attention_mask=mask).itm_score.softmax(-1)[:, 1]
-        itc = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score.diagonal()
+        itc = model(
+            input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False
+        ).itm_score.diagonal()
     return itm, itc
 
 
@@ -71,8 +73,14 @@ def _hf_generate(hf_dir, pixels, prompt_ids, max_tokens, min_tokens, num_beams, 
     input_ids = torch.cat([prompt_ids, prompt_ids[:1]]).repeat(pixels.shape[0], 1)
     with torch.no_grad():
         out = model.generate(
-            pixel_values=pixels, input_ids=input_ids, max_length=P + max_tokens, min_new_tokens=min_tokens,
-            num_beams=num_beams, num_return_sequences=k, do_sample=False, repetition_penalty=1.0,
+            pixel_values=pixels,
+            input_ids=input_ids,
+            max_length=P + max_tokens,
+            min_new_tokens=min_tokens,
+            num_beams=num_beams,
+            num_return_sequences=k,
+            do_sample=False,
+            repetition_penalty=1.0,
         )
     sep, pad = model.config.text_config.sep_token_id, model.config.text_config.pad_token_id
     captions = []
@@ -84,7 +92,9 @@ def _hf_generate(hf_dir, pixels, prompt_ids, max_tokens, min_tokens, num_beams, 
 
 @pytest.mark.parametrize("layout", ["transformers", "pth", "ours"])
 @pytest.mark.parametrize(("method", "beams", "k"), [("greedy", 1, 1), ("beam", 3, 1), ("beam", 3, 2)])
-def test_greedy_and_beam_captions_are_token_identical(layout, method, beams, k, request, hf_captioner_dir, tokenizer):
+def test_greedy_and_beam_captions_are_token_identical(
+    layout, method, beams, k, request, hf_captioner_dir, tokenizer
+):
     path = {
         "transformers": hf_captioner_dir,
         "pth": request.getfixturevalue("blip_captioner_pth"),
@@ -95,8 +105,9 @@ def test_greedy_and_beam_captions_are_token_identical(layout, method, beams, k, 
     torch.manual_seed(11)
     pixels = torch.randn(4, 3, 32, 32)
     prompt = tokenizer.prompt_ids("a picture of ")
-    cfg = GenerationConfig(method=method, num_beams=beams, num_captions=k, max_tokens=12, min_tokens=2,
-                           repetition_penalty=1.0)
+    cfg = GenerationConfig(
+        method=method, num_beams=beams, num_captions=k, max_tokens=12, min_tokens=2, repetition_penalty=1.0
+    )
     with torch.no_grad():
         ours = generate(ckpt.med, ckpt.med.encode_image(pixels), prompt, cfg)
     theirs = _hf_generate(hf_captioner_dir, pixels, prompt, 12, 2, beams, k)
@@ -113,8 +124,10 @@ def test_base_loads_transformers_base_shapes_without_missing_or_unexpected_keys(
     from capfilt.model.med import MED
 
     hf_config = BlipConfig()  # BLIP-base shapes, random weights
-    for cls, branches in ((BlipForConditionalGeneration, {"has_encoder": False}),
-                          (BlipForImageTextRetrieval, {"has_decoder": False})):
+    for cls, branches in (
+        (BlipForConditionalGeneration, {"has_encoder": False}),
+        (BlipForImageTextRetrieval, {"has_decoder": False}),
+    ):
         state = cls(hf_config).state_dict()
         conv = convert.from_transformers(state)
         med = MED(med_config("base", image_size=384).replace(**branches))
@@ -191,12 +204,12 @@ def test_malicious_pth_is_not_executed(tmp_path):
 def test_garbage_files_are_checkpoint_errors(tmp_path, content):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="bad.pth"):
+    with pytest.raises(CheckpointError, match=r"bad\.pth"):
         load_checkpoint(path)
 
 
 def test_missing_and_non_checkpoint_directories(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="without config.json"):
+    with pytest.raises(CheckpointError, match=r"without config\.json"):
         load_checkpoint(tmp_path)

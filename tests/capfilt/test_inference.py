@@ -1,0 +1,114 @@
+"""Captioner and Filter: batching never changes an answer; images decode as a person sees them."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capfilt.images import ImageError, open_image, preprocess
+from capfilt.inference import Captioner, Filter
+from capfilt.model.checkpoint import CheckpointError
+from capfilt.model.generate import GenerationConfig
+
+
+def _images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    return [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+
+
+def test_filter_scores_do_not_depend_on_batching(our_filter_dir):
+    images = _images(5)
+    texts = [["a red circle", "two green squares"], [], ["a cat"], ["a dog", "a sofa", "sunset"], ["stars"]]
+    whole = Filter(our_filter_dir, batch_size=8).score(images, texts)
+    small = Filter(our_filter_dir, batch_size=2).score(images, texts)
+    alone = [Filter(our_filter_dir).score([img], [ts])[0] for img, ts in zip(images, texts)]
+    assert [len(s) for s in whole] == [2, 0, 1, 3, 1]
+    for a, b, c in zip(whole, small, alone):
+        for x, y, z in zip(a, b, c):
+            assert x.text == y.text == z.text
+            assert x.itm == pytest.approx(y.itm, abs=1e-5) and x.itm == pytest.approx(z.itm, abs=1e-5)
+            assert x.itc == pytest.approx(y.itc, abs=1e-5) and x.itc == pytest.approx(z.itc, abs=1e-5)
+
+
+def test_nucleus_captions_are_reproducible_per_image_whatever_the_batch(our_captioner_dir):
+    images = _images(4)
+    gen = GenerationConfig(
+        method="nucleus", num_captions=3, repetition_penalty=1.1, max_tokens=10, min_tokens=2
+    )
+    cap = Captioner(our_captioner_dir, batch_size=4, generation=gen)
+    seeds = [101, 202, 303, 404]
+    together = cap.caption(images, seeds=seeds)
+    reversed_order = cap.caption(images[::-1], seeds=seeds[::-1])[::-1]
+    one_by_one = [
+        Captioner(our_captioner_dir, batch_size=1, generation=gen).caption([im], seeds=[s])[0]
+        for im, s in zip(images, seeds)
+    ]
+    assert together == reversed_order == one_by_one
+    other_seed = cap.caption(images, seeds=[s + 1 for s in seeds])
+    assert other_seed != together
+
+
+def test_roles_are_enforced_when_hosting(our_filter_dir, our_captioner_dir):
+    with pytest.raises(CheckpointError, match="cannot write captions"):
+        Captioner(our_filter_dir)
+    with pytest.raises(CheckpointError, match="cannot score texts"):
+        Filter(our_captioner_dir)
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_image_modes_become_rgb():
+    rgb = Image.new("RGB", (20, 10), (200, 10, 10))
+    cases = {
+        "cmyk": _encode(rgb.convert("CMYK"), "JPEG"),
+        "grey": _encode(rgb.convert("L"), "PNG"),
+        "palette_alpha": _encode(Image.new("RGBA", (8, 8), (0, 0, 0, 0)).convert("P"), "PNG"),
+        "rgba": _encode(Image.new("RGBA", (8, 8), (0, 0, 255, 0)), "PNG"),
+        "webp": _encode(rgb, "WEBP"),
+        "gif": _encode(rgb.convert("P"), "GIF"),
+        "16bit": _encode(Image.fromarray(np.full((6, 6), 40000, dtype=np.uint16)), "PNG"),
+    }
+    for name, data in cases.items():
+        img = open_image(data, name=name)
+        assert img.mode == "RGB", name
+    # a fully transparent image is laid on white, not black
+    assert open_image(cases["rgba"]).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_rotation_is_applied():
+    img = Image.new("RGB", (30, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    data = _encode(img, "JPEG", exif=exif.tobytes())
+    assert open_image(data).size == (10, 30)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [(b"", "image_empty"), (b"GIF89a garbage", "image_undecodable"), (b"<html></html>", "image_undecodable")],
+)
+def test_undecodable_images_have_reasons(payload, reason):
+    with pytest.raises(ImageError) as exc:
+        open_image(payload, name="sample-7")
+    assert exc.value.reason == reason and "sample-7" in str(exc.value)
+
+
+def test_decompression_bomb_is_refused():
+    bomb = _encode(Image.new("L", (9000, 9000)), "PNG")  # small file, 81 M pixels
+    with pytest.raises(ImageError) as exc:
+        open_image(bomb, name="bomb.png", max_pixels=10_000_000)
+    assert exc.value.reason == "image_too_large"
+
+
+def test_preprocess_shape_and_normalisation():
+    white = Image.new("RGB", (50, 20), (255, 255, 255))
+    x = preprocess([white, white], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert x.shape == (2, 3, 32, 32)
+    assert float(x.min()) == pytest.approx(1.0) and float(x.max()) == pytest.approx(1.0)

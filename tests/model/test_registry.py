@@ -1,0 +1,84 @@
+"""The size registry, the tokenizer saved inside checkpoints, and our own checkpoint format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capfilt.model.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint
+from capfilt.model.config import SIZES, MEDConfig, med_config
+from capfilt.model.med import MED
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_runnable_sizes_forward_without_nans(size, tokenizer):
+    ckpt = new_checkpoint(size, tokenizer)
+    med, cfg = ckpt.med.eval(), ckpt.config
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    ids, mask = tokenizer(["a red circle", "two green squares on blue"], max_length=35)
+    with torch.no_grad():
+        embeds = med.encode_image(pixels)
+        assert embeds.shape == (2, 1 + cfg.vision.num_patches, cfg.vision.width)
+        assert med.itm_logits(embeds, ids, mask).shape == (2, 2)
+        assert med.text_feature(ids, mask).shape == (2, cfg.embed_dim)
+        logits = med.lm_logits(embeds, ids, mask)
+        assert logits.shape == (2, ids.shape[1], tokenizer.ids.vocab_size)
+        assert torch.isfinite(logits).all()
+
+
+def test_paper_sizes_have_blip_shapes():
+    base, large = med_config("base"), med_config("large", image_size=384)
+    assert (base.vision.width, base.vision.depth, base.vision.heads, base.vision.patch_size) == (768, 12, 12, 16)
+    assert (large.vision.width, large.vision.depth, large.vision.heads) == (1024, 24, 16)
+    assert base.vision.image_size == 224 and large.vision.image_size == 384
+    for cfg in (base, large):
+        assert (cfg.text.width, cfg.text.depth, cfg.text.vocab_size, cfg.embed_dim) == (768, 12, 30524, 256)
+        assert (cfg.text.dec_token_id, cfg.text.enc_token_id, cfg.text.sep_token_id) == (30522, 30523, 102)
+    with pytest.raises(ValueError, match="unknown model size"):
+        med_config("huge")
+    assert set(SIZES) == {"tiny", "small", "base", "large"}
+
+
+def test_tokenizer_has_blip_special_tokens(tokenizer):
+    ids = tokenizer.ids
+    assert ids.pad == 0
+    assert len({ids.pad, ids.cls, ids.sep, ids.dec, ids.enc}) == 5
+    assert tokenizer.hf.convert_ids_to_tokens([ids.dec, ids.enc]) == ["[DEC]", "[ENC]"]
+    prompt = tokenizer.prompt_ids("a picture of ")
+    assert prompt[0] == ids.dec and ids.sep not in prompt.tolist()
+    assert tokenizer.decode(prompt.tolist()) == "a picture of"
+
+
+def test_own_checkpoint_carries_config_role_provenance_and_tokenizer(tmp_path, tokenizer):
+    ckpt = new_checkpoint("tiny", tokenizer, role="captioner", provenance={"trained_on": "nothing"})
+    save_checkpoint(ckpt, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["format"] == "capfilt-med" and meta["role"] == "captioner"
+    assert meta["provenance"]["trained_on"] == "nothing"
+    assert MEDConfig.from_dict(meta["architecture"]) == ckpt.config
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.tokenizer.ids == tokenizer.ids
+    assert loaded.tokenizer(["a red circle"], 35)[0].tolist() == tokenizer(["a red circle"], 35)[0].tolist()
+    # the tied LM head is stored once and re-tied on load
+    assert loaded.med.lm_head.decoder.weight is loaded.med.text.embeddings.word_embeddings.weight
+
+
+def test_bad_role_in_config_is_named(tmp_path, tokenizer):
+    save_checkpoint(new_checkpoint("tiny", tokenizer), tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["role"] = "oracle"
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    from capfilt.model.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="oracle"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_branches_follow_the_config(tokenizer):
+    cfg = med_config("tiny", **tokenizer.ids.as_text_config())
+    decoder_only = MED(cfg.replace(has_encoder=False))
+    encoder_only = MED(cfg.replace(has_decoder=False))
+    assert not any("itm_head" in k or ".attention." in k for k in decoder_only.state_dict())
+    assert not any("lm_head" in k or "causal_attention" in k for k in encoder_only.state_dict())
