@@ -88,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help='print {"image", "scores": [{"text", "itm", "itc"}]}')
 
+    p = sub.add_parser("data", help="datasets: build the built-in synthetic web world")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data_sub.add_parser(
+        "synth",
+        help="write the built-in web world (human, web and test splits in img2dataset's layout + truth)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="directory to write (replaced if it holds a world)"
+    )
+    p.add_argument("--web", type=int, default=4000, help="web pairs (default: 4000)")
+    p.add_argument("--human", type=int, default=2000, help="human-annotated images (default: 2000)")
+    p.add_argument("--test", type=int, default=500, help="test images (default: 500)")
+    p.add_argument("--noise", type=float, default=0.4, help="fraction of noisy web texts (default: 0.4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same arguments, same bytes (default: 0)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+
     p = sub.add_parser(
         "convert", help="convert a checkpoint: BLIP .pth or transformers -> ours, or ours -> transformers"
     )
@@ -245,7 +262,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "score": cmd_score, "convert": cmd_convert}
+def cmd_data(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from capfilt.world import synthesize
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(split: str, done: int, total: int) -> None:
+            if split not in tasks:
+                tasks[split] = bar.add_task(f"writing {split}", total=total)
+            bar.update(tasks[split], completed=done)
+
+        summary = synthesize(
+            Path(args.out),
+            web=args.web,
+            human=args.human,
+            test=args.test,
+            noise=args.noise,
+            seed=args.seed,
+            image_size=args.image_size,
+            shard_size=args.shard_size,
+            progress=progress,
+        )
+    print(
+        json.dumps(
+            {
+                "out": str(summary.out),
+                "counts": summary.counts,
+                "noise": summary.noise_counts,
+                "truth": str(summary.truth),
+            }
+        )
+    )
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "score": cmd_score, "convert": cmd_convert, "data": cmd_data}
 
 
 if __name__ == "__main__":

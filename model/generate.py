@@ -106,13 +106,15 @@ def generate(
             f"the decoder's {text.max_positions} positions; lower max_tokens"
         )
     seeds = [config.seed + i for i in range(B)] if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != B or any(s < 0 for s in seeds):
-        raise ValueError(f"seeds must hold one non-negative integer per image ({B}), got {seeds}")
+    if len(seeds) != B:
+        raise ValueError(f"seeds must hold one integer per image: got {len(seeds)} seeds for {B} images")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"seeds must be non-negative, got {min(seeds)}")
     if B == 0:
         return []
 
-    was_training = med.training
-    med.eval()  # dropout off; restored below so the caller sees no change
+    modes = [(module, module.training) for module in med.modules()]
+    med.eval()  # dropout off; every module's own mode is restored below
     try:
         with torch.inference_mode():
             prompt = prompt_ids.to(image_embeds.device, torch.long).clone()
@@ -132,7 +134,8 @@ def generate(
             rows = _decode_rows(med, logits, cache, prompt, config, text.sep_token_id, choose)
             return [rows[i * K : (i + 1) * K] for i in range(B)]
     finally:
-        med.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 # ----------------------------------------------------------------------------- model steps

@@ -30,7 +30,12 @@ def test_runnable_sizes_forward_without_nans(size, tokenizer):
 
 def test_paper_sizes_have_blip_shapes():
     base, large = med_config("base"), med_config("large", image_size=384)
-    assert (base.vision.width, base.vision.depth, base.vision.heads, base.vision.patch_size) == (768, 12, 12, 16)
+    assert (base.vision.width, base.vision.depth, base.vision.heads, base.vision.patch_size) == (
+        768,
+        12,
+        12,
+        16,
+    )
     assert (large.vision.width, large.vision.depth, large.vision.heads) == (1024, 24, 16)
     assert base.vision.image_size == 224 and large.vision.image_size == 384
     for cfg in (base, large):

@@ -1,0 +1,409 @@
+"""Caption generation: KV-cached decoding against a no-cache loop, greedy and beam search against
+transformers' `generate` on the same weights, and nucleus sampling's reproducibility guarantees."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import BlipTextConfig
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
+from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
+
+from capfilt.model.config import med_config
+from capfilt.model.generate import (
+    GenerationConfig,
+    _nucleus_chooser,
+    _repetition_penalty,
+    _top_p,
+    generate,
+)
+from capfilt.model.med import MED
+
+TOKENS = dict(vocab_size=64, pad_token_id=0, cls_token_id=1, sep_token_id=2, dec_token_id=62, enc_token_id=63)
+SEP, DEC = 2, 62
+PROMPT = torch.tensor([DEC, 10, 11, 12])
+P = PROMPT.numel()
+Captions = list[list[list[int]]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # The model is tiny: extra threads only add overhead (and thrash on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_med(dropout: float = 0.0) -> MED:
+    """A tiny MED whose decoder is peaky (large tied embeddings, wider random weights, so captions
+    depend on the image) and likes [SEP] enough that some captions end early and others run to
+    max_tokens."""
+    torch.manual_seed(0)
+    med = MED(med_config("tiny", dropout=dropout, **TOKENS)).eval()
+    with torch.no_grad():
+        for name, p in med.text.named_parameters():
+            if p.dim() == 2 and "word_embeddings" not in name:
+                p.normal_(0.0, 0.3)
+        med.text.embeddings.word_embeddings.weight.mul_(30.0)  # tied with the LM head
+        med.lm_head.bias[SEP] += 6.0
+    return med
+
+
+@pytest.fixture(scope="module")
+def med() -> MED:
+    return tiny_med()
+
+
+@pytest.fixture(scope="module")
+def images(med: MED) -> torch.Tensor:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return med.encode_image(torch.randn(6, 3, 32, 32))  # (6, 1 + 16, 32)
+
+
+def lengths(captions: Captions) -> list[int]:
+    return [len(c) for image in captions for c in image]
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_greedy(med: MED, image: torch.Tensor, config: GenerationConfig) -> list[int]:
+    """Greedy decoding without a cache: recompute the whole sequence every step."""
+    seq, out = PROMPT.tolist(), []
+    with torch.no_grad():
+        for t in range(config.max_tokens):
+            logits = med.lm_logits(image, torch.tensor([seq]))[0, -1].clone()
+            for token in set(seq):
+                value = logits[token]
+                pen = config.repetition_penalty
+                logits[token] = value * pen if value < 0 else value / pen
+            if t < config.min_tokens:
+                logits[SEP] = -math.inf
+            token = int(logits.argmax())
+            if token == SEP:
+                break
+            out.append(token)
+            seq.append(token)
+    return out
+
+
+def to_transformers(med: MED) -> BlipTextLMHeadModel:
+    """transformers' BLIP text decoder holding our decoder's weights (renamed, nothing left out)."""
+    t = med.config.text
+    config = BlipTextConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.width,
+        encoder_hidden_size=med.config.vision.width,
+        intermediate_size=t.intermediate,
+        num_hidden_layers=t.depth,
+        num_attention_heads=t.heads,
+        max_position_embeddings=t.max_positions,
+        layer_norm_eps=t.layer_norm_eps,
+        pad_token_id=t.pad_token_id,
+        bos_token_id=t.dec_token_id,
+        sep_token_id=t.sep_token_id,
+        eos_token_id=t.sep_token_id,
+    )
+    hf = BlipTextLMHeadModel(config).eval()
+    state = {}
+    for name, tensor in med.state_dict().items():
+        parts = name.split(".")
+        if name.startswith("text.embeddings."):
+            state["bert." + name[len("text.") :]] = tensor
+        elif name.startswith("text.layer."):
+            i, module, rest = parts[2], parts[3], ".".join(parts[4:])
+            if module == "causal_attention":
+                state[f"bert.encoder.layer.{i}.attention.{rest}"] = tensor
+            elif module in ("crossattention", "intermediate", "output"):
+                state[f"bert.encoder.layer.{i}.{module}.{rest}"] = tensor
+        elif name.startswith("lm_head.transform."):
+            state["cls.predictions." + name[len("lm_head.") :]] = tensor
+        elif name == "lm_head.decoder.weight":
+            state["cls.predictions.decoder.weight"] = tensor
+        elif name == "lm_head.bias":
+            state["cls.predictions.bias"] = state["cls.predictions.decoder.bias"] = tensor
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and not [m for m in missing if not m.endswith("position_ids")], (
+        missing,
+        unexpected,
+    )
+    return hf
+
+
+def transformers_generate(
+    hf: BlipTextLMHeadModel, images: torch.Tensor, config: GenerationConfig
+) -> Captions:
+    B, K = images.shape[0], config.num_captions
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=PROMPT.repeat(B, 1),
+            attention_mask=torch.ones(B, P, dtype=torch.long),
+            encoder_hidden_states=images,
+            encoder_attention_mask=torch.ones(images.shape[:2], dtype=torch.long),
+            eos_token_id=SEP,
+            pad_token_id=0,
+            max_length=P + config.max_tokens,
+            min_new_tokens=config.min_tokens,
+            num_beams=config.num_beams if config.method == "beam" else 1,
+            num_return_sequences=K,
+            do_sample=False,
+            length_penalty=config.length_penalty,
+            repetition_penalty=config.repetition_penalty,
+        )
+    rows = []
+    for row in out[:, P:].tolist():
+        rows.append(row[: row.index(SEP)] if SEP in row else row)  # HF pads after [SEP]
+    return [rows[i * K : (i + 1) * K] for i in range(B)]
+
+
+def beam_score(med: MED, image: torch.Tensor, caption: list[int], config: GenerationConfig) -> float:
+    """transformers' finished-beam score: sum log-probs (the [SEP] included) / length ** penalty."""
+    generated = [*caption, SEP] if len(caption) < config.max_tokens else caption
+    seq = torch.tensor([PROMPT.tolist() + generated])
+    with torch.no_grad():
+        log_probs = med.lm_logits(image, seq)[0, P - 1 : -1].float().log_softmax(-1)  # (len, V)
+    total = log_probs.gather(1, torch.tensor(generated)[:, None]).sum().item()
+    return total / len(generated) ** config.length_penalty
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+@pytest.mark.parametrize(
+    ("min_tokens", "max_tokens", "repetition_penalty"),
+    [(0, 15, 1.0), (5, 15, 1.0), (3, 12, 1.3), (4, 4, 1.0)],
+)
+def test_greedy_matches_no_cache_loop(
+    med: MED, images: torch.Tensor, min_tokens: int, max_tokens: int, repetition_penalty: float
+) -> None:
+    config = GenerationConfig(
+        method="greedy", min_tokens=min_tokens, max_tokens=max_tokens, repetition_penalty=repetition_penalty
+    )
+    batch = generate(med, images, PROMPT, config)
+    expected = [[reference_greedy(med, images[i : i + 1], config)] for i in range(len(images))]
+    assert batch == expected
+    assert [generate(med, images[i : i + 1], PROMPT, config)[0] for i in range(len(images))] == batch
+    assert all(min_tokens <= n <= max_tokens for n in lengths(batch))
+
+
+def test_fixture_exercises_stopping(med: MED, images: torch.Tensor) -> None:
+    free = lengths(
+        generate(med, images, PROMPT, GenerationConfig(method="greedy", min_tokens=0, max_tokens=15))
+    )
+    assert 15 in free and min(free) < 5  # some captions run to max_tokens, some end early
+    assert len({tuple(c[0]) for c in generate(med, images, PROMPT, GenerationConfig(method="greedy"))}) > 3
+    held = lengths(
+        generate(med, images, PROMPT, GenerationConfig(method="greedy", min_tokens=5, max_tokens=15))
+    )
+    assert min(held) >= 5 and held != free
+
+
+def test_prompt_position_zero_is_dec(med: MED, images: torch.Tensor) -> None:
+    # Position 0 becomes [DEC] whatever it held, so the repetition penalty sees [DEC] there too:
+    # put a token the model likes at position 0 and a strong penalty would change the captions.
+    config = GenerationConfig(method="greedy", repetition_penalty=3.0)
+    expected = generate(med, images, PROMPT, config)
+    liked = max(range(3, 62), key=lambda token: sum(c[0].count(token) for c in expected))
+    other = PROMPT.clone()
+    other[0] = liked
+    assert generate(med, images, other, config) == expected
+
+
+def test_generate_restores_training_mode() -> None:
+    med = tiny_med(dropout=0.5)
+    torch.manual_seed(1)
+    images = med.encode_image(torch.randn(3, 3, 32, 32)).detach()
+    config = GenerationConfig(method="greedy")
+    expected = generate(med, images, PROMPT, config)
+    med.train()
+    med.visual_encoder.eval()  # a mixed state, e.g. a frozen image encoder, must survive too
+    assert generate(med, images, PROMPT, config) == expected  # dropout off while generating
+    assert med.training and med.text.training and not med.visual_encoder.training
+    assert not any(m.training for m in med.visual_encoder.modules())
+    assert all(p.grad is None for p in med.parameters())
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+@pytest.mark.parametrize(("min_tokens", "max_tokens"), [(0, 15), (5, 10)])
+def test_one_beam_is_greedy(med: MED, images: torch.Tensor, min_tokens: int, max_tokens: int) -> None:
+    beam = GenerationConfig(method="beam", num_beams=1, min_tokens=min_tokens, max_tokens=max_tokens)
+    greedy = GenerationConfig(method="greedy", min_tokens=min_tokens, max_tokens=max_tokens)
+    assert generate(med, images, PROMPT, beam) == generate(med, images, PROMPT, greedy)
+
+
+TRANSFORMERS_CASES = [
+    GenerationConfig(method="greedy", min_tokens=0, max_tokens=15),
+    GenerationConfig(method="greedy", min_tokens=3, max_tokens=12, repetition_penalty=1.3),
+    # transformers decodes greedily with one beam: the repetition penalty then acts on logits.
+    GenerationConfig(method="beam", num_beams=1, min_tokens=4, max_tokens=15, repetition_penalty=1.5),
+    GenerationConfig(method="beam", num_beams=3, num_captions=1, min_tokens=0, max_tokens=15),
+    GenerationConfig(method="beam", num_beams=3, num_captions=3, min_tokens=5, max_tokens=15),
+    GenerationConfig(
+        method="beam", num_beams=3, num_captions=3, min_tokens=3, max_tokens=15, length_penalty=0.0
+    ),
+    GenerationConfig(
+        method="beam", num_beams=3, num_captions=2, min_tokens=0, max_tokens=12, length_penalty=2.0
+    ),
+    GenerationConfig(
+        method="beam", num_beams=4, num_captions=4, min_tokens=2, max_tokens=10, repetition_penalty=1.3
+    ),
+    GenerationConfig(
+        method="beam", num_beams=2, num_captions=2, min_tokens=8, max_tokens=8, length_penalty=-1.0
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "config", TRANSFORMERS_CASES, ids=lambda c: f"{c.method}-{c.num_beams}-{c.num_captions}"
+)
+def test_matches_transformers(med: MED, images: torch.Tensor, config: GenerationConfig) -> None:
+    ours = generate(med, images, PROMPT, config)
+    assert ours == transformers_generate(to_transformers(med), images, config)
+    assert [len(image) for image in ours] == [config.num_captions] * len(images)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_beams_sorted_by_score(med: MED, images: torch.Tensor, length_penalty: float) -> None:
+    config = GenerationConfig(
+        method="beam", num_beams=3, num_captions=3, min_tokens=2, length_penalty=length_penalty
+    )
+    captions = generate(med, images, PROMPT, config)
+    distinct = 0
+    for i, beams in enumerate(captions):
+        scores = [beam_score(med, images[i : i + 1], c, config) for c in beams]
+        assert all(a >= b - 1e-5 for a, b in itertools.pairwise(scores)), scores
+        distinct += len({tuple(c) for c in beams}) == 3
+    assert distinct == len(images)
+
+
+# ----------------------------------------------------------------------------- nucleus sampling
+
+NUCLEUS = GenerationConfig(
+    method="nucleus", num_captions=5, repetition_penalty=1.1, min_tokens=3, max_tokens=15
+)
+SEEDS = [100, 101, 102, 103, 104, 105]
+
+
+def test_nucleus_reproducible_and_independent_of_batch(med: MED, images: torch.Tensor) -> None:
+    captions = generate(med, images, PROMPT, NUCLEUS, seeds=SEEDS)
+    assert generate(med, images, PROMPT, NUCLEUS, seeds=SEEDS) == captions
+    default_seeds = GenerationConfig(**{**NUCLEUS.__dict__, "seed": 100})
+    assert generate(med, images, PROMPT, default_seeds) == captions  # seed + image index
+    reversed_ = generate(med, images.flip(0), PROMPT, NUCLEUS, seeds=SEEDS[::-1])
+    assert reversed_[::-1] == captions
+    for i in (0, 3):
+        assert generate(med, images[i : i + 1], PROMPT, NUCLEUS, seeds=[SEEDS[i]]) == [captions[i]]
+    fewer = GenerationConfig(**{**NUCLEUS.__dict__, "num_captions": 2})
+    assert generate(med, images[2:4], PROMPT, fewer, seeds=SEEDS[2:4]) == [c[:2] for c in captions[2:4]]
+    assert generate(med, images, PROMPT, NUCLEUS, seeds=[s + 50 for s in SEEDS]) != captions
+
+
+def test_nucleus_samples_differ(med: MED, images: torch.Tensor) -> None:
+    captions = generate(med, images, PROMPT, NUCLEUS, seeds=SEEDS)
+    varied = sum(len({tuple(c) for c in samples}) > 1 for samples in captions)
+    assert varied >= len(images) - 1
+
+
+@pytest.mark.parametrize("min_tokens", [0, 5])
+def test_nucleus_lengths(med: MED, images: torch.Tensor, min_tokens: int) -> None:
+    config = GenerationConfig(**{**NUCLEUS.__dict__, "min_tokens": min_tokens, "max_tokens": 12})
+    n = lengths(generate(med, images, PROMPT, config, seeds=SEEDS))
+    assert min(n) >= min_tokens and max(n) == 12
+    if min_tokens == 0:
+        assert min(n) < 5  # so the min_tokens=5 case can fail
+
+
+@pytest.mark.parametrize(("top_p", "temperature"), [(1e-6, 1.0), (1.0, 1e-3)])
+def test_degenerate_nucleus_is_greedy(
+    med: MED, images: torch.Tensor, top_p: float, temperature: float
+) -> None:
+    sample = GenerationConfig(
+        **{**NUCLEUS.__dict__, "num_captions": 3, "top_p": top_p, "temperature": temperature}
+    )
+    greedy = GenerationConfig(method="greedy", repetition_penalty=1.1, min_tokens=3, max_tokens=15)
+    expected = generate(med, images, PROMPT, greedy)
+    assert generate(med, images, PROMPT, sample, seeds=SEEDS) == [c * 3 for c in expected]
+
+
+def test_repetition_penalty_reduces_repeats(med: MED, images: torch.Tensor) -> None:
+    def repeats(penalty: float) -> int:
+        config = GenerationConfig(**{**NUCLEUS.__dict__, "repetition_penalty": penalty, "min_tokens": 15})
+        return sum(
+            len(c) - len(set(c))
+            for image in generate(med, images, PROMPT, config, seeds=SEEDS)
+            for c in image
+        )
+
+    assert repeats(2.0) < repeats(1.0) / 2
+
+
+def test_processors_match_transformers() -> None:
+    torch.manual_seed(2)
+    scores = torch.randn(8, 64) * 3
+    seqs = torch.randint(0, 64, (8, 10))
+    for penalty in (1.1, 0.7):
+        assert torch.equal(
+            _repetition_penalty(scores, seqs, penalty),
+            RepetitionPenaltyLogitsProcessor(penalty)(seqs, scores),
+        )
+    for top_p in (0.05, 0.5, 0.9, 1.0):
+        assert torch.equal(_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
+
+
+def test_sampler_draws_from_the_nucleus() -> None:
+    torch.manual_seed(3)
+    N, config = 40_000, GenerationConfig(top_p=0.8, temperature=0.7)
+    scores = (torch.randn(1, 64) * 2).expand(N, -1)
+    uniforms = torch.rand(N, 1, dtype=torch.float64)
+    picked = _nucleus_chooser(uniforms, config)(scores, torch.arange(N), 0)
+    frequency = torch.bincount(picked, minlength=64).double() / N
+    expected = _top_p(scores[:1] / 0.7, 0.8).softmax(-1)[0].double()
+    assert (expected > 0).sum() > 3  # a real nucleus, not just the top token
+    assert torch.all(frequency[expected == 0] == 0)
+    assert (frequency - expected).abs().max() < 0.01  # ~4 standard deviations at N = 40k
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"method": "topk"}, "method"),
+        ({"num_captions": 0}, "num_captions"),
+        ({"method": "greedy", "num_captions": 2}, "num_captions"),
+        ({"method": "beam", "num_beams": 3, "num_captions": 4}, "num_captions"),
+        ({"num_beams": 0}, "num_beams"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": 31}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"length_penalty": math.nan}, "length_penalty"),
+        ({"seed": -1}, "seed"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+    ],
+)
+def test_validate_names_the_bad_field(changes: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"GenerationConfig\.{field}="):
+        GenerationConfig(**changes).validate()
+
+
+def test_generate_rejects_bad_inputs(med: MED, images: torch.Tensor) -> None:
+    GenerationConfig().validate()
+    with pytest.raises(ValueError, match="max_tokens"):
+        generate(med, images, PROMPT, GenerationConfig(max_tokens=62))  # 4 + 62 - 1 > 64 positions
+    with pytest.raises(ValueError, match="seeds"):
+        generate(med, images, PROMPT, GenerationConfig(), seeds=[1, 2])
+    with pytest.raises(ValueError, match="top_p"):
+        generate(med, images, PROMPT, GenerationConfig(top_p=2.0))
