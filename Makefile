@@ -26,8 +26,9 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 demo: venv
-	@echo "The dataset-cleaning demo arrives with the cleaning job (issue 4). What works today:"
-	@echo "  $(BIN)/capfilt --help"
+	@echo "Building the built-in web world in runs/demo/world (the cleaning job that consumes it comes next)."
+	$(BIN)/capfilt data synth --out runs/demo/world
+	@echo "Done. Commands available today:"
 	$(BIN)/capfilt --help
 
 clean-venv:

@@ -117,44 +117,27 @@ def _lm_head(
 
 
 def from_transformers(sd: dict[str, torch.Tensor]) -> Conversion:
-    """State dict of `BlipForConditionalGeneration` and/or `BlipForImageTextRetrieval` -> ours."""
-    conv = Conversion({})
-    out = conv.state_dict
+    """State dict of `BlipForConditionalGeneration` and/or `BlipForImageTextRetrieval` -> ours.
+
+    transformers keeps BERT's text names and renames only the vision side, so the vision keys are
+    renamed to BLIP's and the rest is BLIP's layout.
+    """
+    blip: dict[str, torch.Tensor] = {}
+    unknown = 0
     for key, value in sd.items():
         if key.startswith("vision_model."):
             new = _rename(key[len("vision_model.") :], _HF_VISION)
             if new is None:
-                if key.endswith("position_ids"):
-                    continue
-                conv.skipped["unknown vision keys"] += 1
-                log.warning("skipping unknown vision key %s", key)
-                continue
-            out["visual_encoder." + new] = value
-        elif key.startswith("text_encoder."):
-            new = _text_key(key[len("text_encoder.") :], "encoder")
-            if new is None:
                 if not key.endswith("position_ids"):
-                    conv.skipped["text pooler or unknown keys"] += 1
+                    unknown += 1
+                    log.warning("skipping unknown vision key %s", key)
                 continue
-            conv.has_encoder = True
-            _merge_shared(out, new, value, conv.notes)
-        elif key.startswith("text_decoder.bert."):
-            new = _text_key(key[len("text_decoder.bert.") :], "decoder")
-            if new is None:
-                if not key.endswith("position_ids"):
-                    conv.skipped["text pooler or unknown keys"] += 1
-                continue
-            conv.has_decoder = True
-            _merge_shared(out, new, value, conv.notes)
-        elif key.startswith("text_decoder.cls."):
-            continue  # handled below, once the embeddings are known
-        elif key.split(".")[0] in ("vision_proj", "text_proj", "itm_head"):
-            out[key] = value
-        else:
-            conv.skipped["keys of other BLIP heads"] += 1
-    if any(k.startswith("text_decoder.cls.") for k in sd):
-        _lm_head(sd, "text_decoder.cls.predictions.", out.get("text.embeddings.word_embeddings.weight"), conv)
-    if conv.has_encoder and "itm_head.weight" not in out:
+            key = "visual_encoder." + new
+        blip[key] = value
+    conv = from_blip(blip)
+    if unknown:
+        conv.skipped["unknown vision keys"] += unknown
+    if conv.has_encoder and "itm_head.weight" not in conv.state_dict:
         raise ValueError("the checkpoint has a text encoder but no ITM head / projections")
     return conv
 
@@ -183,14 +166,16 @@ def from_blip(sd: dict[str, torch.Tensor]) -> Conversion:
         elif key.startswith("text_encoder."):
             new = _text_key(key[len("text_encoder.") :], "encoder")
             if new is None:
-                conv.skipped["text pooler or unknown keys"] += 1
+                if not key.endswith("position_ids"):
+                    conv.skipped["text pooler or unknown keys"] += 1
                 continue
             conv.has_encoder = True
             _merge_shared(out, new, value, conv.notes)
         elif key.startswith("text_decoder.bert."):
             new = _text_key(key[len("text_decoder.bert.") :], "decoder")
             if new is None:
-                conv.skipped["text pooler or unknown keys"] += 1
+                if not key.endswith("position_ids"):
+                    conv.skipped["text pooler or unknown keys"] += 1
                 continue
             conv.has_decoder = True
             _merge_shared(out, new, value, conv.notes)

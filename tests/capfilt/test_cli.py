@@ -190,3 +190,36 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for command in ("caption", "score", "convert"):
         assert command in out
+
+
+def test_data_synth_writes_a_world(tmp_path, capsys):
+    out = tmp_path / "world"
+    code, stdout, err = _run(
+        capsys,
+        "data",
+        "synth",
+        "--out",
+        str(out),
+        "--web",
+        "30",
+        "--human",
+        "10",
+        "--test",
+        "5",
+        "--shard-size",
+        "20",
+        "--seed",
+        "3",
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["counts"] == {"human": 10, "web": 30, "test": 5}
+    assert sum(summary["noise"].values()) == round(0.4 * 30)
+    assert sorted(p.name for p in (out / "web").glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert (out / "truth.parquet").is_file()
+
+
+def test_data_synth_rejects_bad_noise(tmp_path, capsys):
+    code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "w"), "--noise", "1.5")
+    assert code == 2
+    assert "--noise" in err
