@@ -105,6 +105,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
 
+    from capfilt.pipelines.train_cli import add_train_parser
+
+    add_train_parser(sub)
+
+    p = sub.add_parser(
+        "bootstrap",
+        help="the paper's loop: pre-train, fine-tune captioner and filter, CapFilt the web, pre-train on D', evaluate",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="a world made by `capfilt data synth`")
+    p.add_argument(
+        "--out", required=True, metavar="RUN", help="run directory (a rerun continues where it stopped)"
+    )
+    p.add_argument("--size", default="small", help="MED size (default: small)")
+    p.add_argument("--seed", type=int, default=0, help="seed for training and sampling (default: 0)")
+    p.add_argument(
+        "--pretrain-epochs", type=int, default=10, help="epochs of each pre-training (default: 10)"
+    )
+    p.add_argument("--finetune-epochs", type=int, default=5, help="epochs of each fine-tuning (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch per worker (default: 32)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="Ray Train workers per training stage; 0 trains in this process (default: 0)",
+    )
+    p.add_argument(
+        "--num-captions", type=int, default=1, help="nucleus samples per web image (default: 1, BLIP's)"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="ITM p(match) a text must exceed (default: 0.5)"
+    )
+    p.add_argument(
+        "--variant",
+        default="capfilt",
+        choices=["none", "filter", "captioner", "capfilt", "blip2"],
+        help="which web texts enter D' (default: capfilt = kept web + kept synthetic)",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
+
     p = sub.add_parser(
         "convert", help="convert a checkpoint: BLIP .pth or transformers -> ours, or ours -> transformers"
     )
@@ -299,7 +338,55 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "score": cmd_score, "convert": cmd_convert, "data": cmd_data}
+def cmd_train(args: argparse.Namespace) -> int:
+    from capfilt.pipelines.train_cli import cmd_train as run
+
+    return run(args)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from capfilt.pipelines.bootstrap import BootstrapConfig, run_bootstrap
+
+    cfg = BootstrapConfig(
+        data=args.data,
+        out=args.out,
+        size=args.size,
+        seed=args.seed,
+        pretrain_epochs=args.pretrain_epochs,
+        finetune_epochs=args.finetune_epochs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        num_captions=args.num_captions,
+        threshold=args.threshold,
+        variant=args.variant,
+        max_steps=args.max_steps,
+    )
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("bootstrap", total=7)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, description=f"bootstrap: {stage}")
+
+        summary = run_bootstrap(cfg, progress)
+    Console(stderr=True).print(Path(args.out, "summary.md").read_text(), highlight=False)
+    print(
+        json.dumps(
+            {"out": args.out, "wall_seconds": summary["wall_seconds"], "stages": summary["stage_seconds"]}
+        )
+    )
+    return 0
+
+
+COMMANDS = {
+    "caption": cmd_caption,
+    "score": cmd_score,
+    "convert": cmd_convert,
+    "data": cmd_data,
+    "train": cmd_train,
+    "bootstrap": cmd_bootstrap,
+}
 
 
 if __name__ == "__main__":

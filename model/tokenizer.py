@@ -1,7 +1,8 @@
 """The text tokenizer: BERT WordPiece with BLIP's `[DEC]` and `[ENC]` tokens.
 
-Our own checkpoints cannot fetch bert-base-uncased, so `train_tokenizer` learns a WordPiece
-vocabulary from the training captions with the `tokenizers` package. The tokenizer is saved
+Our own checkpoints cannot fetch bert-base-uncased, so `train_tokenizer` builds a WordPiece
+vocabulary from the training captions with the `tokenizers` package's BERT normaliser,
+pre-tokeniser and WordPiece model. The tokenizer is saved
 inside every checkpoint in transformers' layout (tokenizer.json, tokenizer_config.json,
 vocab.txt), which also makes an exported checkpoint loadable by transformers.
 """
@@ -9,6 +10,7 @@ vocab.txt), which also makes an exported checkpoint loadable by transformers.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -26,28 +27,39 @@ DEC, ENC = "[DEC]", "[ENC]"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 1) -> CaptionTokenizer:
-    """Learn a lower-cased WordPiece vocabulary from captions; `[DEC]`, `[ENC]` are appended last."""
-    tok = Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, strip_accents=None)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS
+    """Learn a lower-cased WordPiece vocabulary from captions; `[DEC]`, `[ENC]` are appended last.
+
+    The vocabulary is built deterministically (the same corpus gives the same ids in every
+    process, which reproducible training needs; the `tokenizers` WordPiece trainer breaks ties
+    in hash-map order): BERT's normaliser and pre-tokeniser split the words, then come the special
+    tokens, every character seen (as a word start and as a `##` continuation, so no word is ever
+    unknown), and the most frequent words (ties by spelling) up to `vocab_size`.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, strip_accents=None)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    seen = set(vocab)
+    words = sorted(
+        (w for w, n in counts.items() if n >= min_frequency and w not in seen), key=lambda w: (-counts[w], w)
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    vocab += words[: max(0, vocab_size - 2 - len(vocab))]
+    vocab += [DEC, ENC]
+    ids = {token: i for i, token in enumerate(vocab)}
+    tok = Tokenizer(WordPiece(vocab=ids, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens([DEC, ENC])
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
     )
-    hf = BertTokenizer(
-        tokenizer_object=tok,
-        vocab=tok.get_vocab(),
-        bos_token=DEC,
-        additional_special_tokens=[ENC],
-    )
+    hf = BertTokenizer(tokenizer_object=tok, vocab=ids, bos_token=DEC, additional_special_tokens=[ENC])
     return CaptionTokenizer(hf)
 
 

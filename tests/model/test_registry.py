@@ -87,3 +87,33 @@ def test_branches_follow_the_config(tokenizer):
     encoder_only = MED(cfg.replace(has_decoder=False))
     assert not any("itm_head" in k or ".attention." in k for k in decoder_only.state_dict())
     assert not any("lm_head" in k or "causal_attention" in k for k in encoder_only.state_dict())
+
+
+def test_tokenizer_training_is_deterministic_across_processes():
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, json\n"
+        "from capfilt.model.tokenizer import train_tokenizer\n"
+        "t = train_tokenizer(['a red circle on blue', 'two green squares', 'a red square'] * 3, vocab_size=50)\n"
+        "print(hashlib.sha256(json.dumps(t.hf.get_vocab(), sort_keys=True).encode()).hexdigest())\n"
+    )
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(seed), "PATH": ""},
+        ).stdout.strip()
+        for seed in (1, 2)
+    }
+    assert len(runs) == 1 and len(next(iter(runs))) == 64
+
+
+def test_tokenizer_never_produces_unknown_for_seen_characters(tokenizer):
+    ids = tokenizer(["bluish greenery by the pond"], max_length=35)[0][0].tolist()
+    assert tokenizer.ids.pad not in ids
+    unk = tokenizer.hf.convert_tokens_to_ids("[UNK]")
+    assert unk not in ids  # letters seen in the corpus always have a ## fallback

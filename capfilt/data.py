@@ -1,0 +1,225 @@
+"""Image-text pairs from img2dataset webdataset shards, for training.
+
+A shard is a tar holding, per sample, `{key}.jpg` (or png/webp), `{key}.txt` and `{key}.json`.
+`iter_samples` groups members by key itself, so an unsorted tar (members of one sample apart)
+is read correctly instead of being split into broken samples. `PairDataset` loads a (small)
+dataset into memory and expands it into (image, caption) pairs; `Collator` tokenises a batch.
+
+Training takes what it can use: a sample without an image or a text is skipped and counted in
+the log. The cleaning job does its own per-sample accounting and does not read through here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import CapfiltError
+from .images import ImageError, open_image
+from .text import pre_caption
+
+if TYPE_CHECKING:
+    from capfilt.model.tokenizer import CaptionTokenizer
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_WORDS = 30  # BLIP's max_words for pre-training and caption fine-tuning
+PathsLike = str | Path | Sequence[str | Path]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One webdataset sample: its key, the encoded image, the text and the .json record."""
+
+    key: str
+    image: bytes
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    shard: str = ""
+
+
+def shard_paths(paths: PathsLike) -> list[Path]:
+    """Expand directories (their `*.tar`, sorted), glob patterns and tar paths into shard paths.
+
+    Raises CapfiltError naming an entry that matches no tar.
+    """
+    entries = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not entries:
+        raise CapfiltError("no data given: pass shard directories, tar files or glob patterns")
+    out: list[Path] = []
+    for entry in entries:
+        p = Path(entry)
+        if p.is_dir():
+            found = sorted(p.glob("*.tar"))
+        elif p.is_file():
+            found = [p]
+        elif glob.has_magic(str(entry)):
+            found = sorted(Path(m) for m in glob.glob(str(entry)) if m.endswith(".tar"))
+        else:
+            raise CapfiltError(f"data path not found: {entry}")
+        if not found:
+            raise CapfiltError(f"{entry} holds no .tar shards (img2dataset webdataset layout expected)")
+        out.extend(found)
+    return out
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the file name."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _read_shard(path: Path) -> dict[str, dict[str, bytes]]:
+    """All members of a tar grouped by key, in order of each key's first member."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if not ext or key.rpartition("/")[2].startswith("_"):
+                    continue  # webdataset skips names without an extension and "__" metadata
+                handle = tar.extractfile(member)
+                assert handle is not None
+                groups.setdefault(key, {})[ext] = handle.read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise CapfiltError(f"cannot read shard {path}: {err}") from err
+    return groups
+
+
+def iter_samples(paths: PathsLike) -> Iterator[Sample]:
+    """Samples of every shard in order; a sample without image or text is skipped (logged).
+
+    The text is the `.txt` member, else the .json's "caption"; an empty text is kept (it is
+    what the web gave, and the filter's business).
+    """
+    skipped: Counter[str] = Counter()
+    for shard in shard_paths(paths):
+        for key, files in _read_shard(shard).items():
+            meta: dict[str, Any] = {}
+            if "json" in files:
+                try:
+                    loaded = json.loads(files["json"])
+                    meta = loaded if isinstance(loaded, dict) else {}
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    skipped["bad_json"] += 1  # counted, but the pair itself is still usable
+            image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+            if "txt" in files:
+                text: str | None = files["txt"].decode("utf-8", errors="replace")
+            else:
+                caption = meta.get("caption")
+                text = caption if isinstance(caption, str) else None
+            if image is None:
+                skipped["no_image"] += 1
+                continue
+            if text is None:
+                skipped["no_text"] += 1
+                continue
+            yield Sample(key.rpartition("/")[2], image, text, meta, str(shard))
+    if skipped:
+        log.warning("skipped while reading %s: %s", paths, dict(skipped))
+
+
+def sample_captions(sample: Sample, all_captions: bool = True) -> list[str]:
+    """A sample's captions: every phrasing in its json "captions" (human-annotated data) when
+    `all_captions`, else (or when there is no such list) its text alone."""
+    captions = sample.meta.get("captions") if all_captions else None
+    if isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions):
+        return list(captions)
+    return [sample.text]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(image, caption) pairs held in memory; several captions may share one image.
+
+    Every image is decoded and resized once when the dataset is built (bicubic, as
+    `capfilt.images.preprocess`) and kept as uint8; `__getitem__` normalises it. No random
+    augmentation: captions mention left and right, so a horizontal flip would make them lie.
+    Items are (pixels (3, S, S) float32, text, image_id) where image_id indexes the images.
+    """
+
+    def __init__(
+        self,
+        paths: PathsLike,
+        *,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        all_captions: bool = True,
+        prompt: str = "",
+        max_words: int = MAX_WORDS,
+    ) -> None:
+        """all_captions: use every phrasing in a sample's json "captions" (human-annotated data),
+        else only its text; prompt: prepended to every cleaned caption (captioner fine-tuning)."""
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.keys: list[str] = []
+        images: list[np.ndarray] = []
+        self.texts: list[str] = []
+        self.image_ids: list[int] = []
+        undecodable = 0
+        for sample in iter_samples(paths):
+            try:
+                img = open_image(sample.image, name=f"{sample.shard}:{sample.key}")
+            except ImageError:
+                undecodable += 1
+                continue
+            image_id = len(images)
+            resized = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            images.append(np.asarray(resized, dtype=np.uint8))
+            self.keys.append(sample.key)
+            for caption in sample_captions(sample, all_captions):
+                self.texts.append(prompt + pre_caption(caption, max_words))
+                self.image_ids.append(image_id)
+        if undecodable:
+            log.warning("skipped %d undecodable images in %s", undecodable, paths)
+        if not images:
+            raise CapfiltError(f"no usable image-text pairs in {paths}")
+        self.pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N_images, 3, S, S) uint8
+        log.info("loaded %d pairs over %d images from %s", len(self.texts), len(images), paths)
+
+    @property
+    def num_images(self) -> int:
+        return self.pixels.shape[0]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+        image_id = self.image_ids[index]
+        x = self.pixels[image_id].float() / 255.0  # (3, S, S)
+        return (x - self.mean) / self.std, self.texts[index], image_id
+
+
+class Collator:
+    """Batches PairDataset items: pixels (B, 3, S, S), input_ids and attention_mask (B, T),
+    image_ids (B,). `[CLS] text [SEP]` padded to the longest, cut at `max_length` tokens."""
+
+    def __init__(self, tokenizer: CaptionTokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, batch: Sequence[tuple[torch.Tensor, str, int]]) -> dict[str, torch.Tensor]:
+        pixels, texts, image_ids = zip(*batch)
+        input_ids, attention_mask = self.tokenizer(list(texts), max_length=self.max_length)
+        return {
+            "pixels": torch.stack(pixels),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_ids": torch.tensor(image_ids, dtype=torch.long),
+        }

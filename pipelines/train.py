@@ -1,0 +1,229 @@
+"""Train a MED: pre-train, or fine-tune the captioner or the filter, on Ray Train or in-process.
+
+    result = train(TrainConfig(task="pretrain", data=["world/web"], out="runs/pre", size="small"))
+    train(TrainConfig(task="filter", data=["world/human"], init="runs/pre", out="runs/filter"))
+
+`workers >= 1` runs the loop (`train_loop.run_worker`) on Ray Train's `TorchTrainer`: DDP over
+the workers, gloo on CPU, NCCL on GPU. `workers=0` runs the same loop in this process without
+Ray: fast to start, for tests and laptops. Either way `out` ends up holding the final checkpoint
+(role = task), `metrics.jsonl` and `train_state/` (see `train_state`); rank 0 writes them, so
+on a multi-node cluster `out` must be storage every node reaches.
+
+Resume: when `out/train_state` holds a state written with the same arguments (`RESUME_KEYS`),
+training continues from the newest one; different arguments raise a CapfiltError naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capfilt.data import MAX_WORDS, iter_samples, sample_captions, shard_paths
+from capfilt.errors import CapfiltError
+from capfilt.model.checkpoint import CheckpointError, load_checkpoint, new_checkpoint
+from capfilt.model.tokenizer import train_tokenizer
+from capfilt.text import pre_caption
+
+from .train_config import DEFAULT_LR, RESUME_KEYS, TASK_LOSSES, TASKS, TrainConfig, lr_at
+from .train_loop import LoopSpec, ProgressFn, run_worker
+from .train_state import (
+    METRICS,
+    differing,
+    list_states,
+    read_args,
+    read_metrics,
+    remove_partial,
+    state_step,
+    truncate_metrics,
+    write_final,
+    write_init,
+)
+
+__all__ = ["DEFAULT_LR", "TASKS", "TrainConfig", "TrainResult", "lr_at", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path  # the final MED checkpoint (== out)
+    metrics: Path  # out/metrics.jsonl
+    steps: int  # steps trained in all, across resumes
+    losses: dict[str, float]  # the last logged losses (mean over ranks), "loss" their sum
+    wall_s: float  # this call's wall time
+    resumed_from: int | None  # the step this call resumed from, if it did
+
+
+def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
+    """Train to the end of `config` (or its max_steps), resuming a matching run in `config.out`.
+
+    progress(step, total_steps, losses) is called on the driver after every step (rank 0's losses).
+    """
+    t0 = time.perf_counter()
+    cfg = config.resolved()
+    out = Path(cfg.out)
+    shards = shard_paths(cfg.data)
+    args = cfg.train_args(shards)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partial(out)
+
+    states = list_states(out)
+    state = states[-1] if states else None
+    resumed_from = None
+    if state is not None:
+        diff = differing(read_args(state), args, RESUME_KEYS)
+        if diff:
+            saved = read_args(state)
+            details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {args.get(k)!r}" for k in diff)
+            raise CapfiltError(
+                f"{out} holds a training run with other arguments ({details}). Pass the same arguments "
+                "to resume it, or choose a new --out to start another run."
+            )
+        resumed_from = state_step(state)
+        trainer = torch.load(state / "trainer.pt", map_location="cpu", weights_only=True)
+        target = min(trainer["total_steps"], cfg.max_steps or trainer["total_steps"])
+        if resumed_from >= target:
+            log.info("%s already finished at step %d; nothing to train", out, resumed_from)
+            if not (out / "config.json").is_file():  # killed between its last state and the final copy
+                write_final(out, load_checkpoint(state))
+            return _result(out, resumed_from, t0, resumed_from)
+        truncate_metrics(out, resumed_from)
+        start = str(state)
+        log.info("resuming %s from step %d", out, resumed_from)
+    else:
+        if (out / "config.json").is_file():
+            raise CapfiltError(f"{out} already holds a checkpoint but no training state; choose a new --out")
+        truncate_metrics(out, 0)
+        start = _prepare_start(cfg, shards, out)
+
+    # Workers get absolute paths: a Ray worker's working directory is not the caller's.
+    absolute = dataclasses.replace(cfg, data=args["data"], out=str(out.resolve()), init=args["init"])
+    threads = cfg.cpus_per_worker if cfg.workers > 0 else None
+    spec = LoopSpec(
+        absolute, str(Path(start).resolve()), str(state.resolve()) if state else None, args, threads
+    )
+    if cfg.workers == 0:
+        device = torch.device("cuda" if cfg.use_gpu else "cpu")
+        steps = run_worker(spec, device, progress)
+    else:
+        steps = _run_ray(spec, progress)
+    return _result(out, steps, t0, resumed_from)
+
+
+def _result(out: Path, steps: int, t0: float, resumed_from: int | None) -> TrainResult:
+    rows = read_metrics(out)
+    losses = {k: v for k, v in rows[-1].items() if k.endswith("loss")} if rows else {}
+    return TrainResult(out, out / METRICS, steps, losses, time.perf_counter() - t0, resumed_from)
+
+
+def _prepare_start(cfg: TrainConfig, shards: list[Path], out: Path) -> str:
+    """Check the data holds a global batch; return the checkpoint training starts from: `init`,
+    or (from-scratch pretrain) a new MED with a WordPiece vocabulary trained on the data's texts."""
+    texts = [pre_caption(c, MAX_WORDS) for s in iter_samples(shards) for c in sample_captions(s)]
+    if len(texts) < cfg.global_batch:
+        raise CapfiltError(
+            f"{', '.join(cfg.data)} hold {len(texts)} pairs, fewer than one global batch of "
+            f"{cfg.global_batch}: lower --batch-size or --workers"
+        )
+    if cfg.init is not None:
+        try:
+            ckpt = load_checkpoint(cfg.init, image_size=cfg.image_size)
+        except CheckpointError as err:
+            raise CapfiltError(str(err)) from err
+        needs = TASK_LOSSES[cfg.task]
+        if (needs["itc"] or needs["itm"]) and not ckpt.config.has_encoder:
+            raise CapfiltError(f"{cfg.init} has no text encoder; {cfg.task} training needs one (ITC/ITM)")
+        if needs["lm"] and not ckpt.config.has_decoder:
+            raise CapfiltError(f"{cfg.init} has no text decoder; {cfg.task} training needs one (LM)")
+        return str(cfg.init)
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    torch.manual_seed(cfg.seed)
+    ckpt = new_checkpoint(cfg.size, tokenizer, role="pretrain", image_size=cfg.image_size)
+    log.info(
+        "new %s MED, vocabulary of %d trained on %d texts", cfg.size, tokenizer.ids.vocab_size, len(texts)
+    )
+    return str(write_init(out, ckpt))
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of the TorchTrainer: Ray has set up the process group already."""
+    import ray.train
+    import ray.train.torch
+
+    spec: LoopSpec = loop_config["spec"]
+    queue = loop_config["queue"]
+    progress: ProgressFn | None = None
+    if queue is not None and ray.train.get_context().get_world_rank() == 0:
+
+        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+            queue.put_nowait((step, total, losses))
+
+    steps = run_worker(spec, ray.train.torch.get_device(), progress)
+    ray.train.report({"steps": steps})
+
+
+def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    cfg = spec.config
+    started = not ray.is_initialized()
+    if started:  # address None: Ray's default, RAY_ADDRESS or else a new local cluster
+        ray.init(address=cfg.ray_address)
+    # (A Ray Queue is falsy while empty: always compare it with None.)
+    queue = Queue(actor_options={"num_cpus": 0}) if progress is not None else None
+    done = threading.Event()
+
+    def relay() -> None:  # Ray queue -> progress callback, on the driver
+        assert queue is not None and progress is not None
+        while True:
+            try:
+                progress(*queue.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+
+    relay_thread = threading.Thread(target=relay, daemon=True) if queue is not None else None
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"spec": spec, "queue": queue},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str((Path(cfg.out) / "ray_results").resolve()),
+            name=f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}",
+        ),
+    )
+    try:
+        if relay_thread is not None:
+            relay_thread.start()
+        trainer.fit()
+    except Exception as err:
+        if isinstance(err, CapfiltError):
+            raise
+        raise RuntimeError(f"training on Ray failed: {err}") from err
+    finally:
+        done.set()
+        if relay_thread is not None:
+            relay_thread.join()
+        if queue is not None:
+            queue.shutdown()
+        if started:
+            ray.shutdown()
+    states = list_states(Path(cfg.out))
+    return state_step(states[-1]) if states else 0

@@ -1,0 +1,145 @@
+"""`capfilt train pretrain|captioner|filter`: the command line of `pipelines.train`.
+
+capfilt/cli.py wires it in with `add_train_parser(sub)` and `COMMANDS["train"] = cmd_train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .train_config import TASKS, TrainConfig
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `train` command to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="pre-train a MED, or fine-tune the captioner (LM) or the filter (ITC+ITM), on Ray Train",
+        description=(
+            "Train on img2dataset webdataset shards. Resumes from OUT/train_state when run again with the "
+            "same arguments. Metrics go to OUT/metrics.jsonl, the final checkpoint to OUT."
+        ),
+    )
+    p.add_argument(
+        "task", choices=TASKS, help="pretrain: ITC+ITM+LM; captioner: LM with prompt; filter: ITC+ITM"
+    )
+    p.add_argument(
+        "--data", nargs="+", required=True, metavar="PATH", help="shard directories, tars or globs"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, metrics, state)")
+    p.add_argument("--size", default="small", help="MED size of a from-scratch pretrain (default: small)")
+    p.add_argument(
+        "--init",
+        metavar="CKPT",
+        default=None,
+        help="checkpoint to start from (required for captioner, filter)",
+    )
+    p.add_argument("--epochs", type=int, default=5, help="passes over the data (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per worker and step (default: 32)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: 3e-4 pretrain, else 1e-4)"
+    )
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
+    p.add_argument(
+        "--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of steps)"
+    )
+    p.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine decay (default: 1e-6)")
+    p.add_argument(
+        "--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none (default: 1.0)"
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=500, help="steps between resumable states (default: 500)"
+    )
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics lines (default: 10)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray Train workers (DDP); 0 trains in this process (default: 1)",
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        choices=[0, 1],
+        default=0,
+        help="GPUs per worker: 1 trains on GPUs with NCCL, 0 on CPUs with gloo (default: 0)",
+    )
+    p.add_argument("--gpu", dest="num_gpus", action="store_const", const=1, help="same as --num-gpus 1")
+    p.add_argument(
+        "--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the model's)")
+    p.add_argument("--queue-size", type=int, default=None, help="ITC queue length (default: up to 8 batches)")
+    p.add_argument(
+        "--vocab-size", type=int, default=2000, help="WordPiece vocabulary, from scratch (default: 2000)"
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        task=args.task,
+        data=list(args.data),
+        out=args.out,
+        size=args.size,
+        init=args.init,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        min_lr=args.min_lr,
+        grad_clip=args.grad_clip,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        workers=args.workers,
+        use_gpu=args.num_gpus > 0,
+        cpus_per_worker=args.cpus_per_worker,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        image_size=args.image_size,
+        queue_size=args.queue_size,
+        vocab_size=args.vocab_size,
+        ray_address=args.ray_address,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train with a progress bar of the losses on stderr; one JSON summary line on stdout."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .train import train
+
+    config = config_from_args(args)
+    columns = (
+        TextColumn(f"{config.task}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(config.task, total=None, losses="starting")
+
+        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+            shown = " ".join(f"{k.removesuffix('_loss')}={v:.3f}" for k, v in losses.items())
+            bar.update(task, completed=step, total=total, losses=shown or "starting")
+
+        result = train(config, progress)
+    summary = {
+        "task": config.task,
+        "checkpoint": str(result.checkpoint),
+        "metrics": str(result.metrics),
+        "steps": result.steps,
+        "losses": result.losses,
+        "wall_s": round(result.wall_s, 3),
+        "resumed_from": result.resumed_from,
+    }
+    print(json.dumps(summary))
+    return 0

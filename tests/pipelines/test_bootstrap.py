@@ -1,0 +1,87 @@
+"""The bootstrap loop end to end on a tiny world and the tiny MED (fast, in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from capfilt.cli import main
+from capfilt.data import iter_samples
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from capfilt.world import synthesize
+
+    out = tmp_path_factory.mktemp("world")
+    synthesize(out, web=32, human=16, test=8, image_size=32, shard_size=16, seed=4)
+    return out
+
+
+def _bootstrap(world, out, capsys, *extra):
+    code = main(
+        [
+            "bootstrap",
+            "--data",
+            str(world),
+            "--out",
+            str(out),
+            "--size",
+            "tiny",
+            "--pretrain-epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            *extra,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out.strip().splitlines()[-1])
+
+
+def test_bootstrap_runs_every_stage_and_records_times(world, tmp_path, capsys):
+    result = _bootstrap(
+        world, tmp_path / "run", capsys, "--threshold", "0.0"
+    )  # keep everything: D' not empty
+    stages = ["pretrain", "captioner", "filter", "capfilt", "pretrain_dprime", "eval_finetune", "evaluate"]
+    assert list(result["stages"]) == stages
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["results"]) == {"bootstrapped", "first_generation"}
+    for res in summary["results"].values():
+        assert 0 <= res["retrieval"]["r1_mean"] <= 100
+        assert 0 <= res["captioning"]["attribute_accuracy"] <= 1
+    # every web key decided exactly once; with threshold 0 every web text and one synthetic caption is kept
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "dprime_capfilt" / "decisions.jsonl").read_text().splitlines()
+    ]
+    web_keys = [s.key for s in iter_samples(world / "web")]
+    assert sorted(r["key"] for r in rows) == sorted(web_keys)
+    dprime = list(iter_samples(tmp_path / "run" / "dprime_capfilt"))
+    origins = sorted(s.meta["origin"] for s in dprime)
+    assert origins.count("synthetic") == len(web_keys)
+    assert origins.count("web") == sum(1 for s in iter_samples(world / "web") if s.text.strip())
+    # D' images are the web images, byte for byte
+    web_images = {s.key: s.image for s in iter_samples(world / "web")}
+    assert all(s.image == web_images[s.meta["source_key"]] for s in dprime)
+    empty_web = sum(1 for s in iter_samples(world / "web") if not s.text.strip())
+    assert summary["filter"]["rejected"] == empty_web  # at threshold 0 only texts with nothing to match go
+    assert (tmp_path / "run" / "summary.md").read_text().startswith("# Bootstrap run")
+
+
+def test_bootstrap_rerun_continues_instead_of_retraining(world, tmp_path, capsys):
+    _bootstrap(world, tmp_path / "run", capsys, "--max-steps", "2")
+    stamp = (tmp_path / "run" / "pretrain" / "model.safetensors").stat().st_mtime_ns
+    again = _bootstrap(world, tmp_path / "run", capsys, "--max-steps", "2")
+    assert (tmp_path / "run" / "pretrain" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["stages"]["pretrain"] < 1.0
+
+
+def test_bootstrap_names_a_folder_that_is_not_a_world(tmp_path, capsys):
+    code = main(["bootstrap", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "capfilt data synth" in capsys.readouterr().err
