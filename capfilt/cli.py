@@ -339,9 +339,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from capfilt.pipelines.train_cli import cmd_train as run
+    from capfilt.pipelines.train_cli import run_train
 
-    return run(args)
+    print(json.dumps(run_train(args)))
+    return 0
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:

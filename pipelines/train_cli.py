@@ -1,12 +1,11 @@
 """`capfilt train pretrain|captioner|filter`: the command line of `pipelines.train`.
 
-capfilt/cli.py wires it in with `add_train_parser(sub)` and `COMMANDS["train"] = cmd_train`.
+capfilt/cli.py wires it in with `add_train_parser(sub)` and prints what `run_train` returns.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from .train_config import TASKS, TrainConfig
@@ -109,8 +108,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train with a progress bar of the losses on stderr; one JSON summary line on stdout."""
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with a progress bar of the losses on stderr; returns the summary the CLI prints."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -141,5 +140,4 @@ def cmd_train(args: argparse.Namespace) -> int:
         "wall_s": round(result.wall_s, 3),
         "resumed_from": result.resumed_from,
     }
-    print(json.dumps(summary))
-    return 0
+    return summary

@@ -1,4 +1,4 @@
-"""`capfilt train` as the lead wires it: add_train_parser + cmd_train, driven with an argv list."""
+"""`capfilt train` through the real entry point, driven with an argv list."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.errors import CapfiltError
-from capfilt.pipelines.train_cli import add_train_parser, cmd_train
+from capfilt.cli import main
+from capfilt.pipelines.train_cli import add_train_parser
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -33,14 +33,14 @@ def test_train_command_prints_a_json_summary(
         str(out),
     ]
     argv += ["--workers", "0", "--batch-size", "8", "--max-steps", "3", "--log-every", "1", "--lr", "5e-5"]
-    assert cmd_train(_parse(argv)) == 0
+    assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["task"] == "captioner" and summary["steps"] == 3 and summary["checkpoint"] == str(out)
     assert set(summary["losses"]) == {"lm_loss", "loss"} and summary["resumed_from"] is None
     assert (out / "config.json").is_file()
 
 
-def test_train_command_flags_map_onto_the_config(tmp_path: Path) -> None:
+def test_train_command_flags_map_onto_the_config() -> None:
     from capfilt.pipelines.train_cli import config_from_args
 
     args = _parse(["train", "pretrain", "--data", "a", "b", "--out", "o", "--gpu", "--workers", "2"])
@@ -48,5 +48,8 @@ def test_train_command_flags_map_onto_the_config(tmp_path: Path) -> None:
     assert cfg.data == ["a", "b"] and cfg.use_gpu and cfg.workers == 2 and cfg.size == "small"
     args = _parse(["train", "filter", "--data", "a", "--out", "o", "--num-gpus", "0", "--queue-size", "64"])
     assert not config_from_args(args).use_gpu and config_from_args(args).queue_size == 64
-    with pytest.raises(CapfiltError, match="--init"):
-        cmd_train(_parse(["train", "filter", "--data", str(tmp_path), "--out", str(tmp_path / "o")]))
+
+
+def test_train_command_names_a_missing_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "filter", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--init" in capsys.readouterr().err
