@@ -145,6 +145,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
 
     p = sub.add_parser(
+        "eval", help="evaluate checkpoints: retrieval, captioning, or the filter against truth"
+    )
+    eval_sub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    p = eval_sub.add_parser(
+        "retrieval", help="TR/IR R@1/5/10: ITC ranking, top-k re-ranked by ITM (BLIP's protocol)"
+    )
+    p.add_argument("--model", required=True, metavar="FILTER", help="filter (or pre-trained) checkpoint")
+    p.add_argument(
+        "--data", required=True, nargs="+", metavar="SHARDS", help="test shards (every caption a query)"
+    )
+    p.add_argument("--k", type=int, default=16, help="candidates re-ranked by ITM (default: 16; BLIP: 256)")
+    p = eval_sub.add_parser(
+        "caption", help="BLEU-4, CIDEr-D and attribute accuracy of captions on test shards"
+    )
+    p.add_argument("--model", required=True, metavar="CAPTIONER", help="captioner checkpoint")
+    p.add_argument(
+        "--data", required=True, nargs="+", metavar="SHARDS", help="test shards with reference captions"
+    )
+    p.add_argument("--truth", default=None, help="the world's truth.parquet, for attribute accuracy")
+    p.add_argument("--method", choices=["beam", "nucleus"], default="beam", help="decoding (default: beam)")
+    p.add_argument("--seed", type=int, default=0, help="nucleus sampling seed (default: 0)")
+    p = eval_sub.add_parser(
+        "filter", help="precision / recall of web-text rejections against the world's truth"
+    )
+    p.add_argument("--model", required=True, metavar="FILTER", help="filter checkpoint")
+    p.add_argument("--data", required=True, nargs="+", metavar="SHARDS", help="web shards")
+    p.add_argument("--truth", required=True, help="the world's truth.parquet")
+    p.add_argument("--threshold", type=float, default=0.5, help="ITM p(match) to keep a text (default: 0.5)")
+
+    p = sub.add_parser(
         "convert", help="convert a checkpoint: BLIP .pth or transformers -> ours, or ours -> transformers"
     )
     p.add_argument("--input", required=True, metavar="PATH", help="checkpoint to read (any supported layout)")
@@ -380,6 +410,22 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from capfilt.pipelines import evaluate
+
+    if args.eval_command == "retrieval":
+        result = evaluate.eval_retrieval(args.model, args.data, k=args.k)
+    elif args.eval_command == "caption":
+        result = evaluate.eval_caption(args.model, args.data, args.truth, args.method, args.seed)
+    else:
+        if not 0.0 <= args.threshold <= 1.0:
+            raise CapfiltError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
+        result = evaluate.eval_filter(args.model, args.data, args.truth, args.threshold)
+        Console(stderr=True).print(result["markdown"], highlight=False)
+    print(evaluate.dump(result))
+    return 0
+
+
 COMMANDS = {
     "caption": cmd_caption,
     "score": cmd_score,
@@ -387,6 +433,7 @@ COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "bootstrap": cmd_bootstrap,
+    "eval": cmd_eval,
 }
 
 

@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.curate import Curated, curate
-from capfilt.data import Sample, iter_samples, sample_captions
+from capfilt.data import Sample, iter_samples
 from capfilt.decision import Rule
 from capfilt.errors import CapfiltError
 from capfilt.images import ImageError, open_image
 from capfilt.inference import Captioner, Filter
-from capfilt.model.checkpoint import load_checkpoint
 from capfilt.model.generate import GenerationConfig
 from capfilt.world.writer import Sample as ShardSample
 from capfilt.world.writer import write_shard
 
+from .evaluate import eval_caption, eval_retrieval, read_truth
 from .train import train
 from .train_config import TrainConfig
 
@@ -227,61 +227,29 @@ def _dprime_samples(sample: Sample, c: Curated, variant: str) -> list[ShardSampl
 
 def evaluate(cfg: BootstrapConfig, filter_ckpt: Path, captioner_ckpt: Path) -> dict[str, Any]:
     """Retrieval (TR/IR R@1/5/10 with ITM re-ranking) and captioning (BLEU-4, CIDEr-D with beam
-    search, attribute accuracy of nucleus samples) on the test split."""
-    from capfilt.evaluation import caption_metrics, retrieval_scores
-
-    test = list(iter_samples(Path(cfg.data) / "test"))
-    images = [open_image(s.image, name=s.key) for s in test]
-    texts, owner = [], []
-    for i, s in enumerate(test):
-        for caption in sample_captions(s):
-            texts.append(caption)
-            owner.append(i)
-    ck = load_checkpoint(filter_ckpt)
-    retrieval = retrieval_scores(ck.med, ck.tokenizer, images, texts, owner, k=cfg.eval_k).metrics()
-    refs = [sample_captions(s) for s in test]
-    truth = _truth(cfg, "test")
-    contents = [truth[s.key]["content"] if s.key in truth else None for s in test]
-    cap = Captioner(captioner_ckpt)
-    beam = [
-        c[0]
-        for c in cap.caption(
-            images, GenerationConfig(method="beam", num_beams=3, max_tokens=30, min_tokens=5)
-        )
-    ]
-    nucleus = [
-        c[0]
-        for c in cap.caption(
-            images, GenerationConfig(method="nucleus", top_p=0.9, repetition_penalty=1.1, seed=cfg.seed)
-        )
-    ]
-    have_content = all(c is not None for c in contents)
-    captions = caption_metrics(beam, refs, contents if have_content else None)
-    if have_content:
-        captions["attribute_accuracy_nucleus"] = caption_metrics(nucleus, refs, contents)[
-            "attribute_accuracy"
-        ]
+    search; attribute accuracy of beam and of nucleus captions) on the test split."""
+    test, truth = Path(cfg.data) / "test", _truth_path(cfg)
+    retrieval = eval_retrieval(filter_ckpt, test, k=cfg.eval_k)
+    captions = eval_caption(captioner_ckpt, test, truth, "beam")
+    if truth is not None:
+        nucleus = eval_caption(captioner_ckpt, test, truth, "nucleus", seed=cfg.seed)
+        captions["attribute_accuracy_nucleus"] = nucleus["attribute_accuracy"]
     return {"retrieval": retrieval, "captioning": captions}
 
 
-def _truth(cfg: BootstrapConfig, split: str) -> dict[str, dict[str, Any]]:
-    """key -> truth row of one split (empty when the data has no truth table)."""
-    import pyarrow.parquet as pq
-
+def _truth_path(cfg: BootstrapConfig) -> Path | None:
     path = Path(cfg.data) / "truth.parquet"
-    if not path.is_file():
-        return {}
-    rows = pq.read_table(path).to_pylist()
-    return {r["key"]: r for r in rows if r["split"] == split}
+    return path if path.is_file() else None
 
 
 def filter_quality(cfg: BootstrapConfig, decisions: Path) -> dict[str, Any] | None:
     """Precision / recall of the filter's web-text rejections against the world's truth."""
     from capfilt.evaluation import filter_report
 
-    truth = list(_truth(cfg, "web").values())
-    if not truth:
+    path = _truth_path(cfg)
+    if path is None:
         return None
+    truth = list(read_truth(path, "web").values())
     kept = {}
     for line in decisions.read_text().splitlines():
         row = json.loads(line)

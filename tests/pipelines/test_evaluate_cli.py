@@ -1,0 +1,113 @@
+"""`capfilt eval retrieval | caption | filter` through the real entry point, on a tiny world."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from capfilt.world import synthesize
+
+    out = tmp_path_factory.mktemp("eval_world")
+    synthesize(out, web=30, human=4, test=6, image_size=32, shard_size=16, seed=2)
+    return out
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_retrieval(world, our_filter_dir, capsys):
+    code, out, err = _run(
+        capsys, "eval", "retrieval", "--model", str(our_filter_dir), "--data", str(world / "test"), "--k", "6"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["images"] == 6 and result["texts"] >= 18  # 3-5 phrasings per test image
+    for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
+        assert 0.0 <= result[key] <= 100.0
+    assert result["ir_r10"] == 100.0  # k covers all 6 images: every text's image is within the top 10
+    assert result["r1_mean"] == pytest.approx((result["tr_r1"] + result["ir_r1"]) / 2)
+
+
+def test_eval_caption_with_truth(world, our_captioner_dir, capsys):
+    code, out, err = _run(
+        capsys,
+        "eval",
+        "caption",
+        "--model",
+        str(our_captioner_dir),
+        "--data",
+        str(world / "test"),
+        "--truth",
+        str(world / "truth.parquet"),
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["images"] == 6 and result["method"] == "beam"
+    assert 0.0 <= result["attribute_accuracy"] <= 1.0 and result["bleu4"] >= 0.0 and result["cider_d"] >= 0.0
+
+
+def test_eval_filter_counts_every_web_text(world, our_filter_dir, capsys):
+    code, out, err = _run(
+        capsys,
+        "eval",
+        "filter",
+        "--model",
+        str(our_filter_dir),
+        "--data",
+        str(world / "web"),
+        "--truth",
+        str(world / "truth.parquet"),
+        "--threshold",
+        "0.0",
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    truth = [r for r in pq.read_table(world / "truth.parquet").to_pylist() if r["split"] == "web"]
+    assert result["texts"] == len(truth) and result["missing"] == 0
+    assert result["noisy"] == sum(r["noisy"] for r in truth)
+    empty = sum(1 for r in truth if not r["text"].strip())
+    assert result["rejected"] == empty  # threshold 0 keeps every text that has something to match
+    assert "Web-text rejections" in err
+
+
+def test_eval_errors_name_the_problem(world, our_captioner_dir, our_filter_dir, capsys, tmp_path):
+    code, _, err = _run(
+        capsys, "eval", "retrieval", "--model", str(our_captioner_dir), "--data", str(world / "test")
+    )
+    assert code == 2 and "cannot score texts" in err
+    code, _, err = _run(
+        capsys,
+        "eval",
+        "filter",
+        "--model",
+        str(our_filter_dir),
+        "--data",
+        str(world / "web"),
+        "--truth",
+        str(tmp_path / "nope.parquet"),
+    )
+    assert code == 2 and "nope.parquet" in err
+    code, _, err = _run(
+        capsys,
+        "eval",
+        "filter",
+        "--model",
+        str(our_filter_dir),
+        "--data",
+        str(world / "web"),
+        "--truth",
+        str(world / "truth.parquet"),
+        "--threshold",
+        "2",
+    )
+    assert code == 2 and "--threshold" in err
