@@ -145,9 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
 
     p = sub.add_parser(
-        "eval", help="evaluate checkpoints: retrieval, captioning, or the filter against truth"
+        "eval", help="evaluate checkpoints (retrieval, captioning, filter) or run the bootstrap ablation"
     )
     eval_sub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    p = eval_sub.add_parser(
+        "ablation",
+        help="BLIP's Table 1 rows (none, filter, captioner, capfilt) + BLIP-2's, over seeds, same budget",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="a world made by `capfilt data synth`")
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory (a rerun continues)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["none", "filter", "captioner", "capfilt", "blip2"],
+        choices=["none", "filter", "captioner", "capfilt", "blip2"],
+        help="rows to run (default: all)",
+    )
+    p.add_argument("--size", default="small", help="MED size (default: small)")
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=10,
+        help="epochs of the first pre-training; its steps are every row's budget (default: 10)",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=5, help="epochs of each fine-tuning (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (default: 32)")
+    p.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 trains in this process")
+    p.add_argument(
+        "--num-captions",
+        type=int,
+        default=10,
+        help="nucleus samples per web image (default: 10, as BLIP-2's variant needs)",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
     p = eval_sub.add_parser(
         "retrieval", help="TR/IR R@1/5/10: ITC ranking, top-k re-ranked by ITM (BLIP's protocol)"
     )
@@ -413,6 +444,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from capfilt.pipelines import evaluate
 
+    if args.eval_command == "ablation":
+        return _ablation(args)
     if args.eval_command == "retrieval":
         result = evaluate.eval_retrieval(args.model, args.data, k=args.k)
     elif args.eval_command == "caption":
@@ -423,6 +456,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate.eval_filter(args.model, args.data, args.truth, args.threshold)
         Console(stderr=True).print(result["markdown"], highlight=False)
     print(evaluate.dump(result))
+    return 0
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from capfilt.pipelines.bootstrap import BootstrapConfig, run_ablation
+
+    cfg = BootstrapConfig(
+        data=args.data,
+        out=args.out,
+        size=args.size,
+        pretrain_epochs=args.pretrain_epochs,
+        finetune_epochs=args.finetune_epochs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        num_captions=args.num_captions,
+        max_steps=args.max_steps,
+    )
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("ablation", total=len(args.seeds) * len(args.variants))
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, description=f"ablation: {stage}")
+
+        result = run_ablation(cfg, list(args.seeds), tuple(args.variants), progress)
+    Console(stderr=True).print(Path(args.out, "ablation.md").read_text(), highlight=False)
+    print(json.dumps({"out": args.out, "table": result["table"]}))
     return 0
 
 

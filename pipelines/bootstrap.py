@@ -17,14 +17,14 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from capfilt.curate import Curated, curate
 from capfilt.data import Sample, iter_samples
-from capfilt.decision import Rule
+from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError
 from capfilt.images import ImageError, open_image
 from capfilt.inference import Captioner, Filter
@@ -89,7 +89,13 @@ class StageTimes:
 
 
 def _train(
-    cfg: BootstrapConfig, task: str, data: list[str], out: Path, init: Path | None, epochs: int
+    cfg: BootstrapConfig,
+    task: str,
+    data: list[str],
+    out: Path,
+    init: Path | None,
+    epochs: int,
+    steps: int | None = None,
 ) -> Path:
     if (out / "config.json").is_file() and not (out / "train_state").exists():
         return out  # finished earlier (a finished run keeps its final checkpoint)
@@ -100,6 +106,7 @@ def _train(
         size=cfg.size,
         init=str(init) if init else None,
         epochs=epochs,
+        steps=steps,
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         seed=cfg.seed,
@@ -108,22 +115,20 @@ def _train(
     return train(tc).checkpoint
 
 
-def _web_samples(cfg: BootstrapConfig) -> Iterator[Sample]:
-    yield from iter_samples(Path(cfg.data) / "web")
+def variant_rule(variant: str, threshold: float) -> Rule:
+    """The decision rule a D' variant applies (capfilt: BLIP's; blip2: top two of web + synthetic)."""
+    if variant == "blip2":
+        return Rule(threshold=threshold, mode="blip2", blip2_top=2)
+    return Rule(threshold=threshold, synthetic_per_image=1)
 
 
-def _rule(cfg: BootstrapConfig) -> Rule:
-    if cfg.variant == "blip2":
-        return Rule(threshold=cfg.threshold, mode="blip2", blip2_top=2)
-    return Rule(threshold=cfg.threshold, synthetic_per_image=1)
-
-
-def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, out: Path) -> dict[str, Any]:
-    """CapFilt the web split; write D' (kept web, kept synthetic, human) as shards in `out` and the
-    decisions as `out/decisions.jsonl`. Returns counts."""
+def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, out: Path) -> Path:
+    """CapFilt the web split once: every web text and synthetic candidate scored, BLIP's decision
+    recorded. Writes `out/decisions.jsonl` (one row per web sample) and returns its path; D' for
+    any variant is built from it by `build_dprime`."""
     done = out / "decisions.jsonl"
     if done.is_file():
-        return json.loads((out / "counts.json").read_text())
+        return done
     out.mkdir(parents=True, exist_ok=True)
     gen = GenerationConfig(
         method="nucleus",
@@ -135,9 +140,8 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
         seed=cfg.seed,
     )
     captioner, filt = Captioner(captioner_ckpt), Filter(filter_ckpt)
-    rule = _rule(cfg)
+    rule = variant_rule("capfilt", cfg.threshold)
     rows: list[dict[str, Any]] = []
-    dprime: list[ShardSample] = []
     batch: list[Sample] = []
 
     def flush() -> None:
@@ -146,7 +150,18 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
             try:
                 decoded.append((s, open_image(s.image, name=s.key)))
             except ImageError as err:
-                rows.append({"key": s.key, "status": err.reason, "web_kept": False, "synthetic_kept": []})
+                rows.append(
+                    {
+                        "key": s.key,
+                        "status": err.reason,
+                        "reason": err.reason,
+                        "web_text": s.text,
+                        "web_itm": None,
+                        "web_kept": False,
+                        "synthetic": [],
+                        "synthetic_kept": [],
+                    }
+                )
         if decoded:
             curated = curate(
                 captioner,
@@ -158,30 +173,19 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
                 gen,
                 seed=cfg.seed,
             )
-            for (sample, _), c in zip(decoded, curated):
-                rows.append(_row(c))
-                dprime.extend(_dprime_samples(sample, c, cfg.variant))
+            rows.extend(_row(c) for c in curated)
         batch.clear()
 
-    for sample in _web_samples(cfg):
+    for sample in iter_samples(Path(cfg.data) / "web"):
         batch.append(sample)
         if len(batch) == cfg.curate_batch:
             flush()
     if batch:
         flush()
-    for i in range(0, max(len(dprime), 1), 1000):  # an empty D' is still a (one empty shard) dataset
-        write_shard(out, i // 1000, dprime[i : i + 1000])
-    counts = {
-        "web_samples": len(rows),
-        "web_kept": sum(r["web_kept"] for r in rows),
-        "synthetic_kept": sum(len(r["synthetic_kept"]) for r in rows),
-        "dprime_web_pairs": len(dprime),
-    }
-    (out / "counts.json").write_text(json.dumps(counts, indent=2))
     tmp = done.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(done)  # last: its presence means this stage finished
-    return counts
+    return done
 
 
 def _row(c: Curated) -> dict[str, Any]:
@@ -197,32 +201,59 @@ def _row(c: Curated) -> dict[str, Any]:
     }
 
 
-def _dprime_samples(sample: Sample, c: Curated, variant: str) -> list[ShardSample]:
-    """The web image's pairs in D' for `variant` (the web text and/or synthetic captions)."""
+def variant_texts(row: dict[str, Any], variant: str, threshold: float) -> list[tuple[str, str]]:
+    """(origin, text) pairs one web sample contributes to D' in `variant` (the paper's rows)."""
+    web = row["web_text"]
+    if row["status"] != "ok":
+        return []
     if variant == "none":
-        texts = [("web", sample.text)]
-    elif variant == "filter":
-        texts = [("web", sample.text)] if c.decision.web_kept else []
-    elif variant == "captioner":
-        best = max(c.synthetic, key=lambda s: s.itm)  # one synthetic caption, no filtering
-        texts = [("web", sample.text), ("synthetic", best.text)]
-    else:  # capfilt, blip2
-        texts = [(origin, text) for origin, text, _ in c.decision.kept_texts]
-    meta = sample.meta
-    out = []
-    for j, (origin, text) in enumerate(texts):
-        out.append(
-            ShardSample(
-                key=f"{sample.key}_{j}",
-                jpg=sample.image,
-                text=text,
-                url=str(meta.get("url", "")),
-                width=int(meta.get("width") or 0),
-                height=int(meta.get("height") or 0),
-                extra={"origin": origin, "source_key": sample.key},
+        return [("web", web)]
+    candidates = [Scored(c["text"], c["itm"]) for c in row["synthetic"]]
+    if variant == "captioner":  # one synthetic caption, nothing filtered
+        best = max(candidates, key=lambda c: c.itm)
+        return [("web", web), ("synthetic", best.text)]
+    web_scored = Scored(web, row["web_itm"]) if row["web_itm"] is not None else None
+    if variant == "filter":  # the web text judged, no synthetic captions
+        return [("web", web)] if decide(web_scored, [], variant_rule("filter", threshold)).web_kept else []
+    decision = decide(web_scored, candidates, variant_rule(variant, threshold))
+    return [(origin, text) for origin, text, _ in decision.kept_texts]
+
+
+def build_dprime(cfg: BootstrapConfig, variant: str, decisions: Path, out: Path) -> dict[str, int]:
+    """Write the web part of D' for `variant` as shards in `out` (original image bytes; keys
+    `{web key}_{j}`); human pairs are added at training time. Returns counts by origin."""
+    counts_path = out / "counts.json"
+    if counts_path.is_file():
+        return json.loads(counts_path.read_text())
+    rows = {r["key"]: r for r in map(json.loads, decisions.read_text().splitlines())}
+    samples: list[ShardSample] = []
+    for sample in iter_samples(Path(cfg.data) / "web"):
+        row = rows.get(sample.key)
+        if row is None:
+            raise CapfiltError(
+                f"{decisions} has no decision for web key {sample.key}: was the world rebuilt?"
             )
-        )
-    return out
+        for j, (origin, text) in enumerate(variant_texts(row, variant, cfg.threshold)):
+            samples.append(
+                ShardSample(
+                    key=f"{sample.key}_{j}",
+                    jpg=sample.image,
+                    text=text,
+                    url=str(sample.meta.get("url", "")),
+                    width=int(sample.meta.get("width") or 0),
+                    height=int(sample.meta.get("height") or 0),
+                    extra={"origin": origin, "source_key": sample.key},
+                )
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, max(len(samples), 1), 1000):  # an empty D' is still a (one empty shard) dataset
+        write_shard(out, i // 1000, samples[i : i + 1000])
+    counts = {
+        "web": sum(s.extra["origin"] == "web" for s in samples),
+        "synthetic": sum(s.extra["origin"] == "synthetic" for s in samples),
+    }
+    counts_path.write_text(json.dumps(counts, indent=2))
+    return counts
 
 
 def evaluate(cfg: BootstrapConfig, filter_ckpt: Path, captioner_ckpt: Path) -> dict[str, Any]:
@@ -258,66 +289,163 @@ def filter_quality(cfg: BootstrapConfig, decisions: Path) -> dict[str, Any] | No
     return {**report.to_dict(), "markdown": report.to_markdown()}
 
 
+def _steps_trained(run: Path) -> int:
+    """Steps the training run in `run` took (the last metrics line)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return int(json.loads(lines[-1])["step"]) if lines else 0
+
+
+def first_generation(
+    cfg: BootstrapConfig, times: StageTimes, progress: Progress | None = None
+) -> dict[str, Path]:
+    """Pre-train on web + human, fine-tune captioner and filter from it, CapFilt the web split."""
+    root, out = Path(cfg.data), Path(cfg.out)
+    web, human = str(root / "web"), str(root / "human")
+    names = ["pretrain", "captioner", "filter", "capfilt"]
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        if progress:
+            progress(name, names.index(name), len(names) + 3)
+        return times.run(name, fn)
+
+    pre = stage(
+        "pretrain", lambda: _train(cfg, "pretrain", [web, human], out / "pretrain", None, cfg.pretrain_epochs)
+    )
+    cap = stage(
+        "captioner", lambda: _train(cfg, "captioner", [human], out / "captioner", pre, cfg.finetune_epochs)
+    )
+    fil = stage("filter", lambda: _train(cfg, "filter", [human], out / "filter", pre, cfg.finetune_epochs))
+    decisions = stage("capfilt", lambda: capfilt_web(cfg, cap, fil, out / "curation"))
+    return {"pretrain": pre, "captioner": cap, "filter": fil, "decisions": decisions}
+
+
+def second_generation(
+    cfg: BootstrapConfig, variant: str, decisions: Path, times: StageTimes, steps: int | None = None
+) -> dict[str, Any]:
+    """Build D' for `variant`, pre-train a new MED on it (plus human pairs), fine-tune its filter and
+    captioner on human pairs, and evaluate them. `steps` fixes the pre-training budget."""
+    root, out = Path(cfg.data), Path(cfg.out) / f"variant_{variant}"
+    human = str(root / "human")
+    counts = times.run(f"{variant}/dprime", lambda: build_dprime(cfg, variant, decisions, out / "dprime"))
+    new = times.run(
+        f"{variant}/pretrain",
+        lambda: _train(
+            cfg, "pretrain", [str(out / "dprime"), human], out / "pretrain", None, cfg.pretrain_epochs, steps
+        ),
+    )
+    fil = times.run(
+        f"{variant}/filter", lambda: _train(cfg, "filter", [human], out / "filter", new, cfg.finetune_epochs)
+    )
+    cap = times.run(
+        f"{variant}/captioner",
+        lambda: _train(cfg, "captioner", [human], out / "captioner", new, cfg.finetune_epochs),
+    )
+    results = times.run(f"{variant}/evaluate", lambda: evaluate(cfg, fil, cap))
+    return {"dprime": counts, **results}
+
+
 def run_bootstrap(cfg: BootstrapConfig, progress: Progress | None = None) -> dict[str, Any]:
     """The whole loop; writes `out/summary.json` and `out/summary.md` and returns the summary."""
     cfg.validate()
-    root, out = Path(cfg.data), Path(cfg.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     times = StageTimes()
-    web, human = str(root / "web"), str(root / "human")
-    stages = ["pretrain", "captioner", "filter", "capfilt", "pretrain_dprime", "eval_finetune", "evaluate"]
-
-    def stage(i: int, name: str, fn: Callable[[], Any]) -> Any:
-        if progress:
-            progress(name, i, len(stages))
-        return times.run(name, fn)
-
     t0 = time.perf_counter()
-    pre = stage(
-        0,
-        "pretrain",
-        lambda: _train(cfg, "pretrain", [web, human], out / "pretrain", None, cfg.pretrain_epochs),
-    )
-    cap = stage(
-        1, "captioner", lambda: _train(cfg, "captioner", [human], out / "captioner", pre, cfg.finetune_epochs)
-    )
-    fil = stage(2, "filter", lambda: _train(cfg, "filter", [human], out / "filter", pre, cfg.finetune_epochs))
-    dprime = out / f"dprime_{cfg.variant}"
-    counts = stage(3, "capfilt", lambda: capfilt_web(cfg, cap, fil, dprime))
-    new = stage(
-        4,
-        "pretrain_dprime",
-        lambda: _train(
-            cfg, "pretrain", [str(dprime), human], out / "pretrain_dprime", None, cfg.pretrain_epochs
-        ),
-    )
-    new_fil = stage(
-        5,
-        "eval_finetune",
-        lambda: (
-            _train(cfg, "filter", [human], out / "eval_filter", new, cfg.finetune_epochs),
-            _train(cfg, "captioner", [human], out / "eval_captioner", new, cfg.finetune_epochs),
-        ),
-    )
-    results = stage(
-        6,
-        "evaluate",
-        lambda: {
-            "bootstrapped": evaluate(cfg, new_fil[0], new_fil[1]),
-            "first_generation": evaluate(cfg, fil, cap),
-        },
+    first = first_generation(cfg, times, progress)
+    if progress:
+        progress("second generation", 4, 7)
+    second = second_generation(cfg, cfg.variant, first["decisions"], times)
+    if progress:
+        progress("evaluate", 6, 7)
+    baseline = times.run(
+        "evaluate_first_generation", lambda: evaluate(cfg, first["filter"], first["captioner"])
     )
     summary = {
         "config": dataclasses.asdict(cfg),
-        "counts": counts,
-        "filter": filter_quality(cfg, dprime / "decisions.jsonl"),
-        "results": results,
+        "dprime": second.pop("dprime"),
+        "filter": filter_quality(cfg, first["decisions"]),
+        "results": {"bootstrapped": second, "first_generation": baseline},
         "stage_seconds": times.seconds,
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary))
     return summary
+
+
+def run_ablation(
+    cfg: BootstrapConfig,
+    seeds: list[int],
+    variants: tuple[str, ...] = VARIANTS,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The paper's Table 1 rows (plus BLIP-2's variant) over several seeds, each row pre-trained
+    for the same number of steps (the budget of the first pre-training on web + human pairs).
+    Writes `out/ablation.json` and `out/ablation.md`."""
+    cfg.validate()
+    root = Path(cfg.out)
+    per_seed: dict[int, dict[str, Any]] = {}
+    times = StageTimes()
+    for i, seed in enumerate(seeds):
+        scfg = dataclasses.replace(cfg, seed=seed, out=str(root / f"seed_{seed}"))
+        first = first_generation(scfg, times)
+        budget = _steps_trained(first["pretrain"])
+        rows = {}
+        for j, variant in enumerate(variants):
+            if progress:
+                progress(f"seed {seed}: {variant}", i * len(variants) + j, len(seeds) * len(variants))
+            rows[variant] = second_generation(scfg, variant, first["decisions"], times, steps=budget)
+        per_seed[seed] = {
+            "budget_steps": budget,
+            "rows": rows,
+            "filter": filter_quality(scfg, first["decisions"]),
+        }
+    table = ablation_table(per_seed, variants)
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "seeds": seeds,
+        "table": table,
+        "per_seed": per_seed,
+        "stage_seconds": times.seconds,
+    }
+    (root / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (root / "ablation.md").write_text(ablation_markdown(table, seeds))
+    return result
+
+
+ABLATION_METRICS = {
+    "R@1 (mean TR/IR)": ("retrieval", "r1_mean"),
+    "CIDEr-D": ("captioning", "cider_d"),
+    "attribute accuracy": ("captioning", "attribute_accuracy"),
+}
+
+
+def ablation_table(
+    per_seed: dict[int, dict[str, Any]], variants: tuple[str, ...]
+) -> dict[str, dict[str, list[float]]]:
+    """variant -> metric -> [mean, spread] over seeds (spread: half the max-min range)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for variant in variants:
+        table[variant] = {}
+        for name, (group, key) in ABLATION_METRICS.items():
+            values = [float(run["rows"][variant][group].get(key, float("nan"))) for run in per_seed.values()]
+            mean = sum(values) / len(values)
+            table[variant][name] = [round(mean, 4), round((max(values) - min(values)) / 2, 4)]
+    return table
+
+
+def ablation_markdown(table: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
+    names = list(ABLATION_METRICS)
+    lines = [
+        f"Mean ± half-range over seeds {seeds}.",
+        "",
+        "| D' | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for variant, metrics in table.items():
+        cells = [f"{metrics[n][0]:.3f} ± {metrics[n][1]:.3f}" for n in names]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -337,6 +465,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
     lines += ["", f"wall time: {summary['wall_seconds']} s", ""]
+    lines += [
+        f"D' from the web split: {summary['dprime']['web']} web pairs, {summary['dprime']['synthetic']} synthetic.",
+        "",
+    ]
     if summary.get("filter"):
         lines += ["## Filter against the truth", "", summary["filter"]["markdown"], ""]
     return "\n".join(lines)

@@ -36,6 +36,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="checkpoint to start from (required for captioner, filter)",
     )
     p.add_argument("--epochs", type=int, default=5, help="passes over the data (default: 5)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="a fixed budget of optimiser steps instead of --epochs (the data is cycled)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="pairs per worker and step (default: 32)")
     p.add_argument(
         "--lr", type=float, default=None, help="peak learning rate (default: 3e-4 pretrain, else 1e-4)"
@@ -88,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         size=args.size,
         init=args.init,
         epochs=args.epochs,
+        steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,

@@ -37,6 +37,7 @@ RESUME_KEYS = (
     "size",
     "init",
     "epochs",
+    "steps",
     "batch_size",
     "workers",
     "seed",
@@ -61,6 +62,7 @@ class TrainConfig:
     size: str = "small"  # named MED size for a from-scratch pretrain (model.config.SIZES)
     init: str | None = None  # checkpoint to start from; required for captioner and filter
     epochs: int = 5
+    steps: int | None = None  # a fixed budget of optimiser steps instead of epochs (the data is cycled)
     batch_size: int = 32  # per worker; the global batch is batch_size * max(1, workers)
     lr: float | None = None  # peak learning rate; None: DEFAULT_LR[task]
     weight_decay: float = 0.05  # AdamW, on every parameter as BLIP
@@ -127,6 +129,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.init is not None:
         _need(Path(cfg.init).exists(), f"init checkpoint not found: {cfg.init}")
     _need(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
+    _need(cfg.steps is None or cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
     least = 1 if cfg.task == "captioner" else 2  # ITC and ITM need negatives within the batch
     _need(
         cfg.batch_size >= least, f"batch size must be at least {least} for {cfg.task}, got {cfg.batch_size}"

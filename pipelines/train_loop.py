@@ -209,7 +209,7 @@ class _Worker:
                 f"{pairs} usable pairs are fewer than one global batch of {cfg.global_batch}: "
                 "lower --batch-size or --workers"
             )
-        total = cfg.epochs * per_epoch
+        total = cfg.steps or cfg.epochs * per_epoch
         return Schedule(
             steps_per_epoch=per_epoch,
             total=total,

@@ -47,7 +47,18 @@ def test_bootstrap_runs_every_stage_and_records_times(world, tmp_path, capsys):
     result = _bootstrap(
         world, tmp_path / "run", capsys, "--threshold", "0.0"
     )  # keep everything: D' not empty
-    stages = ["pretrain", "captioner", "filter", "capfilt", "pretrain_dprime", "eval_finetune", "evaluate"]
+    stages = [
+        "pretrain",
+        "captioner",
+        "filter",
+        "capfilt",
+        "capfilt/dprime",
+        "capfilt/pretrain",
+        "capfilt/filter",
+        "capfilt/captioner",
+        "capfilt/evaluate",
+        "evaluate_first_generation",
+    ]
     assert list(result["stages"]) == stages
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["results"]) == {"bootstrapped", "first_generation"}
@@ -57,11 +68,11 @@ def test_bootstrap_runs_every_stage_and_records_times(world, tmp_path, capsys):
     # every web key decided exactly once; with threshold 0 every web text and one synthetic caption is kept
     rows = [
         json.loads(line)
-        for line in (tmp_path / "run" / "dprime_capfilt" / "decisions.jsonl").read_text().splitlines()
+        for line in (tmp_path / "run" / "curation" / "decisions.jsonl").read_text().splitlines()
     ]
     web_keys = [s.key for s in iter_samples(world / "web")]
     assert sorted(r["key"] for r in rows) == sorted(web_keys)
-    dprime = list(iter_samples(tmp_path / "run" / "dprime_capfilt"))
+    dprime = list(iter_samples(tmp_path / "run" / "variant_capfilt" / "dprime"))
     origins = sorted(s.meta["origin"] for s in dprime)
     assert origins.count("synthetic") == len(web_keys)
     assert origins.count("web") == sum(1 for s in iter_samples(world / "web") if s.text.strip())
@@ -85,3 +96,83 @@ def test_bootstrap_names_a_folder_that_is_not_a_world(tmp_path, capsys):
     code = main(["bootstrap", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert code == 2
     assert "capfilt data synth" in capsys.readouterr().err
+
+
+ROW = {
+    "key": "k",
+    "status": "ok",
+    "web_text": "web words",
+    "web_itm": 0.7,
+    "synthetic": [
+        {"text": "s0", "itm": 0.4, "itc": 0.1},
+        {"text": "s1", "itm": 0.9, "itc": 0.2},
+        {"text": "s2", "itm": 0.8, "itc": 0.3},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("variant", "web_itm", "expected"),
+    [
+        ("none", 0.1, [("web", "web words")]),
+        ("filter", 0.7, [("web", "web words")]),
+        ("filter", 0.3, []),
+        ("captioner", 0.1, [("web", "web words"), ("synthetic", "s1")]),
+        ("capfilt", 0.7, [("web", "web words"), ("synthetic", "s1")]),
+        ("capfilt", 0.3, [("synthetic", "s1")]),
+        ("blip2", 0.7, [("synthetic", "s1"), ("synthetic", "s2")]),  # top two of web + synthetic by ITM
+        ("blip2", 0.95, [("web", "web words"), ("synthetic", "s1")]),
+    ],
+)
+def test_variant_texts_are_the_papers_rows(variant, web_itm, expected):
+    from capfilt.pipelines.bootstrap import variant_texts
+
+    row = {**ROW, "web_itm": web_itm}
+    assert sorted(variant_texts(row, variant, 0.5)) == sorted(expected)
+
+
+def test_ablation_runs_every_row_with_one_budget(world, tmp_path, capsys):
+    code = main(
+        [
+            "eval",
+            "ablation",
+            "--data",
+            str(world),
+            "--out",
+            str(tmp_path / "abl"),
+            "--size",
+            "tiny",
+            "--seeds",
+            "0",
+            "1",
+            "--pretrain-epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--num-captions",
+            "3",
+            "--max-steps",
+            "2",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert set(result["table"]) == {"none", "filter", "captioner", "capfilt", "blip2"}
+    for metrics in result["table"].values():
+        assert set(metrics) == {"R@1 (mean TR/IR)", "CIDEr-D", "attribute accuracy"}
+        assert all(len(v) == 2 for v in metrics.values())
+    for seed in ("0", "1"):
+        run = result["per_seed"][seed]
+        steps = {
+            json.loads(
+                (tmp_path / "abl" / f"seed_{seed}" / f"variant_{v}" / "pretrain" / "metrics.jsonl")
+                .read_text()
+                .splitlines()[-1]
+            )["step"]
+            for v in result["table"]
+        }
+        assert steps == {min(run["budget_steps"], 2)}  # the same budget for every row
+    assert "± " in (tmp_path / "abl" / "ablation.md").read_text()

@@ -137,3 +137,26 @@ def test_bad_arguments_name_the_input(world: Path, tmp_path: Path) -> None:
         train(TrainConfig(task="pretrain", batch_size=512, **base))
     with pytest.raises(CapfiltError, match="not found"):
         train(TrainConfig(task="pretrain", **{**base, "data": [str(world / "nope")]}))
+
+
+def test_a_step_budget_replaces_epochs(world: Path, pretrained: Path, tmp_path: Path) -> None:
+    """Ablation rows train on data of different sizes for the same number of steps: the
+    schedule spans the budget, not the epochs."""
+    cfg = TrainConfig(
+        task="captioner",
+        data=[str(world / "human")],
+        out=str(tmp_path / "cap"),
+        init=str(pretrained),
+        workers=0,
+        batch_size=4,
+        epochs=1,
+        steps=9,
+        log_every=1,
+        lr=1e-4,
+        min_lr=1e-6,
+        warmup_steps=0,
+    )
+    result = train(cfg)
+    rows = _metrics(tmp_path / "cap")
+    assert result.steps == 9 and [r["step"] for r in rows] == list(range(1, 10))
+    assert rows[-1]["lr"] < 0.1 * rows[0]["lr"]  # the cosine reached its end at the budget
