@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
 
+    from capfilt.pipelines.clean_cli import add_clean_parser
     from capfilt.pipelines.train_cli import add_train_parser
 
+    add_clean_parser(sub)
     add_train_parser(sub)
 
     p = sub.add_parser(
@@ -399,6 +401,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from capfilt.pipelines.clean_cli import run_clean
+
+    print(json.dumps(run_clean(args)))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from capfilt.pipelines.train_cli import run_train
 
@@ -495,6 +504,7 @@ COMMANDS = {
     "train": cmd_train,
     "bootstrap": cmd_bootstrap,
     "eval": cmd_eval,
+    "clean": cmd_clean,
 }
 
 

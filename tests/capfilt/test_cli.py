@@ -223,3 +223,13 @@ def test_data_synth_rejects_bad_noise(tmp_path, capsys):
     code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "w"), "--noise", "1.5")
     assert code == 2
     assert "--noise" in err
+
+
+def test_building_the_cli_does_not_import_torch():
+    """`capfilt --help` stays instant: commands import their heavy modules when they run."""
+    import subprocess
+    import sys
+
+    code = "import sys; from capfilt.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,401 @@
+"""`capfilt clean`: CapFilt over img2dataset shards on Ray Data, writing D', a ledger and stats.
+
+    summary = clean(CleanConfig(inputs=["world/web"], output="runs/clean",
+                                captioner="ckpt/captioner", filter="ckpt/filter"))
+
+Data flow (stages in `clean_stages`, outputs in `clean_output`):
+
+    input shards ─ read_shard (CPU) ─ decode_batch (CPU) ─ CaptionStage pool ─ FilterStage pool
+        ─ driver: rows grouped by shard; a shard complete → D' + ledger + stats + manifest line
+
+One Ray Data dataset covers every pending shard, so each actor loads its checkpoint once for the
+whole job; a shard is finished as soon as its last row arrives (the read stage tells how many to
+expect), which makes the shard the unit of resume while the job streams.
+
+Threshold: a text is kept when its ITM p(match) exceeds `threshold` (0.5, BLIP's). With
+`keep_fraction` the threshold depends on every score, so the job runs in two passes: the models
+score every shard (stashed in `scored/`), `threshold_for_keep_fraction` picks the threshold over
+the web and best synthetic scores, and `decide` is applied again to the stored scores (no model
+runs twice) before D' is written. A resumed keep-fraction job rescores only unstashed shards and
+reuses `threshold.json` once it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from capfilt.data import shard_paths
+from capfilt.decision import Rule, threshold_for_keep_fraction
+from capfilt.errors import CapfiltError
+from capfilt.inference import CAPFILT_SAMPLING
+from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
+from capfilt.model.generate import GenerationConfig
+
+from .clean_output import (
+    Shard,
+    prepare,
+    read_manifest,
+    read_stats,
+    write_human_shard,
+    write_json,
+    write_parquet,
+    write_web_shard,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, int], None]  # (shards_done, shards_total, samples_done)
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass
+class CleanConfig:
+    """One cleaning job. Paths are local (directories of `*.tar`, globs or tars)."""
+
+    inputs: list[str]  # img2dataset webdataset shards to clean (their parquet sidecars are read too)
+    output: str  # a new or empty directory, or the job's own with `resume`
+    captioner: str  # checkpoint that writes the synthetic captions
+    filter: str  # checkpoint that scores web and synthetic texts (ITM with [ENC])
+    human: list[str] | None = None  # human-annotated shards copied into D' as they are
+    threshold: float | None = None  # keep texts with p(match) above it; None: 0.5, or keep_fraction's
+    keep_fraction: float | None = None  # instead of threshold: keep this fraction of judged texts
+    num_captions: int = 1  # K nucleus samples per image; the best by ITM is judged
+    top_p: float = 0.9  # nucleus mass (BLIP's CapFilt: 0.9)
+    batch_size: int = 32  # images per model batch and per Ray Data batch
+    num_gpus: float = 0  # GPUs per model actor (fractions share a GPU)
+    captioner_actors: int = 1
+    filter_actors: int = 1
+    resume: bool = False  # continue a job in `output`: finished shards are skipped
+    seed: int = 0  # a sample's sampling seed comes from (seed, key)
+    ray_address: str | None = None  # default: the running Ray, RAY_ADDRESS, or a new local one
+
+    def validate(self) -> None:
+        """Raise CapfiltError naming the first bad option (paths are checked by `clean`)."""
+
+        def bad(option: str, why: str) -> CapfiltError:
+            return CapfiltError(f"--{option} {why}")
+
+        if not self.inputs:
+            raise bad("input", "is required: shard directories, tar files or glob patterns")
+        if not self.output:
+            raise bad("output", "is required: a new or empty directory")
+        if self.threshold is not None and self.keep_fraction is not None:
+            raise bad("keep-fraction", "and --threshold exclude each other: give one")
+        if self.threshold is not None and not (0.0 <= self.threshold <= 1.0):
+            raise bad("threshold", f"must be a probability in [0, 1]; got {self.threshold}")
+        if self.keep_fraction is not None and not (0.0 < self.keep_fraction <= 1.0):
+            raise bad("keep-fraction", f"must be in (0, 1]; got {self.keep_fraction}")
+        if self.num_captions < 1:
+            raise bad("num-captions", f"must be >= 1; got {self.num_captions}")
+        if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
+            raise bad("top-p", f"must be in (0, 1]; got {self.top_p}")
+        if self.batch_size < 1:
+            raise bad("batch-size", f"must be >= 1; got {self.batch_size}")
+        if not self.num_gpus >= 0:
+            raise bad("num-gpus", f"must be >= 0; got {self.num_gpus}")
+        for name in ("captioner_actors", "filter_actors"):
+            if getattr(self, name) < 1:
+                raise bad(name.replace("_", "-"), f"must be >= 1; got {getattr(self, name)}")
+
+    def generation(self) -> GenerationConfig:
+        """BLIP's CapFilt sampling with this job's K and top-p."""
+        return dataclasses.replace(
+            CAPFILT_SAMPLING, num_captions=self.num_captions, top_p=self.top_p, seed=self.seed
+        )
+
+
+@dataclass
+class CleanSummary:
+    """A finished job: totals over every shard in `output` (this run's and earlier ones)."""
+
+    output: Path
+    shards_total: int
+    shards_skipped: int  # finished by an earlier run
+    samples: int  # ledger rows (input samples) in all
+    status: dict[str, int]
+    reasons: dict[str, int]
+    web_kept: int
+    synthetic_kept: int
+    human_pairs: int
+    dprime_pairs: int
+    threshold: float
+    captioner_id: str
+    filter_id: str
+    run_samples: int  # samples scored by this run
+    wall_s: float
+    samples_per_s: float  # this run's samples over its wall time
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Model:
+    path: str
+    digest: str
+    image_size: int
+
+
+def _inspect(path: str, task: str, option: str) -> _Model:
+    """Load a checkpoint once here, so a wrong path or role fails before Ray starts."""
+    from capfilt.model.checkpoint import load_checkpoint
+
+    if not Path(path).exists():
+        raise CapfiltError(f"--{option} {path}: checkpoint not found")
+    try:
+        ckpt = load_checkpoint(path)
+        ckpt.require(task, path)
+    except ValueError as err:  # CheckpointError
+        raise CapfiltError(f"--{option} {path}: {err}") from err
+    return _Model(str(Path(path).resolve()), ckpt.digest, ckpt.config.vision.image_size)
+
+
+def _shards(paths: list[str], option: str, first_id: int, kind: str) -> list[Shard]:
+    try:
+        found = shard_paths(paths)
+    except CapfiltError as err:
+        raise CapfiltError(f"--{option}: {err}") from err
+    unique = list(dict.fromkeys(p.resolve() for p in found))  # a tar named twice is cleaned once
+    return [Shard(first_id + i, p, kind) for i, p in enumerate(unique)]
+
+
+def _score(
+    config: CleanConfig, shards: list[Shard], captioner: _Model, filt: _Model, threshold: float
+) -> Iterator[tuple[Shard, list[dict[str, Any]]]]:
+    """Run the Ray Data pipeline over `shards`; yields each shard with its ledger rows as soon
+    as its last row arrives (shards in completion order)."""
+    import ray
+
+    from .clean_stages import CaptionStage, FilterStage, decode_batch, read_shard
+
+    if not shards:
+        return
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    actors = config.captioner_actors + config.filter_actors
+    # Actors hold their CPUs for the whole job; on a small machine leave room for read and decode.
+    actor_cpus = 1.0 if config.num_gpus > 0 else max(0.25, min(1.0, cpus / (actors + 1)))
+    task_cpus = max(0.25, min(1.0, cpus - actor_cpus * actors))
+    device = "cuda" if config.num_gpus > 0 else "cpu"
+    model_args = dict(batch_size=config.batch_size, device=device, num_cpus=actor_cpus)
+    sizes = sorted({captioner.image_size, filt.image_size})
+    by_id = {s.id: s for s in shards}
+    ds = ray.data.from_items(
+        [{"shard_id": s.id, "path": str(s.path)} for s in shards], override_num_blocks=len(shards)
+    )
+    ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=task_cpus)
+    # Whole blocks (batch_size=None): Ray fuses read and decode into one task, and a batch size
+    # here would make that task bundle that many *shards*, reading the whole input in one task.
+    ds = ds.map_batches(
+        decode_batch, fn_kwargs={"sizes": sizes}, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus
+    )
+    ds = ds.map_batches(
+        CaptionStage,
+        fn_constructor_kwargs=dict(
+            checkpoint=captioner.path,
+            image_size=captioner.image_size,
+            generation=dataclasses.asdict(config.generation()),
+            seed=config.seed,
+            **model_args,
+        ),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        num_cpus=actor_cpus,
+        num_gpus=config.num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=config.captioner_actors),
+    )
+    ds = ds.map_batches(
+        FilterStage,
+        fn_constructor_kwargs=dict(
+            checkpoint=filt.path,
+            image_size=filt.image_size,
+            threshold=threshold,
+            seed=config.seed,
+            **model_args,
+        ),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        num_cpus=actor_cpus,
+        num_gpus=config.num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=config.filter_actors),
+    )
+    pending: dict[int, list[dict[str, Any]]] = {}
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in block.to_pylist():
+            shard_id, expected = row.pop("shard_id"), row.pop("shard_rows")
+            rows = pending.setdefault(shard_id, [])
+            rows.append(row)
+            if len(rows) == expected:
+                yield by_id[shard_id], pending.pop(shard_id)
+                by_id.pop(shard_id)
+    log.debug("Ray Data stats of the clean pipeline:\n%s", ds.stats())
+    assert not pending, f"shards ended incomplete: {sorted(pending)}"
+    for shard in by_id.values():  # a shard with no samples at all
+        yield shard, []
+
+
+def _job(
+    config: CleanConfig, web: list[Shard], human: list[Shard], cap: _Model, filt: _Model
+) -> dict[str, Any]:
+    """What decides the result; a resumed job must match it."""
+    return {
+        "inputs": [str(s.path) for s in web],
+        "human": [str(s.path) for s in human],
+        "threshold": config.threshold,
+        "keep_fraction": config.keep_fraction,
+        "num_captions": config.num_captions,
+        "top_p": config.top_p,
+        "seed": config.seed,
+        "captioner_id": cap.digest,
+        "filter_id": filt.digest,
+    }
+
+
+def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSummary:
+    """Clean `config.inputs` into `config.output`; see the module docstring."""
+    start = time.perf_counter()
+    config.validate()
+    web = _shards(config.inputs, "input", 0, "web")
+    human = _shards(config.human, "human", len(web), "human") if config.human else []
+    cap = _inspect(config.captioner, "caption", "captioner")
+    filt = _inspect(config.filter, "score", "filter")
+    out = Path(config.output)
+    done = prepare(out, _job(config, web, human, cap, filt), config.resume)
+    total = len(web) + len(human)
+    pending = [s for s in web if s.name not in done]
+    finished = read_manifest(out).values()
+    state = {"shards": len(done), "samples": sum(e["samples"] for e in finished if e["kind"] == "web")}
+    if done:
+        log.info("resuming in %s: %d of %d shards already finished", out, len(done), total)
+
+    def advance(shards: int, samples: int) -> None:
+        state["shards"] += shards
+        state["samples"] += samples
+        if progress is not None:
+            progress(state["shards"], total, state["samples"])
+
+    advance(0, 0)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=config.ray_address)
+    ray.data.DataContext.get_current().enable_progress_bars = progress is None
+    timings: dict[str, float] = {"prepare_s": time.perf_counter() - start}
+    run_samples = 0
+    try:
+        t0 = time.perf_counter()
+        if config.keep_fraction is None:
+            threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
+            for shard, rows in _score(config, pending, cap, filt, threshold):
+                timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
+                write_web_shard(out, shard, rows)
+                run_samples += len(rows)
+                advance(1, len(rows))
+        else:
+            threshold, run_samples = _keep_fraction(config, out, pending, cap, filt, advance)
+        timings["web_s"] = time.perf_counter() - t0
+        for shard in human:
+            if shard.name not in done:
+                write_human_shard(out, shard)
+                advance(1, 0)
+    finally:
+        if started:
+            ray.shutdown()
+    return _summary(out, web, human, len(done), threshold, cap, filt, run_samples, start, timings)
+
+
+def _keep_fraction(
+    config: CleanConfig,
+    out: Path,
+    pending: list[Shard],
+    cap: _Model,
+    filt: _Model,
+    advance: Callable[[int, int], None],
+) -> tuple[float, int]:
+    """Pass 1: score and stash every pending shard; pass 2: pick the threshold, decide, write."""
+    assert config.keep_fraction is not None
+    scored = out / "scored"
+    scored.mkdir(exist_ok=True)
+    to_score = [s for s in pending if not (scored / f"{s.name}.parquet").is_file()]
+    run_samples = 0
+    for shard, rows in _score(config, to_score, cap, filt, DEFAULT_THRESHOLD):
+        write_parquet(scored / f"{shard.name}.parquet", table(rows))
+        run_samples += len(rows)
+        advance(0, len(rows))
+    saved = out / "threshold.json"
+    if saved.is_file():  # a resumed job: shards already written used this one
+        threshold = float(json.loads(saved.read_text())["threshold"])
+    else:
+        stashed = [
+            r
+            for f in sorted(scored.glob("*.parquet"))
+            for r in pq.read_table(f, schema=LEDGER_SCHEMA).to_pylist()
+        ]
+        threshold = threshold_for_keep_fraction(judged_scores(stashed, Rule()), config.keep_fraction)
+        write_json(
+            saved, {"threshold": threshold, "keep_fraction": config.keep_fraction, "texts": len(stashed)}
+        )
+        log.info(
+            "keep fraction %.3f: threshold %.6f over %d samples",
+            config.keep_fraction,
+            threshold,
+            len(stashed),
+        )
+    rule = Rule(threshold=threshold)
+    for shard in pending:
+        rows = pq.read_table(scored / f"{shard.name}.parquet", schema=LEDGER_SCHEMA).to_pylist()
+        write_web_shard(out, shard, [redecide(r, rule) for r in rows])
+        advance(1, 0)
+    shutil.rmtree(scored)
+    return threshold, run_samples
+
+
+def _summary(
+    out: Path,
+    web: list[Shard],
+    human: list[Shard],
+    skipped: int,
+    threshold: float,
+    cap: _Model,
+    filt: _Model,
+    run_samples: int,
+    start: float,
+    timings: dict[str, float],
+) -> CleanSummary:
+    web_stats = read_stats(out, [s.name for s in web])
+    human_stats = read_stats(out, [s.name for s in human])
+    status: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for s in web_stats:
+        status.update(s["status"])
+        reasons.update(s["reasons"])
+    wall = time.perf_counter() - start
+    return CleanSummary(
+        output=out,
+        shards_total=len(web) + len(human),
+        shards_skipped=skipped,
+        samples=sum(s["samples"] for s in web_stats),
+        status=dict(sorted(status.items())),
+        reasons=dict(sorted(reasons.items())),
+        web_kept=sum(s["web_kept"] for s in web_stats),
+        synthetic_kept=sum(s["synthetic_kept"] for s in web_stats),
+        human_pairs=sum(s["dprime_pairs"] for s in human_stats),
+        dprime_pairs=sum(s["dprime_pairs"] for s in web_stats + human_stats),
+        threshold=threshold,
+        captioner_id=cap.digest,
+        filter_id=filt.digest,
+        run_samples=run_samples,
+        wall_s=wall,
+        samples_per_s=run_samples / wall if wall > 0 else 0.0,
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )

@@ -1,0 +1,138 @@
+"""`capfilt clean`: the command line of `pipelines.clean`.
+
+capfilt/cli.py wires it in with `add_clean_parser(sub)` and prints what `run_clean` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the job module imports torch and the models; `capfilt --help` must stay instant
+    from .clean import CleanConfig
+
+
+def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `clean` command to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "clean",
+        help="CapFilt img2dataset shards on Ray: D', a ledger of every decision, per-shard stats",
+        description=(
+            "Caption every image, score web and synthetic texts with the filter, keep those above the "
+            "threshold. Writes OUT/dprime (webdataset shards + parquet index), OUT/ledger (one row per "
+            "input sample), OUT/stats and OUT/manifest.jsonl. Rerun with --resume to skip finished shards."
+        ),
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="img2dataset webdataset shards: directories, tars or globs (parquet sidecars are read too)",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="a new or empty directory (or --resume)")
+    p.add_argument("--captioner", required=True, metavar="CKPT", help="captioner checkpoint")
+    p.add_argument("--filter", required=True, metavar="CKPT", help="filter checkpoint (ITM with [ENC])")
+    p.add_argument(
+        "--human", nargs="+", metavar="PATH", help="human-annotated shards to add to D' as they are"
+    )
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--threshold", type=float, default=None, help="keep texts with ITM p(match) above it (default: 0.5)"
+    )
+    keep.add_argument(
+        "--keep-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="instead of a threshold: keep this fraction of web and best synthetic texts (two passes)",
+    )
+    p.add_argument(
+        "--num-captions", type=int, default=1, metavar="K", help="nucleus samples per image (default: 1)"
+    )
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus probability mass (default: 0.9)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
+    p.add_argument(
+        "--num-gpus", type=float, default=0, help="GPUs per model actor, fractions allowed (default: 0)"
+    )
+    p.add_argument(
+        "--captioner-actors", type=int, default=1, metavar="N", help="captioner actors (default: 1)"
+    )
+    p.add_argument("--filter-actors", type=int, default=1, metavar="N", help="filter actors (default: 1)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the job in --output, skipping finished shards"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed; per sample from (seed, key) (default: 0)"
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CleanConfig:
+    from .clean import CleanConfig
+
+    return CleanConfig(
+        inputs=list(args.input),
+        output=args.output,
+        captioner=args.captioner,
+        filter=args.filter,
+        human=list(args.human) if args.human else None,
+        threshold=args.threshold,
+        keep_fraction=args.keep_fraction,
+        num_captions=args.num_captions,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        num_gpus=args.num_gpus,
+        captioner_actors=args.captioner_actors,
+        filter_actors=args.filter_actors,
+        resume=args.resume,
+        seed=args.seed,
+        ray_address=args.ray_address,
+    )
+
+
+def run_clean(args: argparse.Namespace) -> dict[str, Any]:
+    """Clean with a progress bar of shards and samples on stderr; returns the summary the CLI prints."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .clean import clean
+
+    config = config_from_args(args)
+    columns = (
+        TextColumn("clean shards"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[samples]} samples"),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("clean", total=None, samples=0)
+
+        def progress(shards_done: int, shards_total: int, samples_done: int) -> None:
+            bar.update(task, completed=shards_done, total=shards_total, samples=samples_done)
+
+        s = clean(config, progress)
+    out = s.output
+    return {
+        "output": str(out),
+        "dprime": str(out / "dprime"),
+        "ledger": str(out / "ledger"),
+        "manifest": str(out / "manifest.jsonl"),
+        "shards": s.shards_total,
+        "shards_skipped": s.shards_skipped,
+        "samples": s.samples,
+        "status": s.status,
+        "reasons": s.reasons,
+        "web_kept": s.web_kept,
+        "synthetic_kept": s.synthetic_kept,
+        "human_pairs": s.human_pairs,
+        "dprime_pairs": s.dprime_pairs,
+        "threshold": s.threshold,
+        "captioner_id": s.captioner_id,
+        "filter_id": s.filter_id,
+        "wall_s": round(s.wall_s, 3),
+        "samples_per_s": round(s.samples_per_s, 3),
+        "timings": s.timings,
+    }

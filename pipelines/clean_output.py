@@ -1,0 +1,263 @@
+"""What the clean job writes, one input shard at a time, and how it knows what is finished.
+
+Layout under the output directory (NNNNN = the shard id: web inputs first, then human ones):
+
+    job.json               the arguments that decide the result (a resume must match them)
+    dprime/NNNNN.tar       D' pairs in webdataset layout: {key}.jpg (the input's bytes), .txt, .json
+    dprime_index/NNNNN.parquet  the index of those pairs (`capfilt.ledger.DPRIME_INDEX_SCHEMA`); kept out
+                           of dprime/ so that `ray.data.read_webdataset(".../dprime")` reads only tars
+    ledger/NNNNN.parquet   one row per input sample (`capfilt.ledger.LEDGER_SCHEMA`); web shards only
+    stats/NNNNN.json       counts by status and reason, pairs kept
+    manifest.jsonl         one line per finished shard: the unit of resume
+    threshold.json         keep-fraction jobs: the threshold picked over every score
+    scored/NNNNN.parquet   keep-fraction jobs, while running: scored rows awaiting the threshold
+
+Every file is written as `name.tmp` and renamed when complete; a shard's manifest line is
+appended only after all of its files are renamed. A killed job leaves at most `.tmp` files
+(removed on resume) and files of a shard without a manifest line (rewritten on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from capfilt.errors import CapfiltError
+from capfilt.ledger import DPRIME_INDEX_SCHEMA, OK, kept_pairs, table
+
+from .clean_stages import TarSample, read_tar
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+JOB = "job.json"
+SUBDIRS = ("dprime", "dprime_index", "ledger", "stats")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input shard and the id of its outputs."""
+
+    id: int
+    path: Path
+    kind: str  # "web" (cleaned, with ledger rows) or "human" (copied into D')
+
+    @property
+    def name(self) -> str:
+        return f"{self.id:05d}"
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write to `path.tmp` with `write`; returns the temporary path (renamed later)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    return tmp
+
+
+def _commit(temps: Sequence[Path]) -> None:
+    for tmp in temps:
+        tmp.replace(tmp.with_name(tmp.name.removesuffix(".tmp")))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """A JSON file written whole or not at all."""
+    _commit([_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))])
+
+
+def write_parquet(path: Path, data: pa.Table) -> None:
+    """A parquet file written whole or not at all."""
+    _commit([_atomic(path, lambda p: pq.write_table(data, p))])
+
+
+def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
+    """Create or reopen the output directory; returns the names of finished shards.
+
+    Without `resume` the directory must be empty or absent. With it, `job.json` must match `job`
+    (a different threshold, seed or checkpoint would mix two results in one D')."""
+    if out.exists() and not out.is_dir():
+        raise CapfiltError(f"--output {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not resume:
+            raise CapfiltError(
+                f"--output {out} is not empty; pass --resume to continue the job there, or choose another directory"
+            )
+        if not (out / JOB).is_file():
+            raise CapfiltError(f"--output {out} holds files but no {JOB}: it is not a clean job's output")
+        saved = json.loads((out / JOB).read_text())
+        diff = [f"{k}: saved {saved.get(k)!r}, now {job[k]!r}" for k in job if saved.get(k) != job[k]]
+        if diff:
+            raise CapfiltError(
+                f"--resume in {out}: the job was started with other arguments ({'; '.join(diff)}); "
+                "rerun with the saved ones or choose another --output"
+            )
+    for sub in SUBDIRS:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for tmp in out.rglob("*.tmp"):  # half-written files of a killed run
+        log.info("removing unfinished %s", tmp)
+        tmp.unlink()
+    write_json(out / JOB, job)
+    return set(read_manifest(out))
+
+
+def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """Finished shards by name. A last line cut short by a kill is dropped from the file."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return {e["shard"]: e for e in entries}
+
+
+def _append_manifest(out: Path, entry: dict[str, Any]) -> None:
+    with open(out / MANIFEST, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tar(path: Path, records: list[dict[str, Any]]) -> None:
+    with wds.TarWriter(str(path), encoder=False, mtime=0.0, user="", group="") as sink:
+        for record in records:
+            sink.write(record)
+
+
+def _record(sample: TarSample, key: str, text: str, extra: dict[str, Any]) -> dict[str, Any]:
+    ext = sample.image_ext
+    assert ext is not None
+    meta = {**sample.meta, "key": key, "caption": text, "source_key": sample.key, **extra}
+    return {
+        "__key__": key,
+        ext: sample.files[ext],  # the input's bytes: never re-encoded
+        "txt": text.encode(),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def _finish(
+    out: Path,
+    shard: Shard,
+    records: list[dict[str, Any]],
+    index: list[dict[str, Any]],
+    ledger: pa.Table | None,
+    stats: dict[str, Any],
+) -> None:
+    """Write one shard's files under temporary names, rename them all, then add its manifest line."""
+    n = shard.name
+    temps = [
+        _atomic(out / "dprime" / f"{n}.tar", lambda p: _write_tar(p, records)),
+        _atomic(
+            out / "dprime_index" / f"{n}.parquet",
+            lambda p: pq.write_table(table(index, DPRIME_INDEX_SCHEMA), p),
+        ),
+        _atomic(
+            out / "stats" / f"{n}.json", lambda p: p.write_text(json.dumps(stats, indent=2, sort_keys=True))
+        ),
+    ]
+    if ledger is not None:
+        temps.append(_atomic(out / "ledger" / f"{n}.parquet", lambda p: pq.write_table(ledger, p)))
+    _commit(temps)
+    _append_manifest(
+        out,
+        {
+            "shard": n,
+            "kind": shard.kind,
+            "input": str(shard.path),
+            "samples": stats["samples"],
+            "dprime_pairs": len(records),
+        },
+    )
+
+
+def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """D' pairs, ledger and stats of one cleaned shard from its ledger rows; returns the stats.
+
+    Image bytes are copied from the input tar, which is read again here: they never travel
+    through the model stages."""
+    rows = sorted(rows, key=lambda r: r["key"])
+    samples = {s.key: s for s in read_tar(shard.path)[0]}
+    records, index = [], []
+    for row in rows:
+        for key, origin, text, itm in kept_pairs(row):
+            sample = samples.get(row["key"])
+            if sample is None or sample.image_ext is None:
+                raise CapfiltError(f"{shard.path} changed while the job ran: {row['key']} has no image now")
+            records.append(_record(sample, key, text, {"origin": origin, "itm": itm}))
+            index.append(
+                {
+                    "key": key,
+                    "source_key": row["key"],
+                    "origin": origin,
+                    "text": text,
+                    "itm": itm,
+                    "shard": str(shard.path),
+                }
+            )
+    stats = {
+        "shard": shard.name,
+        "kind": shard.kind,
+        "input": str(shard.path),
+        "samples": len(rows),
+        "ok": sum(r["status"] == OK for r in rows),
+        "status": dict(sorted(Counter(r["status"] for r in rows).items())),
+        "reasons": dict(sorted(Counter(r["reason"] for r in rows).items())),
+        "web_kept": sum(bool(r["web_kept"]) for r in rows),
+        "synthetic_kept": sum(len(r["synthetic_kept"]) for r in rows),
+        "dprime_pairs": len(records),
+        "threshold": rows[0]["threshold"] if rows else None,
+    }
+    _finish(out, shard, records, index, table(rows), stats)
+    return stats
+
+
+def write_human_shard(out: Path, shard: Shard) -> dict[str, Any]:
+    """Copy a human-annotated shard into D' (origin "human", key `{key}_h`); returns the stats."""
+    samples, error = read_tar(shard.path)
+    records, index = [], []
+    skipped = 0
+    for s in sorted(samples, key=lambda s: s.key):
+        text = s.text
+        if s.image_ext is None or text is None:
+            skipped += 1
+            continue
+        key = f"{s.key}_h"
+        records.append(_record(s, key, text, {"origin": "human", "itm": None}))
+        index.append(
+            {
+                "key": key,
+                "source_key": s.key,
+                "origin": "human",
+                "text": text,
+                "itm": None,
+                "shard": str(shard.path),
+            }
+        )
+    stats = {
+        "shard": shard.name,
+        "kind": shard.kind,
+        "input": str(shard.path),
+        "samples": len(samples),
+        "skipped": skipped,
+        "read_error": error,
+        "dprime_pairs": len(records),
+    }
+    _finish(out, shard, records, index, None, stats)
+    return stats
+
+
+def read_stats(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
+    """The stats files of the named shards."""
+    return [json.loads((out / "stats" / f"{n}.json").read_text()) for n in names]

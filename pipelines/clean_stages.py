@@ -1,0 +1,310 @@
+"""The clean job's Ray Data stages, along the data flow: read → decode → caption → filter.
+
+Each stage is a picklable callable over a pyarrow batch that returns a pyarrow batch with a
+status for every row; none raises for a bad sample. A row that is not "ok" (an img2dataset
+failure, an undecodable image) passes through the model stages untouched and comes out as a
+ledger row with its reason. Columns between stages:
+
+    read     key shard shard_id shard_rows status error_message url web_text image(bytes)
+    decode   ... image dropped, pixels_{S}: the decoded RGB image resized to S x S, raw uint8 bytes
+    caption  ... + candidates (list<string>), captioner_id
+    filter   the ledger's fields (`capfilt.ledger.LEDGER_SCHEMA`) + shard_id, shard_rows
+
+Images travel as raw resized pixels, not as PIL objects or re-encoded files: the model stages
+need no decoder, and the pixels equal what `Captioner`/`Filter` would compute from the file (PIL's
+resize to the size an image already has is a copy). D' is written from the input tar's original
+bytes, never from these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from capfilt.curate import caption_samples, score_and_decide
+from capfilt.data import IMAGE_EXTENSIONS, _split_name
+from capfilt.decision import Rule
+from capfilt.images import ImageError, open_image
+from capfilt.ledger import LEDGER_SCHEMA, MISSING_IMAGE, OK, failed_row, ok_row, table
+from capfilt.model.generate import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 256  # rows per block out of the read stage: bounded blocks for big shards
+READ_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("shard_id", pa.int64()),
+        ("shard_rows", pa.int64()),  # rows this shard yields in all: the driver knows when it is complete
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("url", pa.string()),
+        ("web_text", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+OUT_SCHEMA = LEDGER_SCHEMA.append(pa.field("shard_id", pa.int64())).append(pa.field("shard_rows", pa.int64()))
+
+
+@dataclass
+class TarSample:
+    """One key of an input tar: its members by extension."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def image_ext(self) -> str | None:
+        return next((e for e in IMAGE_EXTENSIONS if e in self.files), None)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        try:
+            loaded = json.loads(self.files.get("json", b"{}"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    @property
+    def text(self) -> str | None:
+        """The `.txt` member, else the .json's "caption" (webdataset / img2dataset convention)."""
+        if "txt" in self.files:
+            return self.files["txt"].decode("utf-8", errors="replace")
+        caption = self.meta.get("caption")
+        return caption if isinstance(caption, str) else None
+
+
+def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
+    """Members of a tar grouped by key (as `capfilt.data`: unsorted tars are fine), and the read
+    error that cut it short, if any: what was read before a truncation is kept."""
+    groups: dict[str, TarSample] = {}
+    error = None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if not ext or key.rpartition("/")[2].startswith("_"):
+                    continue
+                handle = tar.extractfile(member)
+                assert handle is not None
+                key = key.rpartition("/")[2]
+                groups.setdefault(key, TarSample(key)).files[ext] = handle.read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        error = f"cannot read shard {path}: {err}"
+        log.warning("%s; keeping the %d samples read before it", error, len(groups))
+    return list(groups.values()), error
+
+
+def read_sidecar(tar_path: str | Path) -> list[dict[str, Any]]:
+    """img2dataset's parquet beside the tar (`00000.parquet`): one row per url; [] when absent."""
+    path = Path(tar_path).with_suffix(".parquet")
+    if not path.is_file():
+        return []
+    try:
+        names = pq.read_schema(path).names
+        columns = [c for c in ("key", "status", "error_message", "caption", "url") if c in names]
+        return pq.read_table(path, columns=columns).to_pylist()
+    except (pa.ArrowException, OSError) as err:  # the tar's samples are still cleaned
+        log.warning("ignoring unreadable sidecar %s: %s", path, err)
+        return []
+
+
+def read_shard(batch: pa.Table) -> Iterator[pa.Table]:
+    """Stage 1 (CPU): one input shard (a row: shard_id, path) → one row per sample it accounts
+    for: the tar's samples, and the sidecar's failed or missing ones with img2dataset's status."""
+    for item in batch.to_pylist():
+        path, shard_id = item["path"], item["shard_id"]
+        samples, error = read_tar(path)
+        rows = []
+        seen = set()
+        for s in samples:
+            seen.add(s.key)
+            ext, url = s.image_ext, s.meta.get("url")
+            rows.append(
+                {
+                    "key": s.key,
+                    "status": OK if ext else MISSING_IMAGE,
+                    "error_message": None if ext else f"no image member for key {s.key} in {path}",
+                    "url": url if isinstance(url, str) else None,
+                    "web_text": s.text,
+                    "image": s.files[ext] if ext else None,
+                }
+            )
+        for side in read_sidecar(path):
+            key = side.get("key")
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            status = side.get("status") or MISSING_IMAGE
+            message = side.get("error_message")
+            if status == "success":  # listed as downloaded, but not in the tar
+                status, message = MISSING_IMAGE, error or f"key {key} is in the sidecar but not in {path}"
+            rows.append(
+                {
+                    "key": key,
+                    "status": status,
+                    "error_message": message,
+                    "url": side.get("url"),
+                    "web_text": side.get("caption"),
+                    "image": None,
+                }
+            )
+        for row in rows:
+            row.update(shard=str(path), shard_id=shard_id, shard_rows=len(rows))
+        for start in range(0, len(rows), READ_BATCH):
+            yield pa.Table.from_pylist(rows[start : start + READ_BATCH], schema=READ_SCHEMA)
+
+
+def decode_batch(batch: pa.Table, sizes: list[int]) -> pa.Table:
+    """Stage 2 (CPU): decode each ok row's image and resize it to every model size in `sizes`;
+    a bad image sets the row's status to the ImageError reason instead of raising."""
+    status = batch.column("status").to_pylist()
+    messages = batch.column("error_message").to_pylist()
+    pixels: dict[int, list[bytes | None]] = {s: [] for s in sizes}
+    for i, data in enumerate(batch.column("image").to_pylist()):
+        img = None
+        if status[i] == OK:
+            try:
+                img = open_image(data, name=batch.column("key")[i].as_py())
+            except ImageError as err:  # PIL names the BytesIO's address: drop it, ledgers are reproducible
+                status[i], messages[i] = err.reason, re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
+        for s in sizes:
+            resized = img.resize((s, s), Image.Resampling.BICUBIC) if img is not None else None
+            pixels[s].append(np.asarray(resized, dtype=np.uint8).tobytes() if resized is not None else None)
+    out = batch.drop_columns(["image", "status", "error_message"])
+    out = out.append_column("status", pa.array(status, pa.string()))
+    out = out.append_column("error_message", pa.array(messages, pa.string()))
+    for s in sizes:
+        out = out.append_column(f"pixels_{s}", pa.array(pixels[s], pa.binary()))
+    return out
+
+
+def _images(batch: pa.Table, size: int, rows: list[int]) -> list[Image.Image]:
+    column = batch.column(f"pixels_{size}")
+    return [
+        Image.fromarray(np.frombuffer(column[i].as_py(), np.uint8).reshape(size, size, 3), "RGB")
+        for i in rows
+    ]
+
+
+def _set_threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class CaptionStage:
+    """Stage 3 (actor pool): K nucleus samples per ok image with the captioner, seeded per key."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        image_size: int,
+        generation: dict[str, Any],
+        seed: int,
+        batch_size: int,
+        device: str,
+        num_cpus: float,
+    ) -> None:
+        from capfilt.inference import Captioner
+
+        _set_threads(num_cpus)
+        self.captioner = Captioner(checkpoint, device=device, batch_size=batch_size)
+        self.generation = GenerationConfig(**generation)
+        self.size, self.seed = image_size, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        status = batch.column("status").to_pylist()
+        ok = [i for i, s in enumerate(status) if s == OK]
+        candidates: list[list[str]] = [[] for _ in status]
+        if ok:
+            keys = [batch.column("key")[i].as_py() for i in ok]
+            images = _images(batch, self.size, ok)
+            for i, texts in zip(
+                ok, caption_samples(self.captioner, images, keys, self.generation, self.seed)
+            ):
+                candidates[i] = texts
+        out = batch.append_column("candidates", pa.array(candidates, pa.list_(pa.string())))
+        return out.append_column("captioner_id", pa.array([self.captioner.digest] * len(status), pa.string()))
+
+
+class FilterStage:
+    """Stage 4 (actor pool): ITM/ITC of the web text and every candidate with one image encoding,
+    the decision rule, and the ledger row of every sample (ok or not)."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        image_size: int,
+        threshold: float,
+        seed: int,
+        batch_size: int,
+        device: str,
+        num_cpus: float,
+    ) -> None:
+        from capfilt.inference import Filter
+
+        _set_threads(num_cpus)
+        self.filter = Filter(checkpoint, device=device, batch_size=batch_size)
+        self.rule = Rule(threshold=threshold)
+        self.size, self.seed = image_size, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = {
+            name: batch.column(name).to_pylist()
+            for name in batch.column_names
+            if not name.startswith("pixels_")
+        }
+        ok = [i for i, s in enumerate(cols["status"]) if s == OK]
+        common = {"threshold": self.rule.threshold, "filter_id": self.filter.digest, "seed": self.seed}
+        rows: list[dict[str, Any]] = []
+        for i, status in enumerate(cols["status"]):
+            if status != OK:
+                rows.append(
+                    failed_row(
+                        cols["key"][i],
+                        shard=cols["shard"][i],
+                        status=status,
+                        error_message=cols["error_message"][i],
+                        web_text=cols["web_text"][i],
+                        url=cols["url"][i],
+                        captioner_id=cols["captioner_id"][i],
+                        **common,
+                    )
+                )
+            else:
+                rows.append({})  # filled below, in the same order
+        if ok:
+            curated = score_and_decide(
+                self.filter,
+                _images(batch, self.size, ok),
+                [cols["key"][i] for i in ok],
+                [cols["web_text"][i] for i in ok],
+                [cols["candidates"][i] for i in ok],
+                self.rule,
+            )
+            for i, c in zip(ok, curated):
+                rows[i] = ok_row(
+                    c,
+                    shard=cols["shard"][i],
+                    url=cols["url"][i],
+                    captioner_id=cols["captioner_id"][i],
+                    **common,
+                )
+        for i, row in enumerate(rows):
+            row.update(shard_id=cols["shard_id"][i], shard_rows=cols["shard_rows"][i])
+        return table(rows, OUT_SCHEMA)

@@ -1,0 +1,361 @@
+"""The clean job end to end on a local Ray with tiny checkpoints: every input key in the ledger
+once, D' readable by webdataset and Ray Data with the input's bytes, the same results as
+`capfilt.curate` in-process, resume after SIGKILL, and option errors that name the option."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.data import iter_samples
+from capfilt.errors import CapfiltError
+from capfilt.ledger import read_ledger
+from capfilt.pipelines.clean import CleanConfig, CleanSummary, clean
+from capfilt.pipelines.clean_stages import read_tar
+from capfilt.world.writer import SIDECAR_SCHEMA, Sample, write_shard
+
+log = logging.getLogger(__name__)
+
+SEED = 7
+THRESHOLD = 0.0222  # the tiny random filter's p(match) lie in 0.020-0.023: keep about half
+FAILED_KEY = "000099990"  # in shard 0's sidecar only: img2dataset could not download it
+CORRUPT_KEY, EMPTY_KEY, NO_IMAGE_KEY = "000099991", "000099992", "000099993"
+
+
+@pytest.fixture(scope="module")
+def inputs(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The world's 40 web samples in 4 shards of 10, plus one sample of each kind of failure."""
+    out = tmp_path_factory.mktemp("clean_inputs")
+    web = list(iter_samples(world / "web"))
+    good = [Sample(s.key, s.image, s.text, s.meta["url"], s.meta["width"], s.meta["height"]) for s in web]
+    bad = {
+        1: Sample(CORRUPT_KEY, b"\xff\xd8\xff not a jpeg", "a red circle", "http://x/c.jpg", 32, 32),
+        3: Sample(EMPTY_KEY, b"", "a blue square", "http://x/e.jpg", 32, 32),
+    }
+    for i in range(4):
+        write_shard(out, i, good[10 * i : 10 * i + 10] + ([bad[i]] if i in bad else []))
+    sidecar = pq.read_table(out / "00000.parquet").to_pylist()
+    sidecar.append(
+        {
+            **sidecar[0],
+            "key": FAILED_KEY,
+            "status": "failed_to_download",
+            "error_message": "HTTP 404",
+            "sha256": None,
+        }
+    )
+    pq.write_table(pa.Table.from_pylist(sidecar, schema=SIDECAR_SCHEMA), out / "00000.parquet")
+    with tarfile.open(out / "00002.tar", "a") as tar:  # a key with a text but no image
+        info = tarfile.TarInfo(f"{NO_IMAGE_KEY}.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    return out
+
+
+def _config(inputs: Path, world: Path, out: Path, captioner: Path, filt: Path, **changes: Any) -> CleanConfig:
+    base: dict[str, Any] = dict(
+        inputs=[str(inputs)],
+        output=str(out),
+        captioner=str(captioner),
+        filter=str(filt),
+        human=[str(world / "human")],
+        num_captions=2,
+        batch_size=8,
+        seed=SEED,
+        threshold=THRESHOLD,
+    )
+    return CleanConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def whole(inputs, world, our_captioner_dir, our_filter_dir, tmp_path_factory, ray_cluster) -> CleanSummary:
+    """One uninterrupted job."""
+    out = tmp_path_factory.mktemp("clean") / "whole"
+    seen: list[tuple[int, int, int]] = []
+    summary = clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir), lambda *a: seen.append(a))
+    assert seen[0] == (0, 6, 0) and seen[-1] == (6, 6, 44)
+    log.info("clean: %.1f samples/s, %s", summary.samples_per_s, summary.timings)
+    return summary
+
+
+def _input_bytes(directory: Path) -> dict[str, bytes]:
+    """Image bytes by key of every tar in `directory` (web and human keys overlap: keep apart)."""
+    return {
+        s.key: s.files[s.image_ext] for t in directory.glob("*.tar") for s in read_tar(t)[0] if s.image_ext
+    }
+
+
+def _dprime(out: Path) -> dict[str, tuple[bytes, bytes, dict[str, Any]]]:
+    """D' read with webdataset: key -> (image bytes, text bytes, json)."""
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted((out / "dprime").glob("*.tar"))]
+    pairs = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert s["__key__"] not in pairs, f"{s['__key__']} twice in D'"
+        pairs[s["__key__"]] = (s["jpg"], s["txt"], json.loads(s["json"]))
+    return pairs
+
+
+def test_every_key_once_and_dprime_is_byte_identical(whole: CleanSummary, inputs: Path, world: Path) -> None:
+    ledger = read_ledger(whole.output).to_pylist()
+    keys = [r["key"] for r in ledger]
+    expected = {s.key for tar in inputs.glob("*.tar") for s in read_tar(tar)[0]} | {FAILED_KEY}
+    assert len(keys) == len(set(keys)) == len(expected) == 44 and set(keys) == expected
+    by_key = {r["key"]: r for r in ledger}
+    assert by_key[FAILED_KEY]["status"] == "failed_to_download"
+    assert (
+        by_key[FAILED_KEY]["error_message"] == "HTTP 404"
+        and by_key[FAILED_KEY]["reason"] == "failed_to_download"
+    )
+    assert by_key[CORRUPT_KEY]["status"] == "image_undecodable"
+    assert by_key[EMPTY_KEY]["status"] == "image_empty" and by_key[NO_IMAGE_KEY]["status"] == "missing_image"
+    assert whole.status == {
+        "failed_to_download": 1,
+        "image_empty": 1,
+        "image_undecodable": 1,
+        "missing_image": 1,
+        "ok": 40,
+    }
+    for row in ledger:
+        assert row["captioner_id"].startswith("sha256:") and row["filter_id"].startswith("sha256:")
+        if row["status"] == "ok":
+            assert len(row["synthetic"]) == 2
+            assert (row["web_itm"] is None) == (not (row["web_text"] or "").strip())  # empty texts: unscored
+    # D' = kept web ∪ kept synthetic ∪ human, each image byte-identical to its input.
+    pairs, web_bytes, human_bytes = _dprime(whole.output), _input_bytes(inputs), _input_bytes(world / "human")
+    index = pq.read_table(whole.output / "dprime_index").to_pylist()
+    assert {r["key"] for r in index} == set(pairs) and len(index) == whole.dprime_pairs
+    kept = {r["key"] for r in ledger if r["web_kept"]}
+    kept |= {f"{r['key']}_s{j}" for r in ledger for j in range(len(r["synthetic_kept"]))}
+    human = {f"{s.key}_h" for s in iter_samples(world / "human")}
+    assert set(pairs) == kept | human and whole.human_pairs == len(human) == 24
+    assert whole.web_kept + whole.synthetic_kept > 0, "nothing kept: the test would not see D' at all"
+    for key, (image, text, meta) in pairs.items():
+        origin = "human" if key.endswith("_h") else "synthetic" if "_s" in key else "web"
+        assert image == (human_bytes if origin == "human" else web_bytes)[meta["source_key"]]
+        assert meta["origin"] == origin and text.decode() == meta["caption"]
+        if origin != "human":
+            assert meta["itm"] > whole.threshold
+    # Ray Data reads the directory as it is.
+    import ray
+
+    rows = ray.data.read_webdataset(str(whole.output / "dprime"), decoder=None).take_all()
+    assert sorted(r["__key__"] for r in rows) == sorted(pairs)
+    assert all(bytes(r["jpg"]) == pairs[r["__key__"]][0] for r in rows)
+
+
+def _close(a: float | None, b: float | None, tol: float) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, abs_tol=tol))
+
+
+def test_ledger_matches_curate_in_process(whole, inputs, our_captioner_dir, our_filter_dir) -> None:
+    from capfilt.curate import curate
+    from capfilt.decision import Rule
+    from capfilt.images import open_image
+    from capfilt.inference import Captioner, Filter
+
+    ok = [s for s in iter_samples(inputs) if s.key not in (CORRUPT_KEY, EMPTY_KEY)]
+    config = _config(inputs, inputs, whole.output, our_captioner_dir, our_filter_dir)
+    curated = curate(
+        Captioner(our_captioner_dir),
+        Filter(our_filter_dir),
+        [open_image(s.image) for s in ok],
+        [s.key for s in ok],
+        [s.text for s in ok],
+        Rule(threshold=THRESHOLD),
+        config.generation(),
+        seed=SEED,
+    )
+    by_key = {r["key"]: r for r in read_ledger(whole.output).to_pylist()}
+    assert len(curated) == 40
+    for c in curated:
+        row = by_key[c.key]
+        assert row["reason"] == c.decision.reason and row["web_kept"] == c.decision.web_kept
+        assert row["synthetic_kept"] == [s.text for s in c.decision.synthetic_kept]
+        assert [s["text"] for s in row["synthetic"]] == [s.text for s in c.synthetic]
+        assert _close(row["web_itm"], c.web_itm, 1e-5) and _close(row["web_itc"], c.web_itc, 1e-5)
+        for got, want in zip(row["synthetic"], c.synthetic):
+            assert _close(got["itm"], want.itm, 1e-5) and _close(got["itc"], want.itc, 1e-5)
+
+
+KILLED_RUN = f"""
+import sys, time
+from capfilt.pipelines.clean import CleanConfig, clean
+inputs, world, out, captioner, filt, address = sys.argv[1:]
+def stall(done, total, samples):
+    if done >= 1:
+        time.sleep(120)  # killed here, between shards
+clean(CleanConfig(inputs=[inputs], output=out, captioner=captioner, filter=filt, human=[world + "/human"],
+                  num_captions=2, batch_size=8, seed={SEED}, threshold={THRESHOLD!r}, ray_address=address), stall)
+"""
+
+
+def _comparable(out: Path) -> tuple[list[dict[str, Any]], list[tuple[str, bytes, bytes, str, str]]]:
+    ledger = sorted(read_ledger(out).to_pylist(), key=lambda r: r["key"])
+    dprime = sorted((k, img, txt, m["origin"], m["source_key"]) for k, (img, txt, m) in _dprime(out).items())
+    return ledger, dprime
+
+
+def test_killed_job_resumes_to_the_same_result(
+    whole, inputs, world, our_captioner_dir, our_filter_dir, tmp_path
+):
+    import ray
+
+    out = tmp_path / "killed"
+    args = [str(inputs), str(world), str(out), str(our_captioner_dir), str(our_filter_dir)]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *args, ray.get_runtime_context().gcs_address])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "manifest.jsonl").is_file():
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    finished = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(finished) == 1
+    # What a kill can leave: temp files, a finished-looking file without a manifest line, a torn line.
+    (out / "dprime" / "00003.tar.tmp").write_bytes(b"half a tar")
+    (out / "ledger" / "00002.parquet").write_bytes(b"not parquet")
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"shard": "000')
+    resumed = clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir, resume=True))
+    assert resumed.shards_skipped == 1 and resumed.run_samples < 44
+    manifest = [json.loads(line)["shard"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(manifest) == [f"{i:05d}" for i in range(6)]
+    assert not list(out.rglob("*.tmp"))
+    ledger_a, dprime_a = _comparable(whole.output)
+    ledger_b, dprime_b = _comparable(out)
+    assert dprime_a == dprime_b
+    assert [r["key"] for r in ledger_a] == [r["key"] for r in ledger_b]
+    for a, b in zip(ledger_a, ledger_b):
+        assert _close(a["web_itm"], b["web_itm"], 1e-6) and _close(a["web_itc"], b["web_itc"], 1e-6)
+        same = (
+            "status",
+            "reason",
+            "web_kept",
+            "synthetic_kept",
+            "error_message",
+            "captioner_id",
+            "filter_id",
+        )
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}, a["key"]
+    # Finished: a rerun does nothing.
+    again = clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir, resume=True))
+    assert again.shards_skipped == 6 and again.run_samples == 0 and again.dprime_pairs == whole.dprime_pairs
+
+
+def test_keep_fraction_picks_the_threshold_over_all_scores(
+    inputs, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
+) -> None:
+    from capfilt.decision import Rule, Scored, decide, threshold_for_keep_fraction
+    from capfilt.ledger import judged_scores
+
+    out = tmp_path / "fraction"
+    two_shards = [str(inputs / "00000.tar"), str(inputs / "00001.tar")]
+    config = _config(inputs, inputs, out, our_captioner_dir, our_filter_dir, human=None, threshold=None)
+    summary = clean(dataclasses.replace(config, inputs=two_shards, keep_fraction=0.3))
+    rows = read_ledger(out).to_pylist()
+    judged = judged_scores(rows, Rule())
+    assert len(judged) >= 35  # 20 images: web texts (some empty) and best candidates
+    assert summary.threshold == threshold_for_keep_fraction(judged, 0.3) != 0.5
+    assert sum(s > summary.threshold for s in judged) == round(0.3 * len(judged))
+    for r in rows:  # the stored decision is the rule applied to the stored scores
+        assert r["threshold"] == summary.threshold
+        if r["status"] == "ok":
+            web = Scored(r["web_text"], r["web_itm"]) if r["web_itm"] is not None else None
+            d = decide(web, [Scored(c["text"], c["itm"]) for c in r["synthetic"]], Rule(summary.threshold))
+            assert (r["reason"], r["web_kept"]) == (d.reason, d.web_kept)
+            assert r["synthetic_kept"] == [s.text for s in d.synthetic_kept]
+    assert summary.dprime_pairs == summary.web_kept + summary.synthetic_kept > 0
+    assert (
+        not (out / "scored").exists()
+        and json.loads((out / "threshold.json").read_text())["keep_fraction"] == 0.3
+    )
+
+
+def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filter_dir, tmp_path) -> None:
+    def config(**changes: Any) -> CleanConfig:
+        return dataclasses.replace(
+            _config(inputs, world, tmp_path / "out", our_captioner_dir, our_filter_dir), **changes
+        )
+
+    with pytest.raises(CapfiltError, match=r"--threshold must be a probability in \[0, 1\]; got 1\.5"):
+        clean(config(threshold=1.5))
+    with pytest.raises(CapfiltError, match="--keep-fraction and --threshold exclude each other"):
+        clean(config(keep_fraction=0.5))
+    with pytest.raises(CapfiltError, match=r"--captioner .*nowhere: checkpoint not found"):
+        clean(config(captioner=str(tmp_path / "nowhere")))
+    with pytest.raises(CapfiltError, match=r"--captioner .*cannot write captions"):
+        clean(config(captioner=str(our_filter_dir)))
+    with pytest.raises(CapfiltError, match=r"--input: data path not found"):
+        clean(config(inputs=[str(tmp_path / "no_shards")]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "something").write_text("x")
+    with pytest.raises(CapfiltError, match=r"--output .* is not empty; pass --resume"):
+        clean(config())
+    with pytest.raises(CapfiltError, match=r"--num-captions must be >= 1"):
+        clean(config(num_captions=0))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from capfilt.pipelines.clean_cli import add_clean_parser
+
+    parser = argparse.ArgumentParser()
+    add_clean_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_reruns_a_finished_job_as_a_json_summary(whole, inputs, world, our_captioner_dir, our_filter_dir):
+    from capfilt.pipelines.clean_cli import run_clean
+
+    argv = [
+        "clean",
+        "--input",
+        str(inputs),
+        "--output",
+        str(whole.output),
+        "--captioner",
+        str(our_captioner_dir),
+    ]
+    argv += ["--filter", str(our_filter_dir), "--human", str(world / "human"), "--num-captions", "2"]
+    argv += ["--batch-size", "8", "--seed", str(SEED), "--threshold", str(THRESHOLD), "--resume"]
+    summary = json.loads(json.dumps(run_clean(_parser().parse_args(argv))))
+    assert summary["shards_skipped"] == summary["shards"] == 6 and summary["samples"] == 44
+    assert summary["dprime_pairs"] == whole.dprime_pairs and summary["status"] == whole.status
+    assert summary["ledger"] == str(whole.output / "ledger")
+
+
+def test_cli_flags_map_onto_the_config() -> None:
+    from capfilt.pipelines.clean_cli import config_from_args
+
+    parser = _parser()
+    argv = "clean --input a b --output o --captioner c --filter f --keep-fraction 0.3 --num-captions 4 "
+    argv += (
+        "--top-p 0.8 --batch-size 5 --num-gpus 0.5 --captioner-actors 2 --filter-actors 3 --resume --seed 9"
+    )
+    config = config_from_args(parser.parse_args(argv.split()))
+    assert config.inputs == ["a", "b"] and config.keep_fraction == 0.3 and config.threshold is None
+    assert (config.num_captions, config.top_p, config.batch_size, config.num_gpus) == (4, 0.8, 5, 0.5)
+    assert (config.captioner_actors, config.filter_actors, config.resume, config.seed) == (2, 3, True, 9)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv.split(), "--threshold", "0.5"])  # exclusive with --keep-fraction
