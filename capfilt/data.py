@@ -82,8 +82,9 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def _read_shard(path: Path) -> dict[str, dict[str, bytes]]:
-    """All members of a tar grouped by key, in order of each key's first member."""
+def read_tar(path: str | Path) -> tuple[dict[str, dict[str, bytes]], str | None]:
+    """All members of a tar grouped by key (unsorted tars are fine), in order of each key's first
+    member, and the error that cut the read short, if any: what was read before it is kept."""
     groups: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -97,7 +98,14 @@ def _read_shard(path: Path) -> dict[str, dict[str, bytes]]:
                 assert handle is not None
                 groups.setdefault(key, {})[ext] = handle.read()
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise CapfiltError(f"cannot read shard {path}: {err}") from err
+        return groups, f"cannot read shard {path}: {err}"
+    return groups, None
+
+
+def _read_shard(path: Path) -> dict[str, dict[str, bytes]]:
+    groups, error = read_tar(path)
+    if error:
+        raise CapfiltError(error)
     return groups
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from capfilt.curate import caption_samples, score_and_decide
-from capfilt.data import IMAGE_EXTENSIONS, _split_name
+from capfilt.data import IMAGE_EXTENSIONS
+from capfilt.data import read_tar as read_tar_groups
 from capfilt.decision import Rule
 from capfilt.images import ImageError, open_image
 from capfilt.ledger import LEDGER_SCHEMA, MISSING_IMAGE, OK, failed_row, ok_row, table
@@ -87,26 +87,16 @@ class TarSample:
 
 
 def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
-    """Members of a tar grouped by key (as `capfilt.data`: unsorted tars are fine), and the read
-    error that cut it short, if any: what was read before a truncation is kept."""
-    groups: dict[str, TarSample] = {}
-    error = None
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if not ext or key.rpartition("/")[2].startswith("_"):
-                    continue
-                handle = tar.extractfile(member)
-                assert handle is not None
-                key = key.rpartition("/")[2]
-                groups.setdefault(key, TarSample(key)).files[ext] = handle.read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        error = f"cannot read shard {path}: {err}"
+    """Members of a tar grouped by key (`capfilt.data.read_tar`), and the read error that cut it
+    short, if any: what was read before a truncation is kept."""
+    groups, error = read_tar_groups(path)
+    if error:
         log.warning("%s; keeping the %d samples read before it", error, len(groups))
-    return list(groups.values()), error
+    samples: dict[str, TarSample] = {}
+    for key, files in groups.items():
+        short = key.rpartition("/")[2]
+        samples.setdefault(short, TarSample(short)).files.update(files)
+    return list(samples.values()), error
 
 
 def read_sidecar(tar_path: str | Path) -> list[dict[str, Any]]:
