@@ -415,32 +415,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bootstrap(args: argparse.Namespace) -> int:
+def _bootstrap_config(args: argparse.Namespace) -> Any:  # -> BootstrapConfig
+    from capfilt.pipelines.bootstrap import BootstrapConfig
+
+    shared = (
+        "data",
+        "out",
+        "size",
+        "pretrain_epochs",
+        "finetune_epochs",
+        "batch_size",
+        "workers",
+        "num_captions",
+        "max_steps",
+    )
+    own = ("seed", "threshold", "variant")  # bootstrap only; the ablation sets them per row
+    return BootstrapConfig(**{k: getattr(args, k) for k in (*shared, *own) if hasattr(args, k)})
+
+
+def _with_stage_bar(label: str, total: int, run: Any) -> Any:
+    """Run `run(progress)` under a transient progress bar of named stages on stderr."""
     from rich.progress import Progress
 
-    from capfilt.pipelines.bootstrap import BootstrapConfig, run_bootstrap
-
-    cfg = BootstrapConfig(
-        data=args.data,
-        out=args.out,
-        size=args.size,
-        seed=args.seed,
-        pretrain_epochs=args.pretrain_epochs,
-        finetune_epochs=args.finetune_epochs,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        num_captions=args.num_captions,
-        threshold=args.threshold,
-        variant=args.variant,
-        max_steps=args.max_steps,
-    )
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("bootstrap", total=7)
+        task = bar.add_task(label, total=total)
 
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, description=f"bootstrap: {stage}")
+        def progress(stage: str, done: int, _total: int) -> None:
+            bar.update(task, completed=done, description=f"{label}: {stage}")
 
-        summary = run_bootstrap(cfg, progress)
+        return run(progress)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from capfilt.pipelines.bootstrap import run_bootstrap
+
+    cfg = _bootstrap_config(args)
+    summary = _with_stage_bar("bootstrap", 7, lambda progress: run_bootstrap(cfg, progress))
     Console(stderr=True).print(Path(args.out, "summary.md").read_text(), highlight=False)
     print(
         json.dumps(
@@ -469,28 +479,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _ablation(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
+    from capfilt.pipelines.bootstrap import run_ablation
 
-    from capfilt.pipelines.bootstrap import BootstrapConfig, run_ablation
-
-    cfg = BootstrapConfig(
-        data=args.data,
-        out=args.out,
-        size=args.size,
-        pretrain_epochs=args.pretrain_epochs,
-        finetune_epochs=args.finetune_epochs,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        num_captions=args.num_captions,
-        max_steps=args.max_steps,
-    )
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("ablation", total=len(args.seeds) * len(args.variants))
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, description=f"ablation: {stage}")
-
-        result = run_ablation(cfg, list(args.seeds), tuple(args.variants), progress)
+    cfg, seeds, variants = _bootstrap_config(args), list(args.seeds), tuple(args.variants)
+    total = len(seeds) * len(variants)
+    result = _with_stage_bar("ablation", total, lambda progress: run_ablation(cfg, seeds, variants, progress))
     Console(stderr=True).print(Path(args.out, "ablation.md").read_text(), highlight=False)
     print(json.dumps({"out": args.out, "table": result["table"]}))
     return 0
