@@ -28,6 +28,7 @@ from capfilt.model.med import MED
 from capfilt.text import pre_caption
 from capfilt.world import canonical_caption
 from capfilt.world.scene import sample_scene
+from tests.conftest import CORPUS
 
 # ----------------------------------------------------------------------------- tokenisation
 
@@ -241,15 +242,7 @@ def test_recall_at_k_rejects_bad_inputs():
 
 # ----------------------------------------------------------------------------- retrieval_scores
 
-TEXTS = [
-    "a red circle on a blue background",
-    "two green squares next to a yellow triangle",
-    "a picture of a small yellow triangle",
-    "three big purple stars in the corner",
-    "an orange ring above a white square",
-    "a black cat sleeping on a grey sofa",
-    "two dogs running on the beach at sunset",
-]
+TEXTS = CORPUS  # the sentences the shared tokenizer fixture was built from
 
 
 @pytest.fixture(scope="module")
