@@ -106,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
 
     from capfilt.pipelines.clean_cli import add_clean_parser
+    from capfilt.pipelines.demo_cli import add_demo_parser
+    from capfilt.pipelines.ingest_cli import add_ingest_parser
     from capfilt.pipelines.train_cli import add_train_parser
 
     add_clean_parser(sub)
+    add_demo_parser(sub)
+    add_ingest_parser(sub)
     add_train_parser(sub)
 
     p = sub.add_parser(
@@ -408,6 +412,18 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from capfilt.pipelines.demo_cli import run_demo_cli
+
+    return run_demo_cli(args)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from capfilt.pipelines.ingest_cli import run_ingest
+
+    return run_ingest(args)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from capfilt.pipelines.train_cli import run_train
 
@@ -495,6 +511,8 @@ COMMANDS = {
     "convert": cmd_convert,
     "data": cmd_data,
     "train": cmd_train,
+    "demo": cmd_demo,
+    "ingest": cmd_ingest,
     "bootstrap": cmd_bootstrap,
     "eval": cmd_eval,
     "clean": cmd_clean,

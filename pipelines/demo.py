@@ -1,0 +1,306 @@
+"""`capfilt demo`: the product on one machine, from nothing, in minutes.
+
+    world  ── the built-in web world (`capfilt data synth`, default arguments)
+    models ── a small MED pre-trained on web + human pairs, then a captioner (LM) and a filter
+              (ITC+ITM) fine-tuned from it on human pairs; cached by recipe and world, so a second
+              demo reuses them
+    clean  ── `capfilt clean` of the web split (+ human pairs into D') on a local Ray with the
+              dashboard up
+    report ── kept and rejected counts by reason, the filter's precision and recall against the
+              world's truth, pairs per second, where D', the ledger and the report are
+
+The recipe is short on purpose: it is the demo's budget on a 2-core laptop, not the paper's
+schedule (`capfilt bootstrap` runs that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capfilt.errors import CapfiltError
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[str], None]  # announces a step of the demo
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the demo's checkpoints are trained; its digest names the cache entry."""
+
+    size: str = "small"
+    batch_size: int = 32
+    pretrain_steps: int = 600
+    pretrain_lr: float = 5e-4
+    captioner_steps: int = 150
+    filter_steps: int = 250
+    finetune_lr: float = 2e-4
+    seed: int = 0
+
+    def digest(self, world: dict[str, Any]) -> str:
+        text = json.dumps({"recipe": dataclasses.asdict(self), "world": world}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    cache: str | None = None  # checkpoint cache; None: $CAPFILT_CACHE, else ~/.cache/capfilt
+    recipe: Recipe = field(default_factory=Recipe)
+    web: int = 4000  # the world (defaults of `capfilt data synth`)
+    human: int = 2000
+    test: int = 500
+    noise: float = 0.4
+    world_seed: int = 0
+    threshold: float = 0.5  # BLIP's
+    batch_size: int = 32  # images per model batch in the clean job
+    dashboard: bool = True
+
+    def cache_root(self) -> Path:
+        if self.cache:
+            return Path(self.cache)
+        return Path(os.environ.get("CAPFILT_CACHE") or Path.home() / ".cache" / "capfilt")
+
+
+@dataclass
+class DemoResult:
+    world: Path
+    checkpoints: dict[str, Path]
+    reused_checkpoints: bool
+    clean: dict[str, Any]  # the clean job's summary, as `capfilt clean --json` prints it
+    filter_quality: dict[str, Any]  # precision / recall / F1 of web-text rejections, by noise type
+    dashboard_url: str | None
+    stage_seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world": str(self.world),
+            "checkpoints": {k: str(v) for k, v in self.checkpoints.items()},
+            "reused_checkpoints": self.reused_checkpoints,
+            "clean": self.clean,
+            "filter_quality": self.filter_quality,
+            "dashboard_url": self.dashboard_url,
+            "stage_seconds": self.stage_seconds,
+        }
+
+
+def _world_args(cfg: DemoConfig) -> dict[str, Any]:
+    return {
+        "web": cfg.web,
+        "human": cfg.human,
+        "test": cfg.test,
+        "noise": cfg.noise,
+        "seed": cfg.world_seed,
+    }
+
+
+def build_world(cfg: DemoConfig) -> Path:
+    """The demo's world in OUT/world; an existing one made with the same arguments is kept."""
+    from capfilt.world import read_manifest, synthesize
+
+    path = Path(cfg.out) / "world"
+    args = _world_args(cfg)
+    if (path / "world.json").is_file():
+        saved = read_manifest(path).get("args", {})
+        if all(saved.get(k) == v for k, v in args.items()):
+            return path
+    synthesize(path, **args)
+    return path
+
+
+def train_checkpoints(cfg: DemoConfig, world: Path, step: Step) -> tuple[dict[str, Path], bool]:
+    """Pre-train, then fine-tune captioner and filter; returns their paths and whether all three
+    came from the cache. An interrupted training resumes from its last state."""
+    from .train import train
+    from .train_config import TrainConfig
+
+    r = cfg.recipe
+    root = cfg.cache_root() / "demo" / f"{r.size}-{r.digest(_world_args(cfg))}"
+    paths = {"pretrain": root / "pretrain", "captioner": root / "captioner", "filter": root / "filter"}
+    reused = all(_finished(p) for p in paths.values())
+    web, human = str(world / "web"), str(world / "human")
+    common = dict(
+        size=r.size, batch_size=r.batch_size, workers=0, seed=r.seed, checkpoint_every=100, log_every=10
+    )
+    plan = [
+        ("pretrain", "pretrain", [web, human], None, r.pretrain_steps, r.pretrain_lr),
+        ("captioner", "captioner", [human], paths["pretrain"], r.captioner_steps, r.finetune_lr),
+        ("filter", "filter", [human], paths["pretrain"], r.filter_steps, r.finetune_lr),
+    ]
+    for name, task, data, init, steps, lr in plan:
+        if _finished(paths[name]):
+            step(f"{name}: reusing {paths[name]}")
+            continue
+        step(f"{name}: training {steps} steps of batch {r.batch_size} ({r.size} MED) into {paths[name]}")
+        tc = TrainConfig(
+            task=task,
+            data=data,
+            out=str(paths[name]),
+            init=str(init) if init else None,
+            steps=steps,
+            lr=lr,
+            **common,
+        )
+        train(tc, _train_bar(name, steps))
+    return paths, reused
+
+
+def _finished(run: Path) -> bool:
+    """A training run that ended: its final checkpoint is there and no resumable state is left."""
+    return (run / "config.json").is_file() and not (run / "train_state").exists()
+
+
+def _train_bar(name: str, total: int) -> Callable[[int, int, dict[str, float]], None]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    task = bar.add_task(name, total=total, losses="")
+
+    def progress(step: int, steps: int, losses: dict[str, float]) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        text = " ".join(
+            f"{k.removesuffix('_loss')} {v:.3f}" for k, v in losses.items() if k.endswith("_loss")
+        )
+        bar.update(task, completed=step, total=steps, losses=text)
+        if step >= steps:
+            bar.stop()
+
+    return progress
+
+
+def start_ray(dashboard: bool) -> tuple[str | None, bool]:
+    """A local Ray for the demo (or the one already connected); returns the dashboard address
+    (None without one) and whether this call started Ray (then the demo shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return None, False
+    context = ray.init(
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    url = getattr(context, "dashboard_url", None)
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return url or None, True
+
+
+def filter_quality(world: Path, ledger_dir: Path) -> dict[str, Any]:
+    """Precision and recall of the job's web-text rejections against the world's truth."""
+    import pyarrow.parquet as pq
+
+    from capfilt.evaluation import filter_report
+
+    from .evaluate import read_truth
+
+    truth = list(read_truth(world / "truth.parquet", "web").values())
+    kept: dict[str, bool] = {}
+    for f in sorted(ledger_dir.glob("*.parquet")):
+        for row in pq.read_table(f, columns=["key", "web_kept"]).to_pylist():
+            kept[row["key"]] = bool(row["web_kept"])
+    report = filter_report(truth, kept, split="web")
+    return {**report.to_dict(), "markdown": report.to_markdown()}
+
+
+def run_demo(cfg: DemoConfig, step: Step | None = None) -> DemoResult:
+    """Everything `make demo` does; see the module docstring."""
+    from .clean import CleanConfig, clean
+
+    announce = step or (lambda message: log.info("%s", message))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    announce(f"world: the built-in web world in {out / 'world'}")
+    world = build_world(cfg)
+    seconds["world"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    checkpoints, reused = train_checkpoints(cfg, world, announce)
+    seconds["checkpoints"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    url, started = start_ray(cfg.dashboard)
+    if url:
+        announce(f"Ray dashboard: {url} (the clean job's stages are listed under Jobs and Data)")
+    seconds["ray_start"] = round(time.perf_counter() - t0, 1)
+
+    job_dir = out / "clean"
+    if job_dir.exists():  # the demo cleans afresh each time, to show the job's own speed
+        if not (job_dir / "job.json").is_file() and any(job_dir.iterdir()):
+            raise CapfiltError(f"{job_dir} exists and is not a clean job's output; move it away")
+        shutil.rmtree(job_dir)
+    t0 = time.perf_counter()
+    announce(f"clean: captioning and filtering {cfg.web} web pairs into {job_dir}")
+    try:
+        summary = clean(
+            CleanConfig(
+                inputs=[str(world / "web")],
+                output=str(job_dir),
+                captioner=str(checkpoints["captioner"]),
+                filter=str(checkpoints["filter"]),
+                human=[str(world / "human")],
+                threshold=cfg.threshold,
+                batch_size=cfg.batch_size,
+                seed=cfg.recipe.seed,
+            ),
+            _clean_bar(),
+        )
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    seconds["clean"] = round(time.perf_counter() - t0, 1)
+    quality = filter_quality(world, job_dir / "ledger")
+    return DemoResult(
+        world=world,
+        checkpoints={k: checkpoints[k] for k in ("captioner", "filter")},
+        reused_checkpoints=reused,
+        clean={**dataclasses.asdict(summary), "output": str(summary.output)},
+        filter_quality=quality,
+        dashboard_url=url,
+        stage_seconds=seconds,
+    )
+
+
+def _clean_bar() -> Callable[[int, int, int], None]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(
+        TextColumn("[bold]clean shards"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[n]} samples"),
+    )
+    task = bar.add_task("clean", total=None, n=0)
+
+    def progress(done: int, total: int, samples: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total, n=samples)
+        if done >= total:
+            bar.stop()
+
+    return progress
