@@ -1,4 +1,4 @@
-"""Image-text pairs from img2dataset webdataset shards, for training.
+"""Image-text pairs from img2dataset webdataset shards, for training; where input shards are.
 
 A shard is a tar holding, per sample, `{key}.jpg` (or png/webp), `{key}.txt` and `{key}.json`.
 `iter_samples` groups members by key itself, so an unsorted tar (members of one sample apart)
@@ -6,7 +6,8 @@ is read correctly instead of being split into broken samples. `PairDataset` load
 dataset into memory and expands it into (image, caption) pairs; `Collator` tokenises a batch.
 
 Training takes what it can use: a sample without an image or a text is skipped and counted in
-the log. The cleaning job does its own per-sample accounting and does not read through here.
+the log. The cleaning job does its own per-sample accounting and does not read through here; it
+finds its inputs with `input_files`, which also takes parquet image tables and fsspec URLs.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
+import fsspec
 import numpy as np
 import torch
+from fsspec.registry import known_implementations
 from PIL import Image
 
 from .errors import CapfiltError
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WEBDATASET, PARQUET = "webdataset", "parquet"  # the input formats of the cleaning job
 MAX_WORDS = 30  # BLIP's max_words for pre-training and caption fine-tuning
 PathsLike = str | Path | Sequence[str | Path]
 
@@ -75,6 +79,93 @@ def shard_paths(paths: PathsLike) -> list[Path]:
     return out
 
 
+def input_format(source: str) -> str:
+    """The input format of a shard: PARQUET (an image table) for a `.parquet` file, else WEBDATASET."""
+    return PARQUET if source.lower().endswith(".parquet") else WEBDATASET
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of a local path or URL and the path within it.
+
+    Raises CapfiltError naming the package to install when the protocol's is missing."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:  # fsspec's message names the package ("Install s3fs to access S3")
+        protocol = url.partition("://")[0]
+        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+        fix = f"pip install {package}" if package and package != "fsspec" else "install what it names"
+        raise CapfiltError(f"{url}: reading {protocol}:// needs a missing package ({err}): {fix}") from err
+    except ValueError as err:  # "Protocol not known: foo"
+        raise CapfiltError(f"{url}: {err}") from err
+
+
+def _source(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """How a found file is named from here on: local files by their resolved absolute path (the
+    same whether given as a path, a glob or a file:// URL), others by their full URL."""
+    if "file" in fs.protocol:
+        return str(Path(path).resolve())
+    return fs.unstrip_protocol(path)
+
+
+def _is_glob(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    if "http" in fs.protocol:  # a URL's "?" starts its query: only "*" makes an http glob
+        return "*" in path
+    return glob.has_magic(path)
+
+
+def input_files(entries: Sequence[str]) -> list[str]:
+    """Expand the cleaning job's inputs into shards: webdataset tars and parquet image tables.
+
+    An entry is a local path or fsspec URL (s3://, gs://, http(s)://, file://, ...) of a file, a
+    directory (its `*.tar`, or its `*.parquet` when it has no tar) or a glob (the tars and parquet
+    files it matches). A parquet beside a tar of the same stem is img2dataset's sidecar of that tar,
+    read with it, never an input. A file of another name is taken as a tar. Returns sources as
+    `_source` names them, in order. Raises CapfiltError naming an entry that yields no shard.
+    """
+    if not entries:
+        raise CapfiltError("no data given: pass shard directories, tar or parquet files, globs or URLs")
+    out: list[str] = []
+    for entry in entries:
+        fs, path = filesystem(str(entry))
+        try:
+            if _is_glob(fs, path):
+                matched = sorted(str(m) for m in fs.glob(path))
+                found = [m for m in matched if m.endswith(".tar")]
+                found += [m for m in matched if m.endswith(".parquet") and not _sidecar(fs, m, matched)]
+                found.sort()
+            elif path.endswith((".tar", ".parquet")) or not fs.isdir(path):
+                if not fs.exists(path):
+                    raise CapfiltError(f"data path not found: {entry}")
+                if path.endswith(".parquet") and _sidecar(fs, path, []):
+                    raise CapfiltError(
+                        f"{entry} is img2dataset's sidecar of {path.removesuffix('.parquet')}.tar, read "
+                        "with that tar: give the tar (or its directory) instead"
+                    )
+                found = [path]
+            else:
+                listed = sorted(str(f["name"]) for f in fs.ls(path, detail=True) if f["type"] == "file")
+                found = [f for f in listed if f.endswith(".tar")] or [
+                    f for f in listed if f.endswith(".parquet")
+                ]
+        except CapfiltError:
+            raise
+        except (OSError, ValueError) as err:  # the filesystem's own: permissions, network, bad URL
+            raise CapfiltError(f"cannot list or read {entry}: {err}") from err
+        if not found:
+            raise CapfiltError(
+                f"{entry} holds no .tar shards or parquet image tables (the sidecars of tars are read "
+                "with their tars)"
+            )
+        out.extend(_source(fs, f) for f in found)
+    return out
+
+
+def _sidecar(fs: fsspec.AbstractFileSystem, parquet: str, known: Sequence[str]) -> bool:
+    """Whether `parquet` sits beside a tar of the same stem (img2dataset's sidecar of that tar)."""
+    tar = parquet.removesuffix(".parquet") + ".tar"
+    return tar in known or fs.exists(tar)
+
+
 def _split_name(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is the path up to the first dot of the file name."""
     directory, _, base = name.rpartition("/")
@@ -82,12 +173,15 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def read_tar(path: str | Path) -> tuple[dict[str, dict[str, bytes]], str | None]:
+def read_tar(
+    path: str | Path, fileobj: IO[bytes] | None = None
+) -> tuple[dict[str, dict[str, bytes]], str | None]:
     """All members of a tar grouped by key (unsorted tars are fine), in order of each key's first
-    member, and the error that cut the read short, if any: what was read before it is kept."""
+    member, and the error that cut the read short, if any: what was read before it is kept.
+    `fileobj`: read the tar from this open (seekable) file instead, `path` only names it."""
     groups: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(None if fileobj else path, "r:*", fileobj=fileobj) as tar:
             for member in tar:
                 if not member.isfile():
                     continue

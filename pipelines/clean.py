@@ -1,7 +1,13 @@
-"""`capfilt clean`: CapFilt over img2dataset shards on Ray Data, writing D', a ledger and stats.
+"""`capfilt clean`: CapFilt over img2dataset shards or parquet image tables on Ray Data, writing D',
+a ledger and stats.
 
     summary = clean(CleanConfig(inputs=["world/web"], output="runs/clean",
                                 captioner="ckpt/captioner", filter="ckpt/filter"))
+
+Inputs are resolved once, before Ray starts (`capfilt.data.input_files`): local paths, globs and
+fsspec URLs of webdataset tars (with their img2dataset parquet sidecars) and of parquet image
+tables, whose columns are checked here too. Each becomes a `Shard` named by its source (the
+resolved local path or the URL): the ledger's `shard` column, the resume key in `job.json`.
 
 Data flow (stages in `clean_stages`, outputs in `clean_output`):
 
@@ -36,7 +42,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from capfilt.data import shard_paths
+from capfilt.data import PARQUET, input_files, input_format
 from capfilt.decision import Rule, threshold_for_keep_fraction
 from capfilt.errors import CapfiltError
 from capfilt.inference import CAPFILT_SAMPLING
@@ -53,6 +59,7 @@ from .clean_output import (
     write_parquet,
     write_web_shard,
 )
+from .clean_stages import image_table_columns
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +69,9 @@ DEFAULT_THRESHOLD = 0.5
 
 @dataclass
 class CleanConfig:
-    """One cleaning job. Paths are local (directories of `*.tar`, globs or tars)."""
+    """One cleaning job. Inputs are local paths or fsspec URLs: directories, globs, tars, parquet."""
 
-    inputs: list[str]  # img2dataset webdataset shards to clean (their parquet sidecars are read too)
+    inputs: list[str]  # webdataset tars (their img2dataset sidecars are read too) or parquet image tables
     output: str  # a new or empty directory, or the job's own with `resume`
     captioner: str  # checkpoint that writes the synthetic captions
     filter: str  # checkpoint that scores web and synthetic texts (ITM with [ENC])
@@ -88,7 +95,7 @@ class CleanConfig:
             return CapfiltError(f"--{option} {why}")
 
         if not self.inputs:
-            raise bad("input", "is required: shard directories, tar files or glob patterns")
+            raise bad("input", "is required: shard directories, tar or parquet files, globs or URLs")
         if not self.output:
             raise bad("output", "is required: a new or empty directory")
         if self.threshold is not None and self.keep_fraction is not None:
@@ -137,6 +144,7 @@ class CleanSummary:
     wall_s: float
     samples_per_s: float  # this run's samples over its wall time
     timings: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None  # report.html; None when it could not be written (the job's data stands)
 
 
 @dataclass(frozen=True)
@@ -160,13 +168,16 @@ def _inspect(path: str, task: str, option: str) -> _Model:
     return _Model(str(Path(path).resolve()), ckpt.digest, ckpt.config.vision.image_size)
 
 
-def _shards(paths: list[str], option: str, first_id: int, kind: str) -> list[Shard]:
+def _shards(entries: list[str], option: str, first_id: int, kind: str) -> list[Shard]:
+    """The input shards, each once; a parquet that is no image table fails here, before any work."""
     try:
-        found = shard_paths(paths)
+        sources = list(dict.fromkeys(input_files(entries)))  # a shard named twice is cleaned once
+        for source in sources:
+            if input_format(source) == PARQUET:
+                image_table_columns(source)
     except CapfiltError as err:
         raise CapfiltError(f"--{option}: {err}") from err
-    unique = list(dict.fromkeys(p.resolve() for p in found))  # a tar named twice is cleaned once
-    return [Shard(first_id + i, p, kind) for i, p in enumerate(unique)]
+    return [Shard(first_id + i, source, kind) for i, source in enumerate(sources)]
 
 
 def _score(
@@ -190,7 +201,7 @@ def _score(
     sizes = sorted({captioner.image_size, filt.image_size})
     by_id = {s.id: s for s in shards}
     ds = ray.data.from_items(
-        [{"shard_id": s.id, "path": str(s.path)} for s in shards], override_num_blocks=len(shards)
+        [{"shard_id": s.id, "source": s.source} for s in shards], override_num_blocks=len(shards)
     )
     ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=task_cpus)
     # Whole blocks (batch_size=None): Ray fuses read and decode into one task, and a batch size
@@ -248,8 +259,8 @@ def _job(
 ) -> dict[str, Any]:
     """What decides the result; a resumed job must match it."""
     return {
-        "inputs": [str(s.path) for s in web],
-        "human": [str(s.path) for s in human],
+        "inputs": [s.source for s in web],
+        "human": [s.source for s in human],
         "threshold": config.threshold,
         "keep_fraction": config.keep_fraction,
         "num_captions": config.num_captions,
@@ -311,7 +322,23 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     finally:
         if started:
             ray.shutdown()
-    return _summary(out, web, human, len(done), threshold, cap, filt, run_samples, start, timings)
+    summary = _summary(out, web, human, len(done), threshold, cap, filt, run_samples, start, timings)
+    return dataclasses.replace(summary, report=_report(out, summary.timings))
+
+
+def _report(out: Path, timings: dict[str, float]) -> Path | None:
+    """Write report.html from what the job wrote. The report is a view of the ledger: a failure
+    here is logged, not raised, so it never costs the user a finished job."""
+    from .clean_report import write_report
+
+    t0 = time.perf_counter()
+    try:
+        path = write_report(out)
+    except Exception as err:  # any bug in the view must not fail the job
+        log.warning("could not write %s: %s", out / "report.html", err)
+        return None
+    timings["report_s"] = round(time.perf_counter() - t0, 3)
+    return path
 
 
 def _keep_fraction(

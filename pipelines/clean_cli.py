@@ -16,11 +16,15 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `clean` command to an argparse subparsers object; returns its parser."""
     p = subparsers.add_parser(
         "clean",
-        help="CapFilt img2dataset shards on Ray: D', a ledger of every decision, per-shard stats",
+        help="CapFilt img2dataset shards or parquet image tables on Ray: D', a ledger, per-shard stats",
         description=(
             "Caption every image, score web and synthetic texts with the filter, keep those above the "
             "threshold. Writes OUT/dprime (webdataset shards + parquet index), OUT/ledger (one row per "
-            "input sample), OUT/stats and OUT/manifest.jsonl. Rerun with --resume to skip finished shards."
+            "input sample), OUT/stats and OUT/manifest.jsonl. Rerun with --resume to skip finished shards. "
+            "Inputs: webdataset tars (img2dataset's X.parquet beside X.tar is read as their sidecar) or parquet "
+            "image tables (image bytes in image/jpg/png/webp/image_bytes or a Hugging Face Image struct, or "
+            "a path in image_path/path/file relative to the table; text in caption/text/txt; optional key, "
+            "url, status, error_message); local paths, globs or fsspec URLs (s3://, gs://, http(s)://...)."
         ),
     )
     p.add_argument(
@@ -28,13 +32,17 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="img2dataset webdataset shards: directories, tars or globs (parquet sidecars are read too)",
+        help="tars or parquet image tables: directories (their tars, else their parquet), files, globs "
+        "or fsspec URLs",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="a new or empty directory (or --resume)")
     p.add_argument("--captioner", required=True, metavar="CKPT", help="captioner checkpoint")
     p.add_argument("--filter", required=True, metavar="CKPT", help="filter checkpoint (ITM with [ENC])")
     p.add_argument(
-        "--human", nargs="+", metavar="PATH", help="human-annotated shards to add to D' as they are"
+        "--human",
+        nargs="+",
+        metavar="PATH",
+        help="human-annotated shards (same kinds as --input) to add to D' as they are",
     )
     keep = p.add_mutually_exclusive_group()
     keep.add_argument(
@@ -120,6 +128,7 @@ def run_clean(args: argparse.Namespace) -> dict[str, Any]:
         "dprime": str(out / "dprime"),
         "ledger": str(out / "ledger"),
         "manifest": str(out / "manifest.jsonl"),
+        "report": str(s.report) if s.report else None,
         "shards": s.shards_total,
         "shards_skipped": s.shards_skipped,
         "samples": s.samples,

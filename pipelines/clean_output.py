@@ -3,7 +3,8 @@
 Layout under the output directory (NNNNN = the shard id: web inputs first, then human ones):
 
     job.json               the arguments that decide the result (a resume must match them)
-    dprime/NNNNN.tar       D' pairs in webdataset layout: {key}.jpg (the input's bytes), .txt, .json
+    dprime/NNNNN.tar       D' pairs in webdataset layout: {key}.jpg (the input's bytes: .png, .webp...
+                           when the input's are), .txt, .json (the input's .json or table row, + ours)
     dprime_index/NNNNN.parquet  the index of those pairs (`capfilt.ledger.DPRIME_INDEX_SCHEMA`); kept out
                            of dprime/ so that `ray.data.read_webdataset(".../dprime")` reads only tars
     ledger/NNNNN.parquet   one row per input sample (`capfilt.ledger.LEDGER_SCHEMA`); web shards only
@@ -35,7 +36,7 @@ import webdataset as wds
 from capfilt.errors import CapfiltError
 from capfilt.ledger import DPRIME_INDEX_SCHEMA, OK, kept_pairs, table
 
-from .clean_stages import TarSample, read_tar
+from .clean_stages import InputSample, read_input
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Shard:
     """One input shard and the id of its outputs."""
 
     id: int
-    path: Path
+    source: str  # a tar or parquet image table, as `capfilt.data.input_files` names it (path or URL)
     kind: str  # "web" (cleaned, with ledger rows) or "human" (copied into D')
 
     @property
@@ -135,13 +136,12 @@ def _write_tar(path: Path, records: list[dict[str, Any]]) -> None:
             sink.write(record)
 
 
-def _record(sample: TarSample, key: str, text: str, extra: dict[str, Any]) -> dict[str, Any]:
-    ext = sample.image_ext
-    assert ext is not None
+def _record(sample: InputSample, key: str, text: str, extra: dict[str, Any]) -> dict[str, Any]:
+    assert sample.image is not None
     meta = {**sample.meta, "key": key, "caption": text, "source_key": sample.key, **extra}
     return {
         "__key__": key,
-        ext: sample.files[ext],  # the input's bytes: never re-encoded
+        sample.ext: sample.image,  # the input's bytes: never re-encoded
         "txt": text.encode(),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
@@ -175,7 +175,7 @@ def _finish(
         {
             "shard": n,
             "kind": shard.kind,
-            "input": str(shard.path),
+            "input": shard.source,
             "samples": stats["samples"],
             "dprime_pairs": len(records),
         },
@@ -185,16 +185,19 @@ def _finish(
 def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """D' pairs, ledger and stats of one cleaned shard from its ledger rows; returns the stats.
 
-    Image bytes are copied from the input tar, which is read again here: they never travel
-    through the model stages."""
+    Image bytes are copied from the input, which is read again here (`read_input`, for the kept
+    samples only): they never travel through the model stages."""
     rows = sorted(rows, key=lambda r: r["key"])
-    samples = {s.key: s for s in read_tar(shard.path)[0]}
+    wanted = {r["key"] for r in rows if kept_pairs(r)}
+    samples: dict[str, InputSample] = {}
+    for s in read_input(shard.source, wanted)[0] if wanted else []:
+        samples.setdefault(s.key, s)  # a key repeated in a table: its first row is the scored one
     records, index = [], []
     for row in rows:
         for key, origin, text, itm in kept_pairs(row):
             sample = samples.get(row["key"])
-            if sample is None or sample.image_ext is None:
-                raise CapfiltError(f"{shard.path} changed while the job ran: {row['key']} has no image now")
+            if sample is None or sample.image is None:
+                raise CapfiltError(f"{shard.source} changed while the job ran: {row['key']} has no image now")
             records.append(_record(sample, key, text, {"origin": origin, "itm": itm}))
             index.append(
                 {
@@ -203,13 +206,13 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
                     "origin": origin,
                     "text": text,
                     "itm": itm,
-                    "shard": str(shard.path),
+                    "shard": shard.source,
                 }
             )
     stats = {
         "shard": shard.name,
         "kind": shard.kind,
-        "input": str(shard.path),
+        "input": shard.source,
         "samples": len(rows),
         "ok": sum(r["status"] == OK for r in rows),
         "status": dict(sorted(Counter(r["status"] for r in rows).items())),
@@ -225,12 +228,12 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
 
 def write_human_shard(out: Path, shard: Shard) -> dict[str, Any]:
     """Copy a human-annotated shard into D' (origin "human", key `{key}_h`); returns the stats."""
-    samples, error = read_tar(shard.path)
+    samples, error = read_input(shard.source)
     records, index = [], []
     skipped = 0
     for s in sorted(samples, key=lambda s: s.key):
         text = s.text
-        if s.image_ext is None or text is None:
+        if s.status != OK or s.image is None or text is None:
             skipped += 1
             continue
         key = f"{s.key}_h"
@@ -242,13 +245,13 @@ def write_human_shard(out: Path, shard: Shard) -> dict[str, Any]:
                 "origin": "human",
                 "text": text,
                 "itm": None,
-                "shard": str(shard.path),
+                "shard": shard.source,
             }
         )
     stats = {
         "shard": shard.name,
         "kind": shard.kind,
-        "input": str(shard.path),
+        "input": shard.source,
         "samples": len(samples),
         "skipped": skipped,
         "read_error": error,

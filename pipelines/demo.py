@@ -127,7 +127,8 @@ def train_checkpoints(cfg: DemoConfig, world: Path, step: Step) -> tuple[dict[st
     r = cfg.recipe
     root = cfg.cache_root() / "demo" / f"{r.size}-{r.digest(_world_args(cfg))}"
     paths = {"pretrain": root / "pretrain", "captioner": root / "captioner", "filter": root / "filter"}
-    reused = all(_finished(p) for p in paths.values())
+    budget = {"pretrain": r.pretrain_steps, "captioner": r.captioner_steps, "filter": r.filter_steps}
+    reused = all(_finished(paths[k], budget[k]) for k in paths)
     web, human = str(world / "web"), str(world / "human")
     common = dict(
         size=r.size, batch_size=r.batch_size, workers=0, seed=r.seed, checkpoint_every=100, log_every=10
@@ -138,7 +139,7 @@ def train_checkpoints(cfg: DemoConfig, world: Path, step: Step) -> tuple[dict[st
         ("filter", "filter", [human], paths["pretrain"], r.filter_steps, r.finetune_lr),
     ]
     for name, task, data, init, steps, lr in plan:
-        if _finished(paths[name]):
+        if _finished(paths[name], steps):
             step(f"{name}: reusing {paths[name]}")
             continue
         step(f"{name}: training {steps} steps of batch {r.batch_size} ({r.size} MED) into {paths[name]}")
@@ -155,9 +156,17 @@ def train_checkpoints(cfg: DemoConfig, world: Path, step: Step) -> tuple[dict[st
     return paths, reused
 
 
-def _finished(run: Path) -> bool:
-    """A training run that ended: its final checkpoint is there and no resumable state is left."""
-    return (run / "config.json").is_file() and not (run / "train_state").exists()
+def _finished(run: Path, steps: int) -> bool:
+    """A training run that reached `steps`: its checkpoint is whole (config.json is written last)
+    and its last metrics line is that step."""
+    metrics = run / "metrics.jsonl"
+    if not ((run / "config.json").is_file() and metrics.is_file()):
+        return False
+    lines = metrics.read_text().splitlines()
+    try:
+        return bool(lines) and int(json.loads(lines[-1])["step"]) >= steps
+    except (ValueError, KeyError):
+        return False
 
 
 def _train_bar(name: str, total: int) -> Callable[[int, int, dict[str, float]], None]:
@@ -278,7 +287,7 @@ def run_demo(cfg: DemoConfig, step: Step | None = None) -> DemoResult:
         world=world,
         checkpoints={k: checkpoints[k] for k in ("captioner", "filter")},
         reused_checkpoints=reused,
-        clean={**dataclasses.asdict(summary), "output": str(summary.output)},
+        clean=json.loads(json.dumps(dataclasses.asdict(summary), default=str)),  # paths as text
         filter_quality=quality,
         dashboard_url=url,
         stage_seconds=seconds,

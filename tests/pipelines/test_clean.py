@@ -359,3 +359,12 @@ def test_cli_flags_map_onto_the_config() -> None:
     assert (config.captioner_actors, config.filter_actors, config.resume, config.seed) == (2, 3, True, 9)
     with pytest.raises(SystemExit):
         parser.parse_args([*argv.split(), "--threshold", "0.5"])  # exclusive with --keep-fraction
+
+
+def test_the_job_writes_its_report(whole: CleanSummary) -> None:
+    assert whole.report == whole.output / "report.html" and whole.report.is_file()
+    page = whole.report.read_text()
+    ledger = read_ledger(whole.output)
+    assert f"<td class=\"n\">{ledger.num_rows}</td>" in page or str(ledger.num_rows) in page
+    assert page.count("<svg") >= 3 and "data:image/jpeg;base64," in page  # histograms, keep rate, gallery
+    assert "report_s" in whole.timings

@@ -1,0 +1,329 @@
+"""The clean job's inputs beyond local tars: parquet image tables (image bytes or image paths),
+fsspec URLs (file://, http:// from a local server) and globs; what is refused before any work."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import math
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capfilt.data import Sample as WebSample
+from capfilt.data import iter_samples
+from capfilt.errors import CapfiltError
+from capfilt.ledger import read_ledger
+from capfilt.pipelines.clean import CleanConfig, clean
+from capfilt.pipelines.clean_stages import original_images, read_input
+from capfilt.world.writer import SIDECAR_SCHEMA, Sample, write_shard
+
+SEED = 7
+THRESHOLD = 0.0222  # as test_clean: the tiny random filter's p(match) lie in 0.020-0.023
+FAILED_KEY = "000099990"
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static server that answers Range requests, as object stores and web servers do: fsspec
+    reads a tar and a parquet footer by ranges."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def send_head(self) -> io.BytesIO | None:  # type: ignore[override]
+        spec = self.headers.get("Range")
+        if not spec:
+            return super().send_head()  # type: ignore[return-value]
+        try:
+            data = Path(self.translate_path(self.path)).read_bytes()
+        except OSError:
+            self.send_error(404)
+            return None
+        first, _, last = spec.removeprefix("bytes=").partition("-")
+        start = int(first) if first else len(data) - int(last)
+        end = min(int(last) if first and last else len(data) - 1, len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        return io.BytesIO(data[start : end + 1])
+
+
+@pytest.fixture(scope="module")
+def web(world: Path) -> list[WebSample]:
+    return list(iter_samples(world / "web"))
+
+
+@pytest.fixture(scope="module")
+def tar_dir(web: list[WebSample], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One img2dataset shard of 8 samples whose sidecar also lists a failed download."""
+    out = tmp_path_factory.mktemp("tar_input")
+    write_shard(out, 0, [Sample(s.key, s.image, s.text, s.meta["url"], 32, 32) for s in web[:8]])
+    sidecar = pq.read_table(out / "00000.parquet").to_pylist()
+    failed = {**sidecar[0], "key": FAILED_KEY, "status": "failed_to_download", "error_message": "HTTP 404"}
+    pq.write_table(pa.Table.from_pylist([*sidecar, failed], schema=SIDECAR_SCHEMA), out / "00000.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tables(web: list[WebSample], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with no tar and two image tables:
+
+    bytes.parquet   img2dataset's parquet output: key, jpg, caption, url, status, error_message;
+                    6 images, a failed download (jpg null), a row without key (gets a derived key)
+    paths.parquet   image_path (relative to the table) and text, no key: 5 files, one path missing
+    """
+    out = tmp_path_factory.mktemp("tables")
+    rows: list[dict[str, Any]] = [
+        {"key": s.key, "jpg": s.image, "caption": s.text, "url": s.meta["url"], "status": "success"}
+        for s in web[:6]
+    ]
+    rows.append({"key": FAILED_KEY, "jpg": None, "caption": "gone", "status": "failed_to_download"})
+    rows[-1]["error_message"] = "HTTP 404"
+    rows.append({"key": None, "jpg": web[6].image, "caption": web[6].text, "status": "success"})
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("jpg", pa.binary()),
+            ("caption", pa.string()),
+            ("url", pa.string()),
+            ("status", pa.string()),
+            ("error_message", pa.string()),
+        ]
+    )
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "bytes.parquet")
+    (out / "images").mkdir()
+    paths = []
+    for s in web[10:15]:
+        (out / "images" / f"{s.key}.jpg").write_bytes(s.image)
+        paths.append({"image_path": f"images/{s.key}.jpg", "text": s.text})
+    paths.insert(2, {"image_path": "images/gone.jpg", "text": "a file nobody kept"})
+    pq.write_table(pa.Table.from_pylist(paths), out / "paths.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tar_dir: Path, tables: Path) -> Iterator[str]:
+    """http://127.0.0.1:PORT serving tar_dir's parent (both fixtures' directories sit there)."""
+    assert tar_dir.parent == tables.parent
+    handler = functools.partial(_RangeHandler, directory=str(tar_dir.parent))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    thread.join()
+
+
+def _config(inputs: list[str], out: Path, captioner: Path, filt: Path, **changes: Any) -> CleanConfig:
+    base: dict[str, Any] = dict(num_captions=1, batch_size=8, seed=SEED, threshold=THRESHOLD)
+    return CleanConfig(inputs, str(out), str(captioner), str(filt), **{**base, **changes})
+
+
+def _dprime(out: Path) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """D' read with webdataset: key -> (jpg bytes, json)."""
+    import json
+
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted((out / "dprime").glob("*.tar"))]
+    pairs = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert s["__key__"] not in pairs
+        pairs[s["__key__"]] = (s["jpg"], json.loads(s["json"]))
+    return pairs
+
+
+def test_image_tables_with_bytes_or_paths_are_cleaned_with_their_original_bytes(
+    tables: Path, web: list[WebSample], our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
+) -> None:
+    human = [str(tables / "paths.parquet")]  # a table as human data too: its pairs go to D' as they are
+    summary = clean(_config([str(tables)], tmp_path / "out", our_captioner_dir, our_filter_dir, human=human))
+    ledger = read_ledger(summary.output).to_pylist()
+    by_key = {r["key"]: r for r in ledger}
+    derived = {"bytes_000000007"} | {f"paths_{i:09d}" for i in range(6)}
+    assert (
+        len(ledger) == len(by_key) == 14 and set(by_key) == {s.key for s in web[:6]} | {FAILED_KEY} | derived
+    )
+    bytes_table, paths_table = (
+        str((tables / "bytes.parquet").resolve()),
+        str((tables / "paths.parquet").resolve()),
+    )
+    assert {r["shard"] for r in ledger} == {bytes_table, paths_table}
+    assert (
+        by_key[FAILED_KEY]["status"] == "failed_to_download"
+        and by_key[FAILED_KEY]["error_message"] == "HTTP 404"
+    )
+    gone = by_key["paths_000000002"]
+    assert gone["status"] == "missing_image" and gone["shard"] == paths_table
+    assert "image file not found" in gone["error_message"] and "images/gone.jpg" in gone["error_message"]
+    assert summary.status == {"failed_to_download": 1, "missing_image": 1, "ok": 12}
+    assert (
+        by_key["paths_000000000"]["web_text"] == web[10].text
+        and by_key[web[0].key]["url"] == web[0].meta["url"]
+    )
+    # D': every kept pair's image is the input's bytes, from the bytes column or the named file.
+    inputs = {s.key: s.image for s in web[:6]} | {"bytes_000000007": web[6].image}
+    inputs |= {f"paths_{i:09d}": s.image for i, s in zip((0, 1, 3, 4, 5), web[10:15])}
+    pairs = _dprime(summary.output)
+    assert summary.web_kept + summary.synthetic_kept + summary.human_pairs == len(pairs)
+    assert summary.web_kept + summary.synthetic_kept > 0 and summary.human_pairs == 5
+    for key, (image, meta) in pairs.items():
+        assert image == inputs[meta["source_key"]]
+        if meta["origin"] == "human":
+            assert key == f"{meta['source_key']}_h" and meta["itm"] is None
+        else:
+            assert meta["itm"] > THRESHOLD
+    assert {meta["source_key"] for _, meta in pairs.values()} <= {
+        k for k, r in by_key.items() if r["status"] == "ok"
+    }
+    index = pq.read_table(summary.output / "dprime_index").to_pylist()
+    assert {r["shard"] for r in index} <= {bytes_table, paths_table}
+
+
+def _comparable(out: Path) -> list[dict[str, Any]]:
+    return sorted(read_ledger(out).to_pylist(), key=lambda r: r["key"])
+
+
+def _same_rows(a: list[dict[str, Any]], b: list[dict[str, Any]], ignore: tuple[str, ...] = ()) -> None:
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    floats = ("web_itm", "web_itc")
+    for x, y in zip(a, b):
+        for f in floats:
+            assert (x[f] is None and y[f] is None) or math.isclose(x[f], y[f], abs_tol=1e-6), x["key"]
+        skip = {*floats, "synthetic", *ignore}
+        assert {k: v for k, v in x.items() if k not in skip} == {k: v for k, v in y.items() if k not in skip}
+        assert [c["text"] for c in x["synthetic"]] == [c["text"] for c in y["synthetic"]]
+
+
+def test_tar_through_file_url_glob_and_http_gives_the_local_ledger(
+    tar_dir: Path, server: str, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
+) -> None:
+    tar = tar_dir / "00000.tar"
+    local = clean(_config([str(tar)], tmp_path / "local", our_captioner_dir, our_filter_dir))
+    rows = _comparable(local.output)
+    assert len(rows) == 9 and {r["shard"] for r in rows} == {str(tar.resolve())}
+    assert next(r for r in rows if r["key"] == FAILED_KEY)["status"] == "failed_to_download"
+    # A file:// URL and a glob name the very same shard: the finished job resumes with nothing left
+    # to do (its job.json matches), so their ledger is the local one itself.
+    for entry in (tar.resolve().as_uri(), str(tar_dir / "0000?.tar")):
+        again = clean(_config([entry], tmp_path / "local", our_captioner_dir, our_filter_dir, resume=True))
+        assert again.shards_skipped == 1 and again.run_samples == 0 and again.samples == 9
+    assert _comparable(local.output) == rows
+    # Over http, tar and sidecar are read by fsspec; the ledger names the URL.
+    tar_url = f"{server}/{tar_dir.name}/00000.tar"
+    remote = clean(_config([tar_url], tmp_path / "http", our_captioner_dir, our_filter_dir))
+    remote_rows = _comparable(remote.output)
+    _same_rows(rows, remote_rows, ignore=("shard",))
+    assert {r["shard"] for r in remote_rows} == {tar_url}
+
+    def pairs(out: Path) -> dict[str, tuple[bytes, dict[str, Any]]]:
+        return {
+            k: (img, {f: v for f, v in meta.items() if f != "itm"}) for k, (img, meta) in _dprime(out).items()
+        }
+
+    assert remote.dprime_pairs == local.dprime_pairs and pairs(remote.output) == pairs(local.output)
+
+
+def test_inputs_resolve_the_same_through_paths_urls_and_globs(
+    tar_dir: Path, tables: Path, server: str
+) -> None:
+    from capfilt.data import input_files
+
+    tar = str((tar_dir / "00000.tar").resolve())
+    assert (
+        input_files([str(tar_dir)]) == input_files([str(tar_dir / "*")]) == [tar]
+    )  # the sidecar is no input
+    assert input_files([Path(tar).as_uri()]) == input_files([str(tar_dir / "0000?.tar")]) == [tar]
+    assert input_files([str(tables)]) == [
+        str((tables / n).resolve()) for n in ("bytes.parquet", "paths.parquet")
+    ]
+    assert input_files([f"{server}/{tables.name}/paths.parquet"]) == [f"{server}/{tables.name}/paths.parquet"]
+    with pytest.raises(CapfiltError, match=r"00000\.parquet is img2dataset's sidecar of .*00000\.tar"):
+        input_files([str(tar_dir / "00000.parquet")])
+    with pytest.raises(CapfiltError, match=r"\*\.parquet holds no \.tar shards or parquet image tables"):
+        input_files([str(tar_dir / "*.parquet")])
+
+
+def test_bad_inputs_fail_before_any_work(tar_dir: Path, our_captioner_dir, our_filter_dir, tmp_path) -> None:
+    import importlib.util
+
+    out = tmp_path / "out"
+    sidecar = pq.read_table(tar_dir / "00000.parquet")
+    pq.write_table(sidecar, tmp_path / "urls.parquet")  # a sidecar without its tar: no image column
+    with pytest.raises(CapfiltError) as err:
+        clean(_config([str(tmp_path / "urls.parquet")], out, our_captioner_dir, our_filter_dir))
+    message = str(err.value)
+    assert message.startswith("--input: ") and "urls.parquet" in message
+    assert "url (string), caption (string), key (string)" in message  # what it has
+    assert (
+        "image, jpg, png, webp, image_bytes" in message and "image_path, path, file" in message
+    )  # what counts
+    assert "caption, text, txt" in message
+    pq.write_table(
+        sidecar.drop_columns(["caption"]).append_column("jpg", pa.nulls(9, pa.binary())),
+        tmp_path / "t.parquet",
+    )
+    with pytest.raises(
+        CapfiltError, match=r"t\.parquet is neither an image table .* and a text \(caption, text"
+    ):
+        clean(_config([str(tmp_path / "t.parquet")], out, our_captioner_dir, our_filter_dir))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(CapfiltError, match=r"--input: .*junk\.parquet: not a readable parquet file"):
+        clean(_config([str(tmp_path / "junk.parquet")], out, our_captioner_dir, our_filter_dir))
+    with pytest.raises(CapfiltError, match=r"--input: nosuch://x/00000\.tar: Protocol not known: nosuch"):
+        clean(_config(["nosuch://x/00000.tar"], out, our_captioner_dir, our_filter_dir))
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(CapfiltError, match=r"--input: s3://bucket/00000\.tar: .*pip install s3fs"):
+            clean(_config(["s3://bucket/00000.tar"], out, our_captioner_dir, our_filter_dir))
+    assert not out.exists()
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_table_reader_struct_column_keys_and_http(
+    tables: Path, web: list[WebSample], server: str
+) -> None:
+    """Hugging Face's Image struct (bytes, else path), duplicate and dotted keys, a table over http."""
+    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
+    (tables.parent / "hf").mkdir(exist_ok=True)
+    (tables.parent / "hf" / "blue.png").write_bytes(blue)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [
+        {"image": {"bytes": red, "path": "ignored.png"}, "text": "red", "key": "a"},
+        {"image": {"bytes": None, "path": "blue.png"}, "text": "blue", "key": "b"},
+        {"image": {"bytes": red, "path": None}, "text": "again", "key": "a"},
+        {"image": {"bytes": red, "path": None}, "text": "dotted", "key": "c.1"},
+        {"image": None, "text": "nothing", "key": "d"},
+    ]
+    schema = pa.schema([("image", image), ("text", pa.string()), ("key", pa.string())])
+    path = tables.parent / "hf" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    samples, error = read_input(str(path))
+    assert error is None
+    got = [(s.key, s.status, s.text) for s in samples]
+    assert got == [
+        ("a", "ok", "red"),
+        ("b", "ok", "blue"),
+        ("a", "duplicate_key", "again"),
+        ("c.1", "invalid_key", "dotted"),
+        ("d", "missing_image", "nothing"),
+    ]
+    assert samples[0].image == red and samples[1].image == blue and samples[0].ext == samples[1].ext == "png"
+    assert all(s.image is None and s.error_message for s in samples[2:])
+    assert original_images(str(path), {"a", "b", "d"}) == {"a": red, "b": blue}
+    # Over http: relative image paths resolve against the table's URL.
+    remote, _ = read_input(f"{server}/{tables.name}/paths.parquet")
+    assert [s.image for s in remote if s.status == "ok"] == [s.image for s in web[10:15]]
+    assert "image file not found" in next(s.error_message for s in remote if s.status != "ok")
