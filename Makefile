@@ -26,10 +26,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 demo: venv
-	@echo "Building the built-in web world in runs/demo/world (the cleaning job that consumes it comes next)."
-	$(BIN)/capfilt data synth --out runs/demo/world
-	@echo "Done. Commands available today:"
-	$(BIN)/capfilt --help
+	$(BIN)/capfilt demo --out runs/demo
 
 clean-venv:
 	rm -rf $(VENV)

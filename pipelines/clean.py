@@ -9,7 +9,7 @@ fsspec URLs of webdataset tars (with their img2dataset parquet sidecars) and of 
 tables, whose columns are checked here too. Each becomes a `Shard` named by its source (the
 resolved local path or the URL): the ledger's `shard` column, the resume key in `job.json`.
 
-Data flow (stages in `clean_stages`, outputs in `clean_output`):
+Data flow (inputs in `clean_inputs`, stages in `clean_stages`, outputs in `clean_output`):
 
     input shards ─ read_shard (CPU) ─ decode_batch (CPU) ─ CaptionStage pool ─ FilterStage pool
         ─ driver: rows grouped by shard; a shard complete → D' + ledger + stats + manifest line
@@ -49,6 +49,7 @@ from capfilt.inference import CAPFILT_SAMPLING
 from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
 from capfilt.model.generate import GenerationConfig
 
+from .clean_inputs import image_table_columns
 from .clean_output import (
     Shard,
     prepare,
@@ -59,7 +60,6 @@ from .clean_output import (
     write_parquet,
     write_web_shard,
 )
-from .clean_stages import image_table_columns
 
 log = logging.getLogger(__name__)
 

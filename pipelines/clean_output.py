@@ -36,7 +36,7 @@ import webdataset as wds
 from capfilt.errors import CapfiltError
 from capfilt.ledger import DPRIME_INDEX_SCHEMA, OK, kept_pairs, table
 
-from .clean_stages import InputSample, read_input
+from .clean_inputs import InputSample, read_input
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def load_images(shard: str, keys: set[str]) -> dict[str, bytes]:
     it (a webdataset tar or a parquet image table, local or URL); keys without an image are left
     out, and a shard that cannot be read (gone, not an input) gives {}: the gallery then shows
     "image unavailable". A truncated tar gives what was read before the cut."""
-    from .clean_stages import original_images  # imports torch: only when a gallery needs images
+    from .clean_inputs import original_images
 
     return original_images(shard, keys)
 

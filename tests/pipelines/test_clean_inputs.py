@@ -22,7 +22,7 @@ from capfilt.data import iter_samples
 from capfilt.errors import CapfiltError
 from capfilt.ledger import read_ledger
 from capfilt.pipelines.clean import CleanConfig, clean
-from capfilt.pipelines.clean_stages import original_images, read_input
+from capfilt.pipelines.clean_inputs import original_images, read_input
 from capfilt.world.writer import SIDECAR_SCHEMA, Sample, write_shard
 
 SEED = 7

@@ -1,0 +1,356 @@
+"""The clean job's inputs, local or any fsspec URL: what a shard holds, read the same way by the
+read stage, the D' writer and the report.
+
+    samples, error = read_input("shards/00000.tar")          # webdataset tar + img2dataset sidecar
+    samples, error = read_input("s3://bucket/table.parquet")  # parquet image table
+    images = original_images(source, {"000000001"})           # original bytes by key
+
+A webdataset tar is read with its img2dataset parquet sidecar (failed downloads become samples with
+their status); a parquet image table holds one row per sample (`table_columns` says which columns
+count). What cannot be read is reported per sample or per shard, never raised from a Ray task.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from capfilt.data import IMAGE_EXTENSIONS, PARQUET, filesystem, input_format
+from capfilt.data import read_tar as read_tar_groups
+from capfilt.errors import CapfiltError
+from capfilt.ledger import MISSING_IMAGE, OK
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 256  # rows per batch when reading a parquet table (and per block out of the read stage)
+FETCH_THREADS = 16  # image files of a parquet table read at once (remote stores answer slowly)
+# Parquet image tables: the first column present of each kind is used.
+BYTES_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes")  # binary, or a struct with `bytes` (HF Image)
+PATH_COLUMNS = ("image_path", "path", "file")  # relative paths are relative to the parquet's directory
+TEXT_COLUMNS = ("caption", "text", "txt")
+DUPLICATE_KEY, INVALID_KEY = "duplicate_key", "invalid_key"  # statuses of table rows with unusable keys
+_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+@dataclass
+class InputSample:
+    """One sample as its input shard holds it, whatever the shard's format.
+
+    `image` is the original encoded file, never re-encoded, when `status` is OK; otherwise `status`
+    says why there is none (img2dataset's "failed_to_download"..., MISSING_IMAGE, a bad key) and
+    `error_message` tells more."""
+
+    key: str
+    image: bytes | None
+    text: str | None  # the web text; None when the sample has none
+    url: str | None
+    meta: dict[str, Any]  # the tar's .json, or the table row's scalar columns: carried into D'
+    status: str = OK
+    error_message: str | None = None
+    ext_hint: str | None = None  # the tar member's, bytes column's or image file's extension
+
+    @property
+    def ext(self) -> str:
+        """The extension D' stores the image under: the hint, else the format PIL recognises."""
+        if self.ext_hint:
+            return self.ext_hint
+        try:
+            return _PIL_EXT.get(Image.open(io.BytesIO(self.image or b"")).format or "", "jpg")
+        except (OSError, ValueError):  # undecodable: never reaches D'
+            return "jpg"
+
+
+def read_input(source: str, keys: Collection[str] | None = None) -> tuple[list[InputSample], str | None]:
+    """Every sample an input shard accounts for, with its original image bytes, and the read error
+    that cut a tar short (what was read before it is kept), if any.
+
+    `source` is a shard as `capfilt.data.input_files` names it (the ledger's `shard` column). With
+    `keys`, only those samples (a table's image files are then read for those alone). Raises
+    CapfiltError only when a parquet table cannot be read at all: unlike a tar, it has no sidecar
+    to account for its samples."""
+    if input_format(source) == PARQUET:
+        return read_image_table(source, keys), None
+    return read_webdataset(source, keys)
+
+
+def original_images(source: str, keys: Collection[str]) -> dict[str, bytes]:
+    """The original image bytes of `keys` in one input shard of any format (`source` as the ledger's
+    `shard` column names it), by key. A key without an image (failed download, missing file) is
+    left out; an input that cannot be read at all gives {} (logged), never an error."""
+    try:
+        samples, _ = read_input(source, set(keys))
+    except CapfiltError as err:
+        log.warning("no images from %s: %s", source, err)
+        return {}
+    found: dict[str, bytes] = {}
+    for s in samples:
+        if s.status == OK and s.image is not None:
+            found.setdefault(s.key, s.image)
+    return found
+
+
+# ── webdataset tars and their sidecars ──────────────────────────────────────────────────────────
+
+
+@dataclass
+class TarSample:
+    """One key of an input tar: its members by extension."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def image_ext(self) -> str | None:
+        return next((e for e in IMAGE_EXTENSIONS if e in self.files), None)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        try:
+            loaded = json.loads(self.files.get("json", b"{}"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    @property
+    def text(self) -> str | None:
+        """The `.txt` member, else the .json's "caption" (webdataset / img2dataset convention)."""
+        if "txt" in self.files:
+            return self.files["txt"].decode("utf-8", errors="replace")
+        caption = self.meta.get("caption")
+        return caption if isinstance(caption, str) else None
+
+
+def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
+    """Members of a tar (a local path or URL) grouped by key (`capfilt.data.read_tar`), and the read
+    error that cut it short, if any: what was read before a truncation is kept."""
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            groups, error = read_tar_groups(path, fileobj=f)
+    except (OSError, ValueError, CapfiltError) as err:  # could not even open it
+        groups, error = {}, f"cannot read shard {path}: {err}"
+    if error:
+        log.warning("%s; keeping the %d samples read before it", error, len(groups))
+    samples: dict[str, TarSample] = {}
+    for key, files in groups.items():
+        short = key.rpartition("/")[2]
+        samples.setdefault(short, TarSample(short)).files.update(files)
+    return list(samples.values()), error
+
+
+def read_sidecar(tar_path: str | Path) -> list[dict[str, Any]]:
+    """img2dataset's parquet beside the tar (`00000.parquet`): one row per url; [] when absent."""
+    path = str(tar_path).removesuffix(".tar") + ".parquet"
+    try:
+        with fsspec.open(path, "rb") as f:
+            table = pq.ParquetFile(f)
+            columns = [
+                c
+                for c in ("key", "status", "error_message", "caption", "url")
+                if c in table.schema_arrow.names
+            ]
+            return table.read(columns=columns).to_pylist()
+    except FileNotFoundError:
+        return []
+    except (pa.ArrowException, OSError, ValueError) as err:  # the tar's samples are still cleaned
+        log.warning("ignoring unreadable sidecar %s: %s", path, err)
+        return []
+
+
+def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[list[InputSample], str | None]:
+    """A tar's samples, then its sidecar's failed or missing ones with img2dataset's status."""
+    tar, error = read_tar(source)
+    out: list[InputSample] = []
+    seen: set[str] = set()
+    for s in tar:
+        seen.add(s.key)
+        if keys is not None and s.key not in keys:
+            continue
+        ext, url = s.image_ext, s.meta.get("url")
+        out.append(
+            InputSample(
+                s.key,
+                image=s.files[ext] if ext else None,
+                text=s.text,
+                url=url if isinstance(url, str) else None,
+                meta=s.meta,
+                status=OK if ext else MISSING_IMAGE,
+                error_message=None if ext else f"no image member for key {s.key} in {source}",
+                ext_hint=ext,
+            )
+        )
+    for side in read_sidecar(source):
+        key = side.get("key")
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        status = side.get("status") or MISSING_IMAGE
+        message = side.get("error_message")
+        if status == "success":  # listed as downloaded, but not in the tar
+            status, message = MISSING_IMAGE, error or f"key {key} is in the sidecar but not in {source}"
+        if keys is None or key in keys:
+            out.append(InputSample(key, None, side.get("caption"), side.get("url"), {}, status, message))
+    return out, error
+
+
+# ── parquet image tables ────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """Which columns of a parquet image table hold what; None: the table has no such column."""
+
+    image: str
+    image_kind: str  # "bytes", "struct" (a `bytes` field, and maybe `path`) or "path"
+    text: str
+    key: str | None
+    url: str | None
+    status: str | None  # img2dataset's status and error_message (parquet output format)
+    error_message: str | None
+
+
+def table_columns(schema: pa.Schema, source: str) -> TableColumns:
+    """The columns of an image table, or CapfiltError naming the file, what it has and what counts."""
+
+    def first(names: tuple[str, ...], fits: Any) -> str | None:
+        return next((n for n in names if n in schema.names and fits(schema.field(n).type)), None)
+
+    def struct_with_bytes(t: pa.DataType) -> bool:
+        return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+
+    binary = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
+    string = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+    image, kind = first(BYTES_COLUMNS, binary), "bytes"
+    if image is None:
+        image, kind = first(BYTES_COLUMNS, struct_with_bytes), "struct"
+    if image is None:
+        image, kind = first(PATH_COLUMNS, string), "path"
+    text = first(TEXT_COLUMNS, string)
+    if image is None or text is None:
+        found = ", ".join(f"{f.name} ({f.type})" for f in schema) or "none"
+        raise CapfiltError(
+            f"{source} is neither an image table nor an img2dataset sidecar beside its tar: it has "
+            f"columns {found}; an image table needs image bytes ({', '.join(BYTES_COLUMNS)}: binary, or a "
+            f"struct with a `bytes` field) or an image path ({', '.join(PATH_COLUMNS)}: string), and a "
+            f"text ({', '.join(TEXT_COLUMNS)}: string); optional: key, url, status, error_message"
+        )
+    return TableColumns(
+        image,
+        kind,
+        text,
+        key="key" if "key" in schema.names else None,
+        url=first(("url",), string),
+        status=first(("status",), string),
+        error_message=first(("error_message",), string),
+    )
+
+
+def image_table_columns(source: str) -> TableColumns:
+    """Read a parquet's footer and check that it is an image table (`table_columns`)."""
+    try:
+        with fsspec.open(source, "rb") as f:
+            schema = pq.read_schema(f)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CapfiltError(f"{source}: not a readable parquet file ({err})") from err
+    return table_columns(schema, source)
+
+
+def read_image_table(source: str, keys: Collection[str] | None = None) -> list[InputSample]:
+    """One sample per row of a parquet image table: the image from its bytes or the file its path
+    names, the key from `key` (else `{file stem}_{row index}`), img2dataset's status if given.
+
+    A row without an image or with an unreadable image file gets MISSING_IMAGE and a message; a
+    key already used earlier in the table DUPLICATE_KEY, a key with a "." (webdataset would read
+    the rest as an extension) INVALID_KEY."""
+    stem = re.sub(r"[^0-9A-Za-z_-]", "_", posixpath.basename(source).removesuffix(".parquet"))
+    base = posixpath.dirname(source)
+    out: list[InputSample] = []
+    to_fetch: list[tuple[InputSample, str]] = []
+    seen: set[str] = set()
+    try:
+        with fsspec.open(source, "rb") as f:
+            table = pq.ParquetFile(f)
+            cols = table_columns(table.schema_arrow, source)
+            index = 0
+            for batch in table.iter_batches(batch_size=READ_BATCH):
+                for row in batch.to_pylist():
+                    sample, path = _table_sample(row, index, cols, stem, source, seen)
+                    index += 1
+                    if keys is not None and (sample.key not in keys or sample.status == DUPLICATE_KEY):
+                        continue
+                    out.append(sample)
+                    if path is not None:
+                        to_fetch.append((sample, _resolve(path, base)))
+    except CapfiltError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CapfiltError(f"cannot read image table {source}: {err}") from err
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+        fetched = pool.map(_fetch, [url for _, url in to_fetch])
+        for (sample, _), (data, error) in zip(to_fetch, fetched):
+            if data is None:
+                sample.status, sample.error_message = MISSING_IMAGE, error
+            sample.image = data
+    return out
+
+
+def _table_sample(
+    row: dict[str, Any], index: int, cols: TableColumns, stem: str, source: str, seen: set[str]
+) -> tuple[InputSample, str | None]:
+    """A table row's sample, and the path of its image file still to read (None: nothing to read)."""
+    raw_key = row[cols.key] if cols.key else None
+    key = str(raw_key) if raw_key not in (None, "") else f"{stem}_{index:09d}"
+    value = row[cols.image]
+    if cols.image_kind == "struct":  # Hugging Face's Image feature: the bytes, else the file
+        data, path = (value.get("bytes"), value.get("path")) if value else (None, None)
+    else:
+        data, path = (value, None) if cols.image_kind == "bytes" else (None, value)
+    suffix = posixpath.splitext(path or "")[1].lower()[1:]
+    hint = suffix if data is None and suffix in IMAGE_EXTENSIONS else None
+    hint = hint or (cols.image if cols.image in IMAGE_EXTENSIONS else None)
+    given = row[cols.status] if cols.status else None
+    if key in seen:
+        status, message = DUPLICATE_KEY, f"row {index}: key {key} is used by an earlier row"
+    elif "." in key:
+        status, message = INVALID_KEY, f"row {index}: key {key!r} has a '.', read as an extension in D'"
+    elif given not in (None, "success"):  # img2dataset could not download or resize it
+        status, message = given, row[cols.error_message] if cols.error_message else None
+    elif data is None and not path:
+        status, message = MISSING_IMAGE, f"row {index} of {source} has no image ({cols.image} is null)"
+    else:
+        status, message = OK, None
+    seen.add(key)
+    meta = {k: v for k, v in row.items() if k != cols.image and isinstance(v, (str, int, float, bool))}
+    url = row[cols.url] if cols.url else None
+    sample = InputSample(
+        key, data if status == OK else None, row[cols.text], url, meta, status, message, hint
+    )
+    return sample, (path if status == OK and data is None else None)
+
+
+def _resolve(path: str, base: str) -> str:
+    """An image path of a table: relative ones against the table's directory, others as they are."""
+    return path if "://" in path or path.startswith("/") else posixpath.join(base, path)
+
+
+def _fetch(url: str) -> tuple[bytes | None, str | None]:
+    """One image file's bytes, or why it cannot be read: a sample's problem, never the job's."""
+    try:
+        fs, path = filesystem(url)
+        return fs.cat_file(path), None
+    except FileNotFoundError:
+        return None, f"image file not found: {url}"
+    except Exception as err:  # any filesystem's error (network, permission, missing package) is per sample
+        return None, f"cannot read image file {url}: {err}"
