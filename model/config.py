@@ -107,10 +107,12 @@ def _tiny(image_size: int | None) -> MEDConfig:
 
 
 def _small(image_size: int | None) -> MEDConfig:
-    # The built-in world: small images with a handful of objects; trains on a laptop in minutes.
+    # The built-in world: small images with a handful of objects; trains on a laptop CPU. Width 128
+    # learns more per CPU-second than 192 did (measured on the default world, 2 cores: 80 vs 35
+    # pairs/s, and a lower ITM loss after the same wall time).
     return MEDConfig(
-        vision=VisionConfig(image_size=image_size or 64, patch_size=8, width=192, depth=6, heads=3),
-        text=TextConfig(width=192, depth=4, heads=3, intermediate=768, max_positions=64),
+        vision=VisionConfig(image_size=image_size or 64, patch_size=8, width=128, depth=4, heads=4),
+        text=TextConfig(width=128, depth=3, heads=4, intermediate=512, max_positions=64),
         embed_dim=128,
     )
 

@@ -40,11 +40,11 @@ class Recipe:
 
     size: str = "small"
     batch_size: int = 32
-    pretrain_steps: int = 600
-    pretrain_lr: float = 5e-4
-    captioner_steps: int = 150
-    filter_steps: int = 250
-    finetune_lr: float = 2e-4
+    pretrain_steps: int = 500
+    pretrain_lr: float = 1e-3
+    captioner_steps: int = 100
+    filter_steps: int = 150
+    finetune_lr: float = 3e-4
     seed: int = 0
 
     def digest(self, world: dict[str, Any]) -> str:
