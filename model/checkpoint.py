@@ -239,7 +239,12 @@ def _build(config: MEDConfig, state: dict[str, torch.Tensor], source: str) -> ME
 
 def _load_ours(path: Path) -> Checkpoint:
     meta = _read_json(path / "config.json")
-    if meta.get("format_version", 1) > FORMAT_VERSION:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}/config.json is not a JSON object")
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{path}/config.json has format_version {version!r}; expected an integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer CapFilt (format {meta['format_version']})")
     role = meta.get("role")
     if role not in ROLES:
@@ -279,7 +284,10 @@ def _load_transformers(path: Path) -> Checkpoint:
     conv = convert.from_transformers(state)
     for note in conv.notes:
         log.warning("%s: %s", path, note)
-    config = convert.config_from_transformers(hf_cfg, conv)
+    try:
+        config = convert.config_from_transformers(hf_cfg, conv)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as err:
+        raise CheckpointError(f"{path}/config.json is not a usable BLIP config: {err}") from err
     tok = _tokenizer_for(path, config)
     config.text.enc_token_id, config.text.dec_token_id = tok.ids.enc, tok.ids.dec
     config.text.cls_token_id = tok.ids.cls

@@ -86,10 +86,67 @@ class MEDConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown MED config fields: {sorted(unknown)}")
-        return cls(vision=vision, text=text, **data)
+        return cls(vision=vision, text=text, **data).validate()
 
     def replace(self, **changes: Any) -> MEDConfig:
         return dataclasses.replace(self, **changes)
+
+    def validate(self) -> MEDConfig:
+        """Check types and sizes before any layer is built (a config.json may be hostile: a depth
+        of 10^6 would allocate until memory runs out). Raises ValueError naming the field."""
+        v, t = self.vision, self.text
+        for name, value, top in (
+            ("vision.image_size", v.image_size, 4096),
+            ("vision.patch_size", v.patch_size, 1024),
+            ("vision.width", v.width, MAX_WIDTH),
+            ("vision.depth", v.depth, MAX_DEPTH),
+            ("vision.heads", v.heads, 256),
+            ("text.vocab_size", t.vocab_size, 1_000_000),
+            ("text.width", t.width, MAX_WIDTH),
+            ("text.depth", t.depth, MAX_DEPTH),
+            ("text.heads", t.heads, 256),
+            ("text.intermediate", t.intermediate, 4 * MAX_WIDTH),
+            ("text.max_positions", t.max_positions, 8192),
+            ("embed_dim", self.embed_dim, MAX_WIDTH),
+            ("max_text_tokens", self.max_text_tokens, 8192),
+        ):
+            _check_int(name, value, 1, top)
+        for name, value in (
+            ("text.pad_token_id", t.pad_token_id),
+            ("text.cls_token_id", t.cls_token_id),
+            ("text.sep_token_id", t.sep_token_id),
+            ("text.dec_token_id", t.dec_token_id),
+            ("text.enc_token_id", t.enc_token_id),
+        ):
+            _check_int(name, value, 0, 10**9)
+        for name, value, top in (
+            ("vision.mlp_ratio", v.mlp_ratio, 64.0),
+            ("vision.layer_norm_eps", v.layer_norm_eps, 1.0),
+            ("text.layer_norm_eps", t.layer_norm_eps, 1.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top:
+                raise ValueError(f"{name} must be a number in (0, {top}], got {value!r}")
+        for name, value in (("vision.drop_path", v.drop_path), ("text.dropout", t.dropout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        if v.width % v.heads or t.width % t.heads:
+            raise ValueError(
+                f"widths must be multiples of the heads: vision {v.width}/{v.heads}, text {t.width}/{t.heads}"
+            )
+        if v.image_size % v.patch_size:
+            raise ValueError(
+                f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}"
+            )
+        return self
+
+
+MAX_WIDTH = 16384  # wider than any BLIP (ViT-L: 1024, BERT-base: 768) by far
+MAX_DEPTH = 256
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 # ----------------------------------------------------------------------------- named sizes

@@ -230,13 +230,19 @@ def config_from_blip_state(
         embed_dim=embed_dim,
         has_encoder=conv.has_encoder,
         has_decoder=conv.has_decoder,
-    )
+    ).validate()
 
 
 def config_from_transformers(hf: dict[str, Any], conv: Conversion) -> MEDConfig:
     """Our config from a transformers BLIP `config.json` (a dict)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"the config is a {type(hf).__name__}, not an object")
     v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    if not isinstance(v, dict) or not isinstance(t, dict):
+        raise ValueError("vision_config and text_config must be objects")
     v_width = int(v.get("hidden_size", 768))
+    if v_width <= 0:
+        raise ValueError(f"vision_config.hidden_size must be positive, got {v_width}")
     vision = VisionConfig(
         image_size=int(v.get("image_size", 384)),
         patch_size=int(v.get("patch_size", 16)),
@@ -268,7 +274,7 @@ def config_from_transformers(hf: dict[str, Any], conv: Conversion) -> MEDConfig:
         embed_dim=int(hf.get("image_text_hidden_size", 256)),
         has_encoder=conv.has_encoder,
         has_decoder=conv.has_decoder,
-    )
+    ).validate()
 
 
 # ----------------------------------------------------------------------------- export
