@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_parser(sub)
     add_train_parser(sub)
 
+    from capfilt.services.bench_cli import add_bench_serve_parser
+    from capfilt.services.serve_cli import add_serve_parser
+
+    add_serve_parser(sub)
+    p = sub.add_parser("bench", help="benchmarks: load-test the REST service")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    add_bench_serve_parser(bench_sub)
+
     p = sub.add_parser(
         "bootstrap",
         help="the paper's loop: pre-train, fine-tune captioner and filter, CapFilt the web, pre-train on D', evaluate",
@@ -424,6 +432,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return run_ingest(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from capfilt.services.serve_cli import run_serve
+
+    return run_serve(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from capfilt.services.bench_cli import run_bench_serve
+
+    return run_bench_serve(args)  # the only bench command so far: "serve"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from capfilt.pipelines.train_cli import run_train
 
@@ -513,6 +533,8 @@ COMMANDS = {
     "train": cmd_train,
     "demo": cmd_demo,
     "ingest": cmd_ingest,
+    "serve": cmd_serve,
+    "bench": cmd_bench,
     "bootstrap": cmd_bootstrap,
     "eval": cmd_eval,
     "clean": cmd_clean,

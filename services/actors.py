@@ -1,0 +1,303 @@
+"""The Ray actors that host the captioner and the filter for the REST service, and the router.
+
+Each actor loads one checkpoint into the same `Captioner` / `Filter` class the cleaning job's actor
+pools use and answers through a `MicroBatcher`: requests that arrive together share one forward
+pass. Within a batch, requests that cannot share one (other generation settings, raw vs cleaned
+texts, another threshold) are grouped, one forward pass per group.
+
+Images travel as the cleaning job's decode stage hands them to its model stages: the decoded RGB
+image resized (bicubic) to the model's square input, raw uint8 bytes. The API process decodes and
+resizes; the actor only rebuilds the PIL image, so what the model sees equals the job's.
+
+`ModelPool` is the router: `replicas` actors per model, each request to the one with the fewest
+requests in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from capfilt.curate import Curated, score_and_decide
+from capfilt.decision import Rule
+from capfilt.errors import CapfiltError
+from capfilt.model.generate import GenerationConfig
+
+from .batching import MicroBatcher
+from .config import ServeConfig
+from .errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+CAPTIONER, FILTER = "captioner", "filter"
+TEXTS_PER_IMAGE = 4  # what a filter forward pass is sized for: the web text and a few candidates
+
+
+class ModelRefused(CapfiltError):
+    """The model refused a request's settings (what pydantic could not see): a client error."""
+
+
+class ModelUnavailable(ServiceUnavailable):
+    """No replica could answer (not started yet, or died): the server's problem, a 503."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    role: str  # CAPTIONER or FILTER
+    digest: str  # "sha256:...": the checkpoint's, as ledgers name it
+    image_size: int  # the square input the model takes
+    max_tokens: int  # captioner: the most caption tokens its positions allow (0 for a filter)
+
+
+# Work items: one request's share of a forward pass. `group` says which items can share one.
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    pixels: bytes  # (S, S, 3) uint8
+    generation: GenerationConfig
+    seed: int  # this image's sampling seed
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        return ("caption", *dataclasses.astuple(dataclasses.replace(self.generation, seed=0)))
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    pixels: bytes
+    texts: tuple[str, ...]
+    clean_text: bool  # BLIP's caption cleaning, as `capfilt score` does unless --raw-text
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        return ("score", self.clean_text)
+
+
+@dataclass(frozen=True)
+class DecideItem:
+    """Score a web text and synthetic candidates and apply the decision rule, as the job's filter stage."""
+
+    pixels: bytes
+    key: str
+    web_text: str | None
+    synthetic: tuple[str, ...]
+    threshold: float
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        return ("decide", self.threshold)
+
+
+@dataclass
+class ForwardStats:
+    """Forward passes by batch size (requests per pass) and the time they took."""
+
+    sizes: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def record(self, size: int, seconds: float) -> None:
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+        self.seconds += seconds
+
+    def merge(self, other: ForwardStats) -> None:
+        for size, n in other.sizes.items():
+            self.sizes[size] = self.sizes.get(size, 0) + n
+        self.seconds += other.seconds
+
+
+def pixels_image(pixels: bytes, size: int) -> Image.Image:
+    """The PIL image of raw (size, size, 3) uint8 bytes (what `clean_stages` also rebuilds)."""
+    return Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(size, size, 3), "RGB")
+
+
+class ModelHost:
+    """One actor: a Captioner or a Filter behind a micro-batcher. Created by `ModelPool.start`."""
+
+    def __init__(
+        self, role: str, checkpoint: str, device: str, threads: int, max_batch: int, max_wait_s: float
+    ) -> None:
+        import torch
+
+        from capfilt.inference import Captioner, Filter
+        from capfilt.model.checkpoint import load_checkpoint
+
+        torch.set_num_threads(threads)
+        ckpt = load_checkpoint(checkpoint, device=device)
+        self.role = role
+        self.captioner: Captioner | None = None
+        self.filters: dict[bool, Filter] = {}
+        if role == CAPTIONER:
+            self.captioner = Captioner(ckpt, device=device, batch_size=max_batch)
+            max_tokens = ckpt.config.text.max_positions - len(self.captioner.prompt_ids) + 1
+        else:  # one set of weights, texts cleaned or raw
+            # batch_size bounds the texts per ITM forward too: a pass of max_batch images brings several each
+            self.filters = {
+                c: Filter(ckpt, device=device, batch_size=max_batch * TEXTS_PER_IMAGE, clean_text=c)
+                for c in (True, False)
+            }
+            max_tokens = 0
+        self.info_ = ModelInfo(role, ckpt.digest, ckpt.config.vision.image_size, max_tokens)
+        self.forwards = ForwardStats()
+        self.batcher: MicroBatcher[Any, Any] = MicroBatcher(self._run, max_batch, max_wait_s)
+
+    async def info(self) -> ModelInfo:
+        return self.info_
+
+    async def submit(self, item: CaptionItem | ScoreItem | DecideItem) -> Any:
+        return await self.batcher.submit(item)
+
+    async def stats(self) -> ForwardStats:
+        return self.forwards
+
+    def _run(self, items: Sequence[Any]) -> list[Any]:
+        """One forward pass per group of compatible items; results in the items' order."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.group, []).append(i)
+        results: list[Any] = [None] * len(items)
+        for members in groups.values():
+            batch = [items[i] for i in members]
+            start = time.perf_counter()
+            try:
+                out: Sequence[Any] = self._forward(batch)
+            except ValueError as err:  # settings the model refuses: those requests' error, not the batch's
+                out = [ModelRefused(str(err))] * len(batch)
+            self.forwards.record(len(batch), time.perf_counter() - start)
+            for i, result in zip(members, out):
+                results[i] = result
+        return results
+
+    def _forward(self, batch: list[Any]) -> Sequence[Any]:
+        size = self.info_.image_size
+        images = [pixels_image(item.pixels, size) for item in batch]
+        first = batch[0]
+        if isinstance(first, CaptionItem):
+            assert self.captioner is not None
+            return self.captioner.caption(images, first.generation, seeds=[item.seed for item in batch])
+        if isinstance(first, ScoreItem):
+            return self.filters[first.clean_text].score(images, [list(item.texts) for item in batch])
+        if isinstance(first, DecideItem):
+            return score_and_decide(
+                self.filters[True],
+                images,
+                [item.key for item in batch],
+                [item.web_text for item in batch],
+                [list(item.synthetic) for item in batch],
+                Rule(threshold=first.threshold),
+            )
+        raise TypeError(f"unknown work item {type(first).__name__}")
+
+
+class ModelPool:
+    """The router: `replicas` actors per model; each request goes to the least busy one."""
+
+    def __init__(self, actors: dict[str, list[Any]]) -> None:
+        self.actors = actors
+        self.in_flight = {role: [0] * len(handles) for role, handles in actors.items()}
+        self._info_refs = {role: [h.info.remote() for h in handles] for role, handles in actors.items()}
+        self.info: dict[str, ModelInfo] = {}
+
+    @classmethod
+    def start(cls, config: ServeConfig) -> ModelPool:
+        """Start the actors (Ray must be initialised); they load their checkpoints in the background."""
+        import ray
+
+        remote = ray.remote(ModelHost).options(
+            num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_concurrency=1000
+        )
+        actors = {
+            role: [
+                remote.remote(
+                    role, path, config.device, config.threads, config.max_batch, config.max_wait_ms / 1000
+                )
+                for _ in range(config.replicas)
+            ]
+            for role, path in ((CAPTIONER, config.captioner), (FILTER, config.filter))
+        }
+        return cls(actors)
+
+    def ready(self) -> bool:
+        """Whether every actor has loaded its model. Raises ModelUnavailable when one failed to.
+        (A replica that dies later shows as 503s from `call`, not here.)"""
+        import ray
+
+        if len(self.info) == len(self._info_refs):
+            return True
+        refs = [r for refs in self._info_refs.values() for r in refs]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(done) < len(refs):
+            return False
+        try:
+            infos = {role: ray.get(role_refs) for role, role_refs in self._info_refs.items()}
+        except ray.exceptions.RayError as err:
+            raise ModelUnavailable(f"a model actor failed to start: {err}") from err
+        self.info = {role: role_infos[0] for role, role_infos in infos.items()}
+        return True
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until every actor has loaded its model; ModelUnavailable after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise ModelUnavailable(f"the model actors did not load within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    async def call(self, role: str, item: CaptionItem | ScoreItem | DecideItem) -> Any:
+        """Send `item` to the least busy replica of `role` and wait for its result."""
+        import ray
+
+        counts = self.in_flight[role]
+        i = min(range(len(counts)), key=counts.__getitem__)
+        counts[i] += 1
+        try:
+            return await self.actors[role][i].submit.remote(item)
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, BaseException) else err
+            if isinstance(cause, ModelRefused):
+                raise ModelRefused(str(cause)) from None
+            raise
+        except ray.exceptions.RayActorError as err:
+            raise ModelUnavailable(f"the {role} replica died: {err}") from err
+        finally:
+            counts[i] -= 1
+
+    async def caption(self, pixels: bytes, generation: GenerationConfig, seed: int) -> list[str]:
+        return await self.call(CAPTIONER, CaptionItem(pixels, generation, seed))
+
+    async def score(self, pixels: bytes, texts: Sequence[str], clean_text: bool) -> list[Any]:
+        return await self.call(FILTER, ScoreItem(pixels, tuple(texts), clean_text))
+
+    async def decide(
+        self, pixels: bytes, key: str, web_text: str | None, synthetic: Sequence[str], threshold: float
+    ) -> Curated:
+        return await self.call(FILTER, DecideItem(pixels, key, web_text, tuple(synthetic), threshold))
+
+    def stats(self, timeout_s: float = 2.0) -> dict[str, ForwardStats]:
+        """Forward-pass statistics summed over each model's replicas ({} when they cannot answer)."""
+        import ray
+
+        out: dict[str, ForwardStats] = {}
+        try:
+            for role, handles in self.actors.items():
+                total = ForwardStats()
+                for stats in ray.get([h.stats.remote() for h in handles], timeout=timeout_s):
+                    total.merge(stats)
+                out[role] = total
+        except ray.exceptions.RayError as err:
+            log.warning("model actors did not report their statistics: %s", err)
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for handles in self.actors.values():
+            for h in handles:
+                ray.kill(h)

@@ -1,0 +1,37 @@
+"""The FastAPI app: only assembles config, models, jobs, metrics, error handlers and routers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from .actors import ModelPool
+from .config import ServeConfig
+from .errors import install_error_handlers
+from .jobs import JobManager
+from .limits import BodyLimitMiddleware
+from .metrics import HttpMetrics, MetricsMiddleware, ServiceCollector
+from .routes_health import router as health_router
+from .routes_inference import router as inference_router
+from .routes_jobs import router as jobs_router
+
+DESCRIPTION = """BLIP's Captioning and Filtering as a service: caption and score single image-text pairs
+with the cleaning job's models and decision rule, and submit and watch `capfilt clean` jobs on Ray.
+
+Images go as base64 in a JSON body or as the file part `image` of a multipart/form-data body."""
+
+
+def create_app(config: ServeConfig, models: ModelPool | None, jobs: JobManager | None) -> FastAPI:
+    """The service's app. `models` None: the inference endpoints answer 503 (tests of the HTTP layer)."""
+    app = FastAPI(title="CapFilt", version="0.1.0", description=DESCRIPTION)
+    app.state.config, app.state.models, app.state.jobs = config, models, jobs
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector(models, jobs))
+    app.state.registry = registry
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=HttpMetrics(registry))  # outermost: sees every answer
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(inference_router)
+    app.include_router(jobs_router)
+    return app

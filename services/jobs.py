@@ -1,0 +1,323 @@
+"""`capfilt clean` jobs through Ray Jobs: submit, list, watch, read logs, stop.
+
+A job request becomes the `capfilt clean` command line, parsed by the command's own parser and
+checked by `CleanConfig.validate`, so REST and CLI jobs are one job config. Ray Jobs runs that
+command (`python -m capfilt.cli clean ...`) as the job's driver, which joins the cluster through
+the RAY_ADDRESS Ray Jobs sets; the job shows in the Ray dashboard like any other.
+
+Paths are confined: every input (after expanding directories and globs, so a symlink inside a root
+cannot lead out of it), human shard and checkpoint must resolve under an input root, the output
+under an output root. Resolving follows symlinks and `..`. Only local paths are accepted.
+
+Progress is read from the job's output directory without touching it: manifest.jsonl lists the
+finished shards, stats/ holds their counts, job.json the shards in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from capfilt.data import input_files
+from capfilt.errors import CapfiltError
+
+from .config import ServeConfig
+from .errors import ClientError, ServiceUnavailable
+from .schemas import JobInfo, JobProgress, JobRequest, JobSummary
+
+log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
+MAX_LOG_CHARS = 1_000_000
+AGENT_WAIT_S = 60.0  # how long a submission waits for the cluster's job agent
+
+
+def confine(path: str, roots: Sequence[Path], what: str) -> Path:
+    """`path` resolved (symlinks, `..`), or ClientError 403 when it lies outside every root."""
+    if "://" in path or path.startswith("file:"):
+        raise ClientError(403, f"{what} {path!r}: only local paths under the service's roots are accepted")
+    given = Path(path)
+    if not given.is_absolute():
+        raise ClientError(400, f"{what} {path!r}: give an absolute path")
+    try:
+        resolved = given.resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise ClientError(400, f"{what} {path!r}: cannot resolve it ({err})") from err
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ClientError(
+            403,
+            f"{what} {path!r} resolves to {resolved}, outside the allowed roots ({allowed})",
+            "path_outside_roots",
+        )
+    return resolved
+
+
+def shards_under(entries: Sequence[str], roots: Sequence[Path], what: str) -> list[str]:
+    """The shards `capfilt clean` would read for `entries`, each (and its sidecar) under a root."""
+    resolved = [str(confine(entry, roots, what)) for entry in entries]
+    try:
+        sources = list(dict.fromkeys(input_files(resolved)))
+    except CapfiltError as err:
+        raise ClientError(400, f"{what}: {err}") from err
+    for source in sources:
+        confine(source, roots, what)
+        sidecar = Path(source.removesuffix(".tar") + ".parquet")
+        if source.endswith(".tar") and sidecar.exists():
+            confine(str(sidecar), roots, f"{what} sidecar")
+    return sources
+
+
+def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
+    """The `capfilt clean` arguments of a request, its paths confined and resolved."""
+    inputs = shards_under(request.input, config.input_roots, "input")
+    human = shards_under(request.human, config.input_roots, "human") if request.human else []
+    captioner = (
+        str(confine(request.captioner, config.input_roots, "captioner"))
+        if request.captioner
+        else config.captioner
+    )
+    filt = str(confine(request.filter, config.input_roots, "filter")) if request.filter else config.filter
+    output = confine(request.output, config.output_roots, "output")
+    if output.exists() and not output.is_dir():
+        raise ClientError(409, f"output {request.output} is a file; give a directory")
+    if output.is_dir() and any(output.iterdir()) and not request.resume:
+        raise ClientError(
+            409,
+            f"output {request.output} is not empty: choose a new directory, or set resume to continue its job",
+        )
+    argv = ["clean", "--input", *inputs, "--output", str(output), "--captioner", captioner, "--filter", filt]
+    if human:
+        argv += ["--human", *human]
+    if request.threshold is not None:
+        argv += ["--threshold", repr(request.threshold)]
+    if request.keep_fraction is not None:
+        argv += ["--keep-fraction", repr(request.keep_fraction)]
+    argv += ["--num-captions", str(request.num_captions), "--top-p", repr(request.top_p)]
+    argv += ["--batch-size", str(request.batch_size), "--num-gpus", repr(request.num_gpus)]
+    argv += [
+        "--captioner-actors",
+        str(request.captioner_actors),
+        "--filter-actors",
+        str(request.filter_actors),
+    ]
+    argv += ["--seed", str(request.seed)] + (["--resume"] if request.resume else [])
+    _check_with_the_cli(argv)
+    return argv
+
+
+def _check_with_the_cli(argv: list[str]) -> None:
+    """Parse `argv` with `capfilt clean`'s own parser and validate its CleanConfig."""
+    from capfilt.pipelines.clean_cli import add_clean_parser, config_from_args
+
+    parser = argparse.ArgumentParser(prog="capfilt", exit_on_error=False)
+    add_clean_parser(parser.add_subparsers(dest="command"))
+    try:
+        args = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise ClientError(400, f"the job's options do not parse as `capfilt clean`: {err}") from err
+    try:
+        config_from_args(args).validate()
+    except CapfiltError as err:
+        raise ClientError(400, f"invalid job (options named as `capfilt clean` flags): {err}") from err
+
+
+def read_progress(output: Path) -> JobProgress | None:
+    """Counts over the finished shards of a job's output; None before the job has started writing.
+
+    Read-only on purpose: the job appends to manifest.jsonl while this reads it, so a last line
+    without its newline is simply not counted yet."""
+    manifest = output / "manifest.jsonl"
+    job = output / "job.json"
+    if not job.is_file() and not manifest.is_file():
+        return None
+    total = None
+    try:
+        saved = json.loads(job.read_text())
+        total = len(saved.get("inputs", [])) + len(saved.get("human", []))
+    except (OSError, ValueError):
+        pass
+    entries: list[dict[str, Any]] = []
+    try:
+        text = manifest.read_text() if manifest.is_file() else ""
+    except OSError:
+        text = ""
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n") and line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+    status: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    counts = Counter[str]()
+    for entry in {e.get("shard"): e for e in entries}.values():
+        counts["dprime_pairs"] += int(entry.get("dprime_pairs", 0))
+        if entry.get("kind") != "web":
+            continue
+        try:
+            stats = json.loads((output / "stats" / f"{entry['shard']}.json").read_text())
+        except (OSError, ValueError, KeyError):
+            continue
+        counts["samples"] += int(stats.get("samples", 0))
+        counts["web_kept"] += int(stats.get("web_kept", 0))
+        counts["synthetic_kept"] += int(stats.get("synthetic_kept", 0))
+        status.update(stats.get("status", {}))
+        reasons.update(stats.get("reasons", {}))
+    return JobProgress(
+        shards_total=total,
+        shards_done=len({e.get("shard") for e in entries}),
+        samples_done=counts["samples"],
+        web_kept=counts["web_kept"],
+        synthetic_kept=counts["synthetic_kept"],
+        dprime_pairs=counts["dprime_pairs"],
+        status=dict(sorted(status.items())),
+        reasons=dict(sorted(reasons.items())),
+    )
+
+
+class JobManager:
+    """CapFilt's jobs on one Ray cluster, through Ray's own JobSubmissionClient.
+
+    Only jobs this service submitted (metadata `capfilt: clean`) are visible through it: other
+    Ray jobs on the cluster cannot be read or stopped over REST."""
+
+    def __init__(self, config: ServeConfig, dashboard_url: str) -> None:
+        self.config = config
+        self.dashboard_url = dashboard_url.rstrip("/")
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:  # JobSubmissionClient: created on first use, when the dashboard is up
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.dashboard_url)
+            except (ConnectionError, RuntimeError, OSError) as err:
+                raise ServiceUnavailable(
+                    f"Ray Jobs at {self.dashboard_url} cannot be reached: {err}"
+                ) from err
+        return self._client
+
+    def link(self, job_id: str) -> str:
+        return f"{self.dashboard_url}/#/jobs/{job_id}"
+
+    def _require_enabled(self) -> None:
+        if not self.config.jobs_enabled:
+            raise ClientError(
+                403,
+                "jobs are disabled on this service: start it with --input-root and --output-root",
+                "jobs_disabled",
+            )
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on the JobSubmissionClient, its errors as the service's."""
+        try:
+            return fn(*args)
+        except RuntimeError as err:
+            if args and ("does not exist" in str(err) or "404" in str(err)):
+                raise ClientError(404, f"no job {args[0]!r}", "job_not_found") from err
+            raise ServiceUnavailable(f"Ray Jobs could not {what}: {err}") from err
+        except (ConnectionError, OSError) as err:
+            raise ServiceUnavailable(f"Ray Jobs at {self.dashboard_url} cannot be reached: {err}") from err
+
+    def submit(self, request: JobRequest) -> JobInfo:
+        self._require_enabled()
+        argv = clean_argv(request, self.config)
+        entrypoint = shlex.join([self.config.job_python, "-m", "capfilt.cli", *argv])
+        job_id = f"capfilt_clean_{uuid.uuid4().hex[:16]}"
+        output = argv[argv.index("--output") + 1]
+        metadata = {"capfilt": "clean", "output": output}
+        client = self.client
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client.submit_job(entrypoint=entrypoint, submission_id=job_id, metadata=metadata)
+                break
+            except RuntimeError as err:  # a fresh cluster's job agent registers a few seconds late
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise ServiceUnavailable(f"Ray Jobs could not submit the job: {err}") from err
+                time.sleep(1.0)
+            except (ConnectionError, OSError) as err:
+                raise ServiceUnavailable(
+                    f"Ray Jobs at {self.dashboard_url} cannot be reached: {err}"
+                ) from err
+        log.info("submitted %s: %s", job_id, entrypoint)
+        return self.get(job_id)
+
+    def _details(self, job_id: str) -> Any:
+        self._require_enabled()
+        if not JOB_ID.match(job_id):
+            raise ClientError(
+                404, f"no job {job_id!r}: job ids hold letters, digits, '_' and '-'", "job_not_found"
+            )
+        details = self._call("read the job", self.client.get_job_info, job_id)
+        if (details.metadata or {}).get("capfilt") != "clean":
+            raise ClientError(
+                404, f"no CapFilt job {job_id!r} (it is not a job this service submitted)", "job_not_found"
+            )
+        return details
+
+    def _summary(self, details: Any) -> dict[str, Any]:
+        job_id = details.submission_id or details.job_id
+        return {
+            "id": job_id,
+            "state": str(getattr(details.status, "value", details.status)),
+            "output": details.metadata.get("output", ""),
+            "submitted_at": details.start_time / 1000 if details.start_time else None,
+            "ended_at": details.end_time / 1000 if details.end_time else None,
+            "dashboard": self.link(job_id),
+        }
+
+    def list(self) -> list[JobSummary]:
+        self._require_enabled()
+        jobs = self._call("list jobs", self.client.list_jobs)
+        ours = [d for d in jobs if (d.metadata or {}).get("capfilt") == "clean" and d.submission_id]
+        ours.sort(key=lambda d: d.start_time or 0, reverse=True)
+        return [JobSummary(**self._summary(d)) for d in ours]
+
+    def get(self, job_id: str) -> JobInfo:
+        details = self._details(job_id)
+        summary = self._summary(details)
+        return JobInfo(
+            **summary,
+            message=details.message,
+            entrypoint=details.entrypoint,
+            progress=read_progress(Path(summary["output"])) if summary["output"] else None,
+        )
+
+    def logs(self, job_id: str, tail: int | None = None) -> str:
+        self._details(job_id)
+        text = self._call("read the logs", self.client.get_job_logs, job_id)
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:]) if tail > 0 else ""
+        return text[-MAX_LOG_CHARS:]
+
+    def stop(self, job_id: str) -> JobInfo:
+        details = self._details(job_id)
+        state = str(getattr(details.status, "value", details.status))
+        if state in TERMINAL:
+            raise ClientError(409, f"job {job_id} has already ended: {state}", "job_ended")
+        self._call("stop the job", self.client.stop_job, job_id)
+        return self.get(job_id)
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Jobs of this service by state, for /metrics ({} when Ray Jobs cannot answer)."""
+        if not self.config.jobs_enabled:
+            return {}
+        try:
+            return dict(Counter(s.state for s in self.list()))
+        except (ServiceUnavailable, ClientError) as err:
+            log.warning("jobs by state unavailable: %s", err)
+            return {}

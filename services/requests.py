@@ -1,0 +1,146 @@
+"""Request bodies as JSON (the image in base64) or multipart/form-data (the image as a file part),
+and the image they carry, decoded under the pixel limit and resized as the cleaning job does."""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import numpy as np
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from capfilt.images import ImageError, open_image
+
+M = TypeVar("M", bound=BaseModel)
+JSON, MULTIPART = "application/json", "multipart/form-data"
+MAX_FIELD_BYTES = 64 * 1024  # one multipart text field; the image part is bounded by the body limit
+_DECODES = anyio.CapacityLimiter(4)  # images decoded at once: each can take width x height x 3 bytes
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def validation_error(err: ValidationError, prefix: tuple[str, ...] = ("body",)) -> RequestValidationError:
+    """pydantic's errors as FastAPI's 422, located in the body, without echoing the (large) input."""
+    errors = [
+        {"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in err.errors(include_url=False)
+    ]
+    return RequestValidationError(errors)
+
+
+def _is_list(model: type[BaseModel], name: str) -> bool:
+    annotation = model.model_fields[name].annotation
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, type(int | None))
+        else ()
+    )
+    return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in args)
+
+
+async def _form_fields(request: Request, model: type[BaseModel]) -> dict[str, Any]:
+    """The form's parts as the model's fields: repeated parts for list fields, the file's bytes."""
+    async with request.form(max_files=1, max_fields=256, max_part_size=MAX_FIELD_BYTES) as form:
+        data: dict[str, Any] = {}
+        for name in dict.fromkeys(form.keys()):
+            values = form.getlist(name)
+            parts: list[Any] = []
+            for value in values:
+                if isinstance(value, UploadFile):
+                    if name != "image":
+                        raise HTTPException(
+                            400, f"multipart part {name!r} is a file; only 'image' can be one"
+                        )
+                    parts.append(await value.read())
+                else:
+                    parts.append(value)
+            many = name in model.model_fields and _is_list(model, name)
+            data[name] = parts if many or len(parts) > 1 else parts[0]
+        return data
+
+
+def body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """A dependency that reads `model` from a JSON or multipart body (see `openapi_body`)."""
+
+    async def parse(request: Request) -> M:
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media == MULTIPART:
+            data: Any = await _form_fields(request, model)
+        elif media == JSON or media.endswith("+json") or not media:
+            raw = await request.body()
+            if not raw.strip():
+                raise HTTPException(
+                    400,
+                    f"the request body is empty: send a JSON object ({JSON}, the image in base64) or a "
+                    f"{MULTIPART} form with the image as a file part named 'image'",
+                )
+            if not media:
+                raise HTTPException(415, f"no Content-Type: send {JSON} or {MULTIPART}")
+            try:
+                data = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise HTTPException(400, f"the request body is not valid JSON: {err}") from err
+        else:
+            raise HTTPException(415, f"unsupported Content-Type {media!r}: send {JSON} or {MULTIPART}")
+        if not isinstance(data, dict):
+            raise HTTPException(400, f"the JSON body must be an object with the fields of {model.__name__}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise validation_error(err) from None
+
+    return parse
+
+
+def openapi_body(model: type[BaseModel], list_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`openapi_extra` for a route whose body `body(model)` reads: one schema per content type."""
+    as_json = model.model_json_schema()
+    as_form = json.loads(json.dumps(as_json))
+    as_json["properties"]["image"] = {
+        "type": "string",
+        "contentEncoding": "base64",
+        "description": "the image file, base64-encoded",
+    }
+    as_form["properties"]["image"] = {
+        "type": "string",
+        "contentMediaType": "application/octet-stream",
+        "format": "binary",
+        "description": "the image file",
+    }
+    encoding = {name: {"style": "form", "explode": True} for name in list_fields}
+    form_media: dict[str, Any] = {"schema": as_form}
+    if encoding:
+        form_media["encoding"] = encoding
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": as_json}, MULTIPART: form_media},
+        }
+    }
+
+
+def _pixels(data: bytes, max_pixels: int, sizes: list[int]) -> dict[int, bytes]:
+    image = open_image(data, "image", max_pixels)
+    return {size: model_pixels(image, size) for size in dict.fromkeys(sizes)}
+
+
+async def image_pixels(data: bytes, max_pixels: int, sizes: list[int]) -> dict[int, bytes]:
+    """The image in `data` decoded (in a worker thread) and resized to each model size, or
+    ImageError (its `reason`: image_empty, image_undecodable, image_too_large)."""
+    try:
+        return await anyio.to_thread.run_sync(_pixels, data, max_pixels, sizes, limiter=_DECODES)
+    except ImageError as err:  # PIL names the BytesIO's address: not the client's business
+        raise ImageError(_ADDRESS.sub("", str(err)), err.reason) from None
+
+
+def model_pixels(image: Image.Image, size: int) -> bytes:
+    """The image resized (bicubic) to the model's square input, raw uint8 bytes: what the cleaning
+    job's decode stage hands its model stages (`clean_stages.decode_batch`)."""
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8).tobytes()

@@ -1,0 +1,256 @@
+"""`capfilt serve`: the REST service on uvicorn, its models in Ray actors.
+
+capfilt/cli.py wires it in with `add_serve_parser(sub)` and calls `run_serve(args)`;
+`python -m capfilt.services.serve_cli ...` runs it on its own.
+
+The API key never goes on the command line (where `ps` shows it): it comes from the environment
+variable CAPFILT_API_KEY or from the file --api-key-file names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from capfilt.errors import CapfiltError
+
+from .config import MiB, ServeConfig
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "CAPFILT_API_KEY"
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `serve` command to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "serve",
+        help="the REST API: caption and score single pairs, submit and watch cleaning jobs",
+        description=(
+            "Serve /v1/caption, /v1/score, /v1/capfilt and /v1/jobs (FastAPI on uvicorn; OpenAPI at /docs). "
+            "The captioner and filter run in Ray actors with dynamic micro-batching; jobs are `capfilt clean` "
+            f"submitted through Ray Jobs. The API key comes from ${API_KEY_ENV} or --api-key-file."
+        ),
+    )
+    p.add_argument("--captioner", required=True, metavar="CKPT", help="captioner checkpoint")
+    p.add_argument("--filter", required=True, metavar="CKPT", help="filter checkpoint (ITM with [ENC])")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: 8000)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster (default: RAY_ADDRESS, a running local Ray, else a new local one; 'local' forces new)",
+    )
+    p.add_argument(
+        "--dashboard-port", type=int, default=8265, help="a new local Ray's dashboard port (default: 8265)"
+    )
+    p.add_argument(
+        "--dashboard-url",
+        default=None,
+        metavar="URL",
+        help="Ray dashboard for Ray Jobs and job links (default: the cluster's own)",
+    )
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="actors per model (default: 1)")
+    p.add_argument("--num-gpus", type=float, default=0, metavar="G", help="GPUs per actor (default: 0)")
+    p.add_argument(
+        "--num-cpus",
+        type=float,
+        default=0,
+        help="CPUs each actor reserves in Ray (default: 0, leaving them to cleaning jobs)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: 1)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="requests per forward pass; 1 turns batching off (default: 16)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others to share its forward pass (default: 5)",
+    )
+    p.add_argument(
+        "--api-key-file", default=None, metavar="FILE", help=f"file holding the API key (else ${API_KEY_ENV})"
+    )
+    p.add_argument(
+        "--auth",
+        choices=["jobs", "all"],
+        default="jobs",
+        help="what the API key guards: the job endpoints, or every /v1 endpoint and /metrics (default: jobs)",
+    )
+    p.add_argument(
+        "--input-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="jobs may read inputs and checkpoints under it (repeatable; without roots jobs are disabled)",
+    )
+    p.add_argument(
+        "--output-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="jobs may write under it (repeatable)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=16 * MiB, help="largest request body (default: 16 MiB)"
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=25_000_000,
+        help="largest image, width x height, refused before decoding (default: 25000000)",
+    )
+    return p
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        try:
+            key = path.read_text().strip()
+        except OSError as err:
+            raise CapfiltError(f"--api-key-file {path}: cannot read it ({err})") from err
+        if not key:
+            raise CapfiltError(f"--api-key-file {path} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        captioner=args.captioner,
+        filter=args.filter,
+        host=args.host,
+        port=args.port,
+        ray_address=args.ray_address,
+        dashboard_port=args.dashboard_port,
+        dashboard_url=args.dashboard_url,
+        replicas=args.replicas,
+        num_gpus=args.num_gpus,
+        num_cpus=args.num_cpus,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        api_key=_api_key(args),
+        auth=args.auth,
+        input_roots=tuple(Path(r).resolve() for r in args.input_root),
+        output_roots=tuple(Path(r).resolve() for r in args.output_root),
+        max_body_bytes=args.max_body_bytes,
+        max_image_pixels=args.max_image_pixels,
+    )
+
+
+def init_ray(config: ServeConfig) -> str | None:
+    """Connect to (or start) Ray with a dashboard on 127.0.0.1; returns the dashboard URL, if any."""
+    import ray
+
+    context = ray.init(
+        address=config.ray_address,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=config.dashboard_port,
+        log_to_driver=False,
+    )
+    url = config.dashboard_url or getattr(context, "dashboard_url", None)
+    if url and "://" not in url:
+        url = f"http://{url}"
+    return url or None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Validate, start Ray and the actors, serve until interrupted. Prints one JSON line once listening:
+    {"url", "dashboard", "ray_address"}."""
+    import ray
+
+    from .actors import ModelPool
+    from .app import create_app
+    from .jobs import JobManager
+
+    config = config_from_args(args)
+    config.validate()
+    if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can submit jobs", config.host)
+    dashboard = init_ray(config)
+    models = ModelPool.start(config)
+    jobs = JobManager(config, dashboard) if dashboard else None
+    if jobs is None:
+        log.warning("the Ray cluster has no dashboard: the job endpoints cannot reach Ray Jobs")
+    app = create_app(config, models, jobs)
+    try:
+        facts = {"dashboard": dashboard, "ray_address": ray.get_runtime_context().gcs_address}
+        asyncio.run(_serve(app, config, models, facts))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        models.shutdown()
+        ray.shutdown()
+    return 0
+
+
+async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, Any]) -> None:
+    """uvicorn until interrupted; the bound URL printed once it listens. A model actor that fails to
+    load (a wrong checkpoint) ends the service with its error instead of a /readyz that stays 503."""
+    import uvicorn
+
+    from .actors import ModelUnavailable
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            loop="asyncio",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(json.dumps({"url": f"http://{shown}:{port}", **facts}), flush=True)
+    failure: ModelUnavailable | None = None
+    while not task.done():
+        try:
+            if models.ready():
+                break
+        except ModelUnavailable as err:
+            log.error("stopping: %s", err)
+            failure = err
+            server.should_exit = True
+            break
+        await asyncio.sleep(0.2)
+    await task
+    if failure is not None:
+        raise CapfiltError(f"the service stopped: {failure}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m capfilt.services.serve_cli ARGS`: the `serve` command on its own."""
+    parser = argparse.ArgumentParser(prog="capfilt")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_serve(args)
+    except CapfiltError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
