@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -135,15 +134,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m capfilt.services.bench_cli ARGS`: `capfilt bench serve` on its own."""
-    parser = argparse.ArgumentParser(prog="capfilt bench")
-    add_bench_serve_parser(parser.add_subparsers(dest="bench_command", required=True))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_bench_serve(args)
-    except CapfiltError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from capfilt.cli import main as capfilt_main  # one entry point: same logging, errors, exit codes
+
+    return capfilt_main(["bench", "serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -240,16 +240,9 @@ async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m capfilt.services.serve_cli ARGS`: the `serve` command on its own."""
-    parser = argparse.ArgumentParser(prog="capfilt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_parser(sub)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_serve(args)
-    except CapfiltError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from capfilt.cli import main as capfilt_main  # one entry point: same logging, errors, exit codes
+
+    return capfilt_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
