@@ -4,15 +4,17 @@ A ledger row says what happened to one input sample and why:
 
 - `status`: "ok" when the image was decoded and scored; otherwise img2dataset's status for a sample
   that never reached the tar ("failed_to_download", "failed_to_resize"), or ours: "missing_image"
-  (the tar has the key without an image, or the sidecar lists a success the tar lacks) and the
-  `capfilt.images.ImageError` reasons ("image_undecodable", "image_empty", "image_too_large").
+  (the tar has the key without an image, the sidecar lists a success the tar lacks, or a damaged
+  tar lost it), the `capfilt.images.ImageError` reasons ("image_undecodable", "image_empty",
+  "image_too_large"), "duplicate_key" (a key met again in its shard: the first sample with it is
+  the one cleaned) and "invalid_key" (a table key with a ".").
 - `reason`: for "ok" rows the decision's reason code (`capfilt.decision.REASONS`), else the status.
 - every score the filter gave (`web_itm`, `web_itc`, the `synthetic` candidates with theirs), what
   was kept, the threshold, the checkpoints' digests and the job seed, so a row can be reproduced.
 
-Rows are plain dicts with the fields of `LEDGER_SCHEMA`; `table` turns them into pyarrow. The
-ledger is the only per-sample record: the report, keep-fraction re-decisions and D' are all
-derived from it.
+Every input sample has one row, so a key repeated in a shard has one row per sample. Rows are
+plain dicts with the fields of `LEDGER_SCHEMA`; `table` turns them into pyarrow. The ledger is the
+only per-sample record: the report, keep-fraction re-decisions and D' are all derived from it.
 """
 
 from __future__ import annotations

@@ -144,6 +144,7 @@ class CleanSummary:
     wall_s: float
     samples_per_s: float  # this run's samples over its wall time
     timings: dict[str, float] = field(default_factory=dict)
+    read_errors: dict[str, str] = field(default_factory=dict)  # shard -> what cut its reading short
     report: Path | None = None  # report.html; None when it could not be written (the job's data stands)
 
 
@@ -425,4 +426,5 @@ def _summary(
         wall_s=wall,
         samples_per_s=run_samples / wall if wall > 0 else 0.0,
         timings={k: round(v, 3) for k, v in timings.items()},
+        read_errors={s["input"]: s["read_error"] for s in web_stats + human_stats if s.get("read_error")},
     )

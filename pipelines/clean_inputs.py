@@ -7,7 +7,8 @@ read stage, the D' writer and the report.
 
 A webdataset tar is read with its img2dataset parquet sidecar (failed downloads become samples with
 their status); a parquet image table holds one row per sample (`table_columns` says which columns
-count). What cannot be read is reported per sample or per shard, never raised from a Ray task.
+count). What cannot be read is reported per sample or per shard, never raised from a Ray task. In
+either format a key met again is a DUPLICATE_KEY sample: the first with the key is the one cleaned.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import posixpath
 import re
+import tarfile
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from capfilt.data import IMAGE_EXTENSIONS, PARQUET, filesystem, input_format
-from capfilt.data import read_tar as read_tar_groups
+from capfilt.data import _split_name as split_member_name
 from capfilt.errors import CapfiltError
 from capfilt.ledger import MISSING_IMAGE, OK
 
@@ -41,7 +43,8 @@ FETCH_THREADS = 16  # image files of a parquet table read at once (remote stores
 BYTES_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes")  # binary, or a struct with `bytes` (HF Image)
 PATH_COLUMNS = ("image_path", "path", "file")  # relative paths are relative to the parquet's directory
 TEXT_COLUMNS = ("caption", "text", "txt")
-DUPLICATE_KEY, INVALID_KEY = "duplicate_key", "invalid_key"  # statuses of table rows with unusable keys
+# statuses of samples with unusable keys: a key met again (tables and tars), a dotted one (tables)
+DUPLICATE_KEY, INVALID_KEY = "duplicate_key", "invalid_key"
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
@@ -107,10 +110,11 @@ def original_images(source: str, keys: Collection[str]) -> dict[str, bytes]:
 
 @dataclass
 class TarSample:
-    """One key of an input tar: its members by extension."""
+    """One sample of an input tar: its members by extension."""
 
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
+    cut: bool = False  # the read error struck while its members were read: some may be lost
 
     @property
     def image_ext(self) -> str | None:
@@ -134,20 +138,71 @@ class TarSample:
 
 
 def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
-    """Members of a tar (a local path or URL) grouped by key (`capfilt.data.read_tar`), and the read
-    error that cut it short, if any: what was read before a truncation is kept."""
+    """The samples of a tar (a local path or URL), members grouped by key as `capfilt.data.read_tar`
+    groups them (unsorted tars are fine), and the error that cut the read short, if any.
+
+    A member whose key and extension were already met starts a new sample of that key;
+    `read_webdataset` cleans the first and reports the others as DUPLICATE_KEY (webdataset itself
+    yields them as more samples of the key, or refuses the tar). What was read before an error is
+    kept; the sample of the last member read is marked `cut`, as its other members may be lost.
+    tarfile stops without a word at a corrupt header in the middle of a tar or at a tar cut between
+    members: the bytes after the last member tell (`_end_of_archive`)."""
+    samples: list[TarSample] = []
+    latest: dict[str, TarSample] = {}  # each key's last sample: a member joins it unless it repeats
+    reading: TarSample | None = None
+    error = None
     try:
-        with fsspec.open(str(path), "rb") as f:
-            groups, error = read_tar_groups(path, fileobj=f)
-    except (OSError, ValueError, CapfiltError) as err:  # could not even open it
-        groups, error = {}, f"cannot read shard {path}: {err}"
+        with fsspec.open(str(path), "rb") as f, _open_tar(f) as tar:
+            for member in tar:
+                key, ext = split_member_name(member.name)
+                if not member.isfile() or not ext or key.rpartition("/")[2].startswith("_"):
+                    continue  # webdataset skips names without an extension and "__" metadata
+                short = key.rpartition("/")[2]
+                reading = latest.get(short)
+                if reading is None or ext in reading.files:
+                    reading = latest[short] = TarSample(short)
+                    samples.append(reading)
+                handle = tar.extractfile(member)
+                assert handle is not None
+                reading.files[ext] = handle.read()
+            error = _end_of_archive(tar)
+    except (tarfile.TarError, OSError, EOFError, ValueError, CapfiltError) as err:
+        error = str(err)
     if error:
-        log.warning("%s; keeping the %d samples read before it", error, len(groups))
-    samples: dict[str, TarSample] = {}
-    for key, files in groups.items():
-        short = key.rpartition("/")[2]
-        samples.setdefault(short, TarSample(short)).files.update(files)
-    return list(samples.values()), error
+        error = f"cannot read shard {path}: {error}"
+        if reading is not None:
+            reading.cut = True
+        log.warning("%s; keeping the %d samples read before it", error, len(samples))
+    return samples, error
+
+
+def _open_tar(f: Any) -> tarfile.TarFile:
+    """A tar, plain or compressed, or tarfile.ReadError in one line (tarfile lists every method)."""
+    try:
+        return tarfile.open(fileobj=f, mode="r:*")
+    except tarfile.ReadError as err:
+        raise tarfile.ReadError("not a tar file (plain, gzip, bz2 or xz)") from err
+
+
+def _end_of_archive(tar: tarfile.TarFile) -> str | None:
+    """Why the bytes after the last member tarfile read are not the end of the tar, if they are not:
+    a tar ends in two zero blocks; anything before them is a header tarfile could not read."""
+    f = tar.fileobj
+    assert f is not None
+    f.seek(tar.offset)
+    zeros = 0
+    while chunk := f.read(1 << 16):
+        rest = chunk.lstrip(b"\0")
+        zeros += len(chunk) - len(rest)
+        if rest and zeros >= 2 * tarfile.BLOCKSIZE:  # after a whole end-of-archive marker: not the tar's
+            log.warning("ignoring data after the end of %s", tar.name)
+            return None
+        if rest:
+            at = tar.offset + zeros
+            return f"unreadable data at byte {at} (a corrupt member header): the members after it are lost"
+    if zeros < tarfile.BLOCKSIZE:
+        return f"no end-of-archive marker after byte {tar.offset}: the tar was cut short"
+    return None
 
 
 def read_sidecar(tar_path: str | Path) -> list[dict[str, Any]]:
@@ -170,24 +225,37 @@ def read_sidecar(tar_path: str | Path) -> list[dict[str, Any]]:
 
 
 def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[list[InputSample], str | None]:
-    """A tar's samples, then its sidecar's failed or missing ones with img2dataset's status."""
+    """A tar's samples, then its sidecar's failed or missing ones with img2dataset's status.
+
+    The first sample of a key is the one cleaned; a later one of the same key becomes a
+    DUPLICATE_KEY sample (left out when `keys` are asked for), as a repeated key of a table does.
+    A sample the read error cut (`TarSample.cut`) is MISSING_IMAGE with that error."""
     tar, error = read_tar(source)
     out: list[InputSample] = []
     seen: set[str] = set()
     for s in tar:
+        repeated = s.key in seen
         seen.add(s.key)
-        if keys is not None and s.key not in keys:
+        if keys is not None and (s.key not in keys or repeated):
             continue
         ext, url = s.image_ext, s.meta.get("url")
+        if repeated:
+            status, message = DUPLICATE_KEY, f"key {s.key} is used by an earlier sample in {source}"
+        elif s.cut:
+            status, message = MISSING_IMAGE, error
+        elif ext is None:
+            status, message = MISSING_IMAGE, f"no image member for key {s.key} in {source}"
+        else:
+            status, message = OK, None
         out.append(
             InputSample(
                 s.key,
-                image=s.files[ext] if ext else None,
+                image=s.files[ext] if ext and status == OK else None,
                 text=s.text,
                 url=url if isinstance(url, str) else None,
                 meta=s.meta,
-                status=OK if ext else MISSING_IMAGE,
-                error_message=None if ext else f"no image member for key {s.key} in {source}",
+                status=status,
+                error_message=message,
                 ext_hint=ext,
             )
         )

@@ -15,16 +15,19 @@ Layout under the output directory (NNNNN = the shard id: web inputs first, then 
 
 Every file is written as `name.tmp` and renamed when complete; a shard's manifest line is
 appended only after all of its files are renamed. A killed job leaves at most `.tmp` files
-(removed on resume) and files of a shard without a manifest line (rewritten on resume).
+(removed on resume) and files of a shard without a manifest line (rewritten on resume). A write
+that fails (a full disk, no permission) stops the job with a CapfiltError naming the file; the
+shard it was writing has no manifest line, so `--resume` writes it again once the cause is fixed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,16 +61,31 @@ class Shard:
         return f"{self.id:05d}"
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError of writing `path` into a CapfiltError that names it and says what to do."""
+    try:
+        yield
+    except OSError as err:
+        why = err.strerror or str(err)
+        raise CapfiltError(
+            f"cannot write {path}: {why}; free space or fix permissions there, then rerun with --resume"
+        ) from err
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Write to `path.tmp` with `write`; returns the temporary path (renamed later)."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    with _writing(tmp):
+        write(tmp)
     return tmp
 
 
 def _commit(temps: Sequence[Path]) -> None:
     for tmp in temps:
-        tmp.replace(tmp.with_name(tmp.name.removesuffix(".tmp")))
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        with _writing(final):
+            tmp.replace(final)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -102,10 +120,12 @@ def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
                 "rerun with the saved ones or choose another --output"
             )
     for sub in SUBDIRS:
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        with _writing(out / sub):
+            (out / sub).mkdir(parents=True, exist_ok=True)
     for tmp in out.rglob("*.tmp"):  # half-written files of a killed run
         log.info("removing unfinished %s", tmp)
-        tmp.unlink()
+        with _writing(tmp):
+            tmp.unlink()
     write_json(out / JOB, job)
     return set(read_manifest(out))
 
@@ -124,7 +144,8 @@ def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _append_manifest(out: Path, entry: dict[str, Any]) -> None:
-    with open(out / MANIFEST, "a") as f:
+    """One line, whole or cut short (`read_manifest` drops a cut line): never a shard half-listed."""
+    with _writing(out / MANIFEST), open(out / MANIFEST, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -186,12 +207,17 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
     """D' pairs, ledger and stats of one cleaned shard from its ledger rows; returns the stats.
 
     Image bytes are copied from the input, which is read again here (`read_input`, for the kept
-    samples only): they never travel through the model stages."""
-    rows = sorted(rows, key=lambda r: r["key"])
+    samples only): they never travel through the model stages. That read also gives the shard's
+    read error (a tar cut short or corrupt), recorded in the stats as `read_error`."""
+    # Rows arrive in any order; a key repeated in the input has one row per sample: sort them all.
+    rows = sorted(rows, key=lambda r: (r["key"], r["status"], r["error_message"] or ""))
     wanted = {r["key"] for r in rows if kept_pairs(r)}
+    found, error = read_input(shard.source, wanted)
+    if error:
+        log.warning("%s; the %d samples it accounts for are in the ledger", error, len(rows))
     samples: dict[str, InputSample] = {}
-    for s in read_input(shard.source, wanted)[0] if wanted else []:
-        samples.setdefault(s.key, s)  # a key repeated in a table: its first row is the scored one
+    for s in found:
+        samples.setdefault(s.key, s)  # a key repeated in the input: its first sample is the scored one
     records, index = [], []
     for row in rows:
         for key, origin, text, itm in kept_pairs(row):
@@ -221,6 +247,7 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
         "synthetic_kept": sum(len(r["synthetic_kept"]) for r in rows),
         "dprime_pairs": len(records),
         "threshold": rows[0]["threshold"] if rows else None,
+        "read_error": error,
     }
     _finish(out, shard, records, index, table(rows), stats)
     return stats

@@ -5,6 +5,8 @@ service as its own process (`python -m capfilt.services.serve_cli --ray-address 
 checkpoints of tests/conftest.py in real Ray actors, uvicorn on 127.0.0.1 on a free port, an API
 key from the environment guarding the job endpoints, input/output roots in this session's temp dir.
 
+`serve(...)` starts such a service; tests that stop or kill one start their own with it.
+
 Everything of this Ray is this session's own: every port is picked free (a second Ray on the
 machine, such as the pipelines tests' in-process one, holds the defaults, the dashboard agent's
 52365 among them, and a head sharing it could not run jobs), its temp dir is private (so
@@ -144,27 +146,41 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def service(
-    tmp_path_factory: pytest.TempPathFactory,
+@contextlib.contextmanager
+def serve(
     ray_head: RayHead,
     input_root: Path,
-    our_captioner_dir: Path,
-    our_filter_dir: Path,
-) -> Iterator[Service]:
-    output_root = tmp_path_factory.mktemp("outputs")
-    log_path = tmp_path_factory.mktemp("service_log") / "serve.log"
+    output_root: Path,
+    captioner: Path,
+    filt: Path,
+    log_path: Path,
+    *,
+    port: int = 0,
+    replicas: int = 2,
+    wait_ready: bool = True,
+) -> Iterator[tuple[Service, subprocess.Popen[str]]]:
+    """A `capfilt serve` process on `ray_head`, once it listens (and, with `wait_ready`, once its
+    models answer); stopped with SIGINT on exit, unless it is gone already."""
     argv = [
-        *("--captioner", str(our_captioner_dir), "--filter", str(our_filter_dir)),
-        *("--host", "127.0.0.1", "--port", "0", "--ray-address", ray_head.address, "--max-wait-ms", "20"),
-        *("--replicas", "2"),
+        *("--captioner", str(captioner), "--filter", str(filt)),
+        *(
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ray-address",
+            ray_head.address,
+            "--max-wait-ms",
+            "20",
+        ),
+        *("--replicas", str(replicas)),
         *("--input-root", str(input_root), "--output-root", str(output_root)),
         *("--max-body-bytes", str(MAX_BODY), "--max-image-pixels", str(MAX_PIXELS)),
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60: a driver given an explicit address uses the cluster's token auth only when told to
     env.update(CAPFILT_API_KEY=API_KEY, RAY_AUTH_MODE="token")
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "capfilt.services.serve_cli", *argv],
             stdout=subprocess.PIPE,
@@ -180,7 +196,7 @@ def service(
         facts = json.loads(line)
         deadline = time.monotonic() + START_TIMEOUT_S
         with httpx.Client(base_url=facts["url"], timeout=10) as client:
-            while True:
+            while wait_ready:
                 try:
                     if client.get("/readyz").status_code == 200:
                         break
@@ -191,14 +207,32 @@ def service(
                 assert proc.poll() is None, log_path.read_text()[-5000:]
                 assert time.monotonic() < deadline, "the models did not load in time"
                 time.sleep(0.2)
-        yield Service(
+        service = Service(
             url=facts["url"],
             dashboard=facts["dashboard"],
             ray_address=facts["ray_address"],
             input_root=input_root,
             output_root=output_root,
-            captioner=our_captioner_dir,
-            filter=our_filter_dir,
+            captioner=captioner,
+            filter=filt,
         )
+        yield service, proc
     finally:
         _end(proc, signal.SIGINT, 30)  # on SIGINT run_serve stops uvicorn, then its actors
+
+
+@pytest.fixture(scope="session")
+def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_head: RayHead,
+    input_root: Path,
+    our_captioner_dir: Path,
+    our_filter_dir: Path,
+) -> Iterator[Service]:
+    output_root = tmp_path_factory.mktemp("outputs")
+    log_path = tmp_path_factory.mktemp("service_log") / "serve.log"
+    with serve(ray_head, input_root, output_root, our_captioner_dir, our_filter_dir, log_path) as (
+        started,
+        _,
+    ):
+        yield started
