@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch and torchvision first, pinned, so pip takes the builds this machine serves and nothing larger.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test lint demo clean-venv
+.PHONY: venv test lint demo bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,16 @@ lint: venv
 
 demo: venv
 	$(BIN)/capfilt demo --out runs/demo
+
+# Throughput, recorded in docs/benchmarks.md: CPU (small, every path, the job's scaling run) and,
+# where a GPU is present, base at 384 px.
+bench: venv
+	$(BIN)/capfilt bench throughput --size small --pairs 512 --scaling 1000 10000
+	$(BIN)/capfilt bench throughput --size base --pairs 16 --batch-size 8 --check-images 8 --paths transformers exact fast
+
+bench-gpu: venv
+	$(BIN)/capfilt bench throughput --device cuda --size base --image-size 384 --pairs 1024 --batch-size 256 \
+		--check-images 64 --paths transformers exact fast
 
 clean-venv:
 	rm -rf $(VENV)

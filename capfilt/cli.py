@@ -119,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     from capfilt.services.serve_cli import add_serve_parser
 
     add_serve_parser(sub)
-    p = sub.add_parser("bench", help="benchmarks: load-test the REST service")
+    from capfilt.pipelines.bench_cli import add_bench_throughput_parser
+
+    p = sub.add_parser("bench", help="benchmarks: the REST service under load; CapFilt throughput")
     bench_sub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     add_bench_serve_parser(bench_sub)
+    add_bench_throughput_parser(bench_sub)
 
     p = sub.add_parser(
         "bootstrap",
@@ -439,9 +442,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "throughput":
+        from capfilt.pipelines.bench_cli import run_bench_throughput_cli
+
+        return run_bench_throughput_cli(args)
     from capfilt.services.bench_cli import run_bench_serve
 
-    return run_bench_serve(args)  # the only bench command so far: "serve"
+    return run_bench_serve(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

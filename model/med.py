@@ -96,11 +96,27 @@ class MED(nn.Module):
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     def itm_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        texts_per_image: int = 1,
     ) -> torch.Tensor:
-        """Image-grounded encoder with `[ENC]` at position 0 -> (B, 2) logits [no match, match]."""
+        """Image-grounded encoder with `[ENC]` at position 0 -> (B, 2) logits [no match, match].
+
+        image_embeds (B, 1 + N, Dv), one per text; or one per image, with `image_index` (B,)
+        naming each text's image or `texts_per_image` n (texts image-major, n per image), so an
+        image scored with several texts is projected to cross-attention keys and values once."""
         ids = self._with_mode_token(input_ids, self.config.text.enc_token_id)
-        hidden = self.text(ids, attention_mask, mode="encoder", image=image_embeds)
+        hidden = self.text(
+            ids,
+            attention_mask,
+            mode="encoder",
+            image=image_embeds,
+            image_index=image_index,
+            texts_per_image=texts_per_image,
+        )
         return self.itm_head(hidden[:, 0])
 
     def lm_logits(

@@ -140,6 +140,8 @@ class TextLayer(nn.Module):
         image: torch.Tensor | None,
         cache: KVCache | None,
         index: int,
+        image_index: torch.Tensor | None = None,
+        texts_per_image: int = 1,
     ) -> torch.Tensor:
         sa = self.causal_attention if mode == "decoder" else self.attention
         k, v = sa.kv(x)
@@ -155,9 +157,21 @@ class TextLayer(nn.Module):
             else:
                 assert image is not None, "image-grounded modes need image features"
                 cross_kv = self.crossattention.kv(image)
+                if image_index is not None:  # several texts per image: project each image once
+                    cross_kv = (
+                        cross_kv[0].index_select(0, image_index),
+                        cross_kv[1].index_select(0, image_index),
+                    )
                 if cache is not None:
                     cache.cross_kv[index] = cross_kv
-            x = self.crossattention(x, None, cross_kv)
+            if texts_per_image > 1:
+                # Cross-attention keeps no state between queries, so the texts of one image can be
+                # one long query sequence against that image's keys and values: no copies of them.
+                B, L, D = x.shape
+                grouped = x.reshape(B // texts_per_image, texts_per_image * L, D)
+                x = self.crossattention(grouped, None, cross_kv).reshape(B, L, D)
+            else:
+                x = self.crossattention(x, None, cross_kv)
         h = F.gelu(self.intermediate.dense(x))
         return self.output(h, x)
 
@@ -183,27 +197,48 @@ class TextTransformer(nn.Module):
         mode: Mode,
         image: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        image_index: torch.Tensor | None = None,
+        texts_per_image: int = 1,
     ) -> torch.Tensor:
-        """attention_mask (B, T) of 1/0 over the keys given now (cached keys are always visible)."""
+        """attention_mask (B, T) of 1/0 over the keys given now (cached keys are always visible).
+
+        image (B, N, Dv), one per text row; or (B_img, N, Dv) shared by several rows, each image's
+        cross-attention keys and values computed once: with `image_index` (B,) row i attends to
+        image `image_index[i]`; with `texts_per_image` n, rows n*j .. n*j + n - 1 attend to image j."""
+        if (
+            texts_per_image > 1
+            and image is not None
+            and image.shape[0] * texts_per_image != input_ids.shape[0]
+        ):
+            raise ValueError(
+                f"{input_ids.shape[0]} texts are not {texts_per_image} per image for {image.shape[0]} images"
+            )
         if mode == "decoder" and not self.has_decoder:
             raise ValueError("this checkpoint has no text decoder (it cannot caption)")
         if mode != "decoder" and not self.has_encoder:
             raise ValueError("this checkpoint has no text encoder (it cannot score texts)")
         past = cache.length if cache is not None else 0
         x = self.embeddings(input_ids, past_length=past)
-        mask = self_attention_mask(attention_mask, x.shape[1], past, causal=mode == "decoder", dtype=x.dtype)
+        mask = self_attention_mask(
+            attention_mask, x.shape[1], past, causal=mode == "decoder", dtype=x.dtype, device=x.device
+        )
         for i, layer in enumerate(self.layer):
             if self.grad_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, mode, mask, image, None, i, use_reentrant=False
+                    layer, x, mode, mask, image, None, i, image_index, texts_per_image, use_reentrant=False
                 )
             else:
-                x = layer(x, mode, mask, image, cache, i)
+                x = layer(x, mode, mask, image, cache, i, image_index, texts_per_image)
         return x
 
 
 def self_attention_mask(
-    attention_mask: torch.Tensor | None, T: int, past: int, causal: bool, dtype: torch.dtype
+    attention_mask: torch.Tensor | None,
+    T: int,
+    past: int,
+    causal: bool,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """Additive mask (B or 1, 1, T, past + T): padding keys hidden, and future keys when causal."""
     if attention_mask is None and (not causal or T == 1):
@@ -211,7 +246,7 @@ def self_attention_mask(
     S = past + T
     neg = torch.finfo(dtype).min
     mask = None
-    device = attention_mask.device if attention_mask is not None else None
+    device = attention_mask.device if attention_mask is not None else device
     if attention_mask is not None:
         keys = (
             attention_mask[:, -S:]

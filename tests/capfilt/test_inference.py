@@ -112,3 +112,27 @@ def test_preprocess_shape_and_normalisation():
     x = preprocess([white, white], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert x.shape == (2, 3, 32, 32)
     assert float(x.min()) == pytest.approx(1.0) and float(x.max()) == pytest.approx(1.0)
+
+
+def test_texts_grouped_per_image_score_as_each_text_alone(our_filter_dir):
+    """Every image with the same number of texts takes the grouped cross-attention path (one
+    key/value projection per image); it must give what scoring each text on its own gives."""
+    images = _images(5)
+    texts = [[f"a red circle {i}", "two green squares and a long tail of words"] for i in range(5)]
+    grouped = Filter(our_filter_dir, batch_size=4).score(images, texts)  # chunks of whole images
+    for image, pair, scores in zip(images, texts, grouped):
+        for text, score in zip(pair, scores):
+            alone = Filter(our_filter_dir).score([image], [[text]])[0][0]
+            assert score.text == text
+            assert score.itm == pytest.approx(alone.itm, abs=1e-5)
+            assert score.itc == pytest.approx(alone.itc, abs=1e-5)
+
+
+def test_grouped_texts_must_divide_evenly(our_filter_dir):
+    import torch
+
+    f = Filter(our_filter_dir)
+    embeds = f.med.encode_image(f.pixels(_images(2)))
+    ids, mask = f.ckpt.tokenizer(["a", "b", "c"], 8)
+    with pytest.raises(ValueError, match="3 texts are not 2 per image for 2 images"), torch.inference_mode():
+        f.med.itm_logits(embeds, ids, mask, texts_per_image=2)

@@ -358,6 +358,22 @@ def test_processors_match_transformers() -> None:
         assert torch.equal(_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
 
 
+@pytest.mark.parametrize("kind", ["flat", "peaked", "ties", "masked"])
+def test_top_p_equals_transformers_on_a_real_vocabulary(kind: str) -> None:
+    """The value-threshold nucleus equals TopPLogitsWarper token for token, also where equal
+    values straddle the boundary (those rows take the argsort path) and with -inf entries."""
+    torch.manual_seed(5)
+    scores = {
+        "flat": torch.randn(64, 4000) * 0.02,  # random weights: the nucleus is most of the vocabulary
+        "peaked": torch.randn(64, 4000) * 4,
+        "ties": torch.randint(-4, 4, (64, 4000)).float(),
+        "masked": torch.randn(64, 4000).masked_fill(torch.rand(64, 4000) < 0.3, -math.inf),
+    }[kind]
+    seqs = torch.zeros(64, 1, dtype=torch.long)
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        assert torch.equal(_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
+
+
 def test_sampler_draws_from_the_nucleus() -> None:
     torch.manual_seed(3)
     N, config = 40_000, GenerationConfig(top_p=0.8, temperature=0.7)
@@ -407,3 +423,13 @@ def test_generate_rejects_bad_inputs(med: MED, images: torch.Tensor) -> None:
         generate(med, images, PROMPT, GenerationConfig(), seeds=[1, 2])
     with pytest.raises(ValueError, match="top_p"):
         generate(med, images, PROMPT, GenerationConfig(top_p=2.0))
+
+
+def test_sampler_at_the_top_of_the_cdf_picks_the_last_token_with_mass() -> None:
+    """A uniform that rounds to the total mass must still pick a token in the nucleus."""
+    config = GenerationConfig(top_p=0.5)
+    scores = torch.tensor([[0.0, 3.0, -math.inf, 2.0, -1.0, -math.inf]])
+    kept = _top_p(scores, 0.5)[0] > -math.inf
+    picked = _nucleus_chooser(torch.ones(1, 1, dtype=torch.float64), config)(scores, torch.arange(1), 0)
+    assert kept[picked].all()
+    assert int(picked) == int(kept.nonzero().max())

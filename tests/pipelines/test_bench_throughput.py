@@ -1,0 +1,87 @@
+"""`capfilt bench throughput`: the figures it prints are computed, checked and consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capfilt.cli import main
+from capfilt.errors import CapfiltError
+from capfilt.model.config import med_config
+from capfilt.model.med import MED
+from capfilt.pipelines.bench_throughput import ThroughputConfig, run_throughput, vit_flops
+
+
+def test_vit_flops_equal_the_counted_matmuls() -> None:
+    """Our FLOP formula, attention aside (torch's counter does not see CPU attention), equals what
+    torch counts in the encoder's convolution and linear layers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for size, px in (("tiny", 32), ("small", 64)):
+        cfg = med_config(size, image_size=px)
+        med = MED(cfg).eval()
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            med.encode_image(torch.randn(3, 3, px, px))
+        v = cfg.vision
+        tokens = (px // v.patch_size) ** 2 + 1
+        attention = v.depth * 4 * tokens**2 * v.width
+        assert counter.get_total_flops() == 3 * (vit_flops(cfg) - attention)
+    # ViT-B/16 at 224 px: 17.6 GMACs, as timm reports it.
+    assert vit_flops(med_config("base")) / 2 == pytest.approx(17.56e9, rel=0.01)
+
+
+def test_bench_compares_paths_on_identical_weights(capsys) -> None:
+    code = main(
+        [
+            "bench", "throughput", "--size", "tiny", "--pairs", "8", "--batch-size", "4",
+            "--check-images", "4", "--paths", "transformers", "exact", "fast", "--json",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    paths = result["paths"]
+    assert set(paths) == {"transformers", "exact", "fast"}
+    for p in paths.values():
+        assert p["pairs"] == 8 and p["seconds"] > 0
+        assert p["pairs_per_s"] == pytest.approx(8 / p["seconds"])
+        assert 0 < p["mfu"] == pytest.approx(p["model_tflops"] / result["matmul_tflops"]["fp32"])
+    assert result["ratios"]["exact_over_transformers"] == pytest.approx(
+        paths["exact"]["pairs_per_s"] / paths["transformers"]["pairs_per_s"]
+    )
+    exact = result["exactness"]
+    assert exact["images"] == 4 and exact["greedy_identical"] == 4
+    assert exact["itm_texts"] == 8 and exact["itm_max_abs_diff"] < 1e-4
+    fast = paths["fast"]["notes"]
+    assert 0.0 <= fast["decision_agreement"] <= 1.0
+    assert 0.0 < fast["web_itm_max_abs_diff"] < 0.1  # int8 changes the scores, a little
+    assert result["vit"]["images_per_s"] > 0 and result["vit"]["mfu"] > 0
+
+
+def test_bench_runs_the_clean_job_and_the_scaling_run(ray_cluster) -> None:
+    result = run_throughput(
+        ThroughputConfig(size="tiny", pairs=8, batch_size=4, paths=("exact", "job"), scaling=(6,))
+    )
+    job = result["job"]
+    assert job["pairs"] == 8 and job["wall_s"] > 0 and job["peak_rss_gb"] > 0
+    assert result["paths"]["job"]["pairs_per_s"] == pytest.approx(8 / job["wall_s"])
+    assert "job_over_exact" in result["ratios"]
+    (row,) = result["scaling"]
+    assert row["pairs"] == 6 and row["seconds_per_pair"] == pytest.approx(row["wall_s"] / 6)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"size": "huge"}, "--size must be one of"),
+        ({"pairs": 0}, "--pairs must be >= 1"),
+        ({"paths": ("exact", "fastest")}, "--paths takes some of"),
+        ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+        ({"captioner": "/nonexistent/ckpt"}, "--captioner /nonexistent/ckpt: checkpoint not found"),
+        ({"scaling": (0,)}, "--scaling pair counts must be >= 1"),
+    ],
+)
+def test_options_are_checked_by_name(changes: dict, message: str) -> None:
+    with pytest.raises(CapfiltError, match=message):
+        ThroughputConfig(**changes).validate()
