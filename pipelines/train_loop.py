@@ -160,6 +160,8 @@ class _Worker:
 
     def __init__(self, spec: LoopSpec, device: torch.device, progress: ProgressFn | None) -> None:
         cfg = self.cfg = spec.config
+        if device.type == "cuda" and device.index is None:  # "cuda": the current device, by number
+            device = torch.device("cuda", torch.cuda.current_device())
         self.spec, self.device, self.progress = spec, device, progress
         self.rank, self.world = _dist()
         self.out = Path(cfg.out)
