@@ -10,10 +10,10 @@ import argparse
 import json
 from typing import Any
 
+PATHS = ("transformers", "exact", "fast", "job")  # what `--paths` may name (no torch import for the parser)
+
 
 def add_bench_throughput_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .bench_throughput import PATHS
-
     p = subparsers.add_parser(
         "throughput",
         help="CapFilt pairs/s: transformers' loop vs ours (exact and fast) vs the clean job, with MFU",

@@ -48,9 +48,10 @@ from capfilt.model.generate import GenerationConfig
 from capfilt.model.tokenizer import CaptionTokenizer, train_tokenizer
 from capfilt.text import pre_caption
 
+from .bench_cli import PATHS
+
 log = logging.getLogger(__name__)
 
-PATHS = ("transformers", "exact", "fast", "job")
 BERT_VOCAB = 30524  # bert-base-uncased + [DEC] + [ENC]: what a real BLIP checkpoint's LM head computes
 
 

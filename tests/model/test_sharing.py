@@ -194,3 +194,15 @@ def test_itm_reads_enc_the_decoder_dec_and_the_text_encoder_cls(
             torch.testing.assert_close(got, expected_fn(mode_token))
             for other in {CLS, ENC, DEC} - {mode_token}:
                 assert not torch.allclose(got, expected_fn(other), atol=1e-5)
+
+
+def test_attention_masks_are_built_on_the_model_device() -> None:
+    """The causal mask of a prompt with no padding mask is made where the tokens are (on a GPU the
+    decoder's prefill failed when it came out on the CPU)."""
+    from capfilt.model.text import self_attention_mask
+
+    meta = torch.device("meta")
+    mask = self_attention_mask(None, 4, 0, causal=True, dtype=torch.float32, device=meta)
+    assert mask is not None and mask.device == meta and mask.shape == (1, 1, 4, 4)
+    cpu = self_attention_mask(None, 4, 0, causal=True, dtype=torch.float32, device=torch.device("cpu"))
+    assert torch.equal(cpu[0, 0] < 0, torch.ones(4, 4).triu(1).bool())  # future keys hidden, the rest seen
