@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from capfilt.data import PARQUET, input_files, input_format
 from capfilt.decision import Rule, threshold_for_keep_fraction
 from capfilt.errors import CapfiltError
-from capfilt.inference import CAPFILT_SAMPLING
+from capfilt.inference import CAPFILT_SAMPLING, PRECISIONS
 from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
 from capfilt.model.generate import GenerationConfig
 
@@ -86,6 +86,7 @@ class CleanConfig:
     filter_actors: int = 1
     resume: bool = False  # continue a job in `output`: finished shards are skipped
     seed: int = 0  # a sample's sampling seed comes from (seed, key)
+    precision: str = "exact"  # "fast": bf16 on GPUs, int8 on CPUs (agreement: docs/benchmarks.md)
     ray_address: str | None = None  # default: the running Ray, RAY_ADDRESS, or a new local one
 
     def validate(self) -> None:
@@ -112,6 +113,8 @@ class CleanConfig:
             raise bad("batch-size", f"must be >= 1; got {self.batch_size}")
         if not self.num_gpus >= 0:
             raise bad("num-gpus", f"must be >= 0; got {self.num_gpus}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         for name in ("captioner_actors", "filter_actors"):
             if getattr(self, name) < 1:
                 raise bad(name.replace("_", "-"), f"must be >= 1; got {getattr(self, name)}")
@@ -198,7 +201,9 @@ def _score(
     actor_cpus = 1.0 if config.num_gpus > 0 else max(0.25, min(1.0, cpus / (actors + 1)))
     task_cpus = max(0.25, min(1.0, cpus - actor_cpus * actors))
     device = "cuda" if config.num_gpus > 0 else "cpu"
-    model_args = dict(batch_size=config.batch_size, device=device, num_cpus=actor_cpus)
+    model_args = dict(
+        batch_size=config.batch_size, device=device, num_cpus=actor_cpus, precision=config.precision
+    )
     sizes = sorted({captioner.image_size, filt.image_size})
     by_id = {s.id: s for s in shards}
     ds = ray.data.from_items(
@@ -269,6 +274,8 @@ def _job(
         "seed": config.seed,
         "captioner_id": cap.digest,
         "filter_id": filt.digest,
+        # Named only when not the default, so jobs written before the option resume as before.
+        **({"precision": config.precision} if config.precision != "exact" else {}),
     }
 
 

@@ -73,6 +73,12 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=0, help="sampling seed; per sample from (seed, key) (default: 0)"
     )
+    p.add_argument(
+        "--precision",
+        choices=["exact", "fast"],
+        default="exact",
+        help="exact: fp32; fast: bf16 on GPUs, int8 on CPUs, a few decisions may differ (default: exact)",
+    )
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     return p
 
@@ -96,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> CleanConfig:
         filter_actors=args.filter_actors,
         resume=args.resume,
         seed=args.seed,
+        precision=args.precision,
         ray_address=args.ray_address,
     )
 

@@ -113,7 +113,11 @@ def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
         if not (out / JOB).is_file():
             raise CapfiltError(f"--output {out} holds files but no {JOB}: it is not a clean job's output")
         saved = json.loads((out / JOB).read_text())
-        diff = [f"{k}: saved {saved.get(k)!r}, now {job[k]!r}" for k in job if saved.get(k) != job[k]]
+        diff = [
+            f"{k}: saved {saved.get(k)!r}, now {job.get(k)!r}"
+            for k in sorted(set(job) | set(saved))
+            if saved.get(k) != job.get(k)
+        ]
         if diff:
             raise CapfiltError(
                 f"--resume in {out}: the job was started with other arguments ({'; '.join(diff)}); "

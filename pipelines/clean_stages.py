@@ -132,11 +132,12 @@ class CaptionStage:
         batch_size: int,
         device: str,
         num_cpus: float,
+        precision: str = "exact",
     ) -> None:
         from capfilt.inference import Captioner
 
         _set_threads(num_cpus)
-        self.captioner = Captioner(checkpoint, device=device, batch_size=batch_size)
+        self.captioner = Captioner(checkpoint, device=device, batch_size=batch_size, precision=precision)
         self.generation = GenerationConfig(**generation)
         self.size, self.seed = image_size, seed
 
@@ -168,11 +169,12 @@ class FilterStage:
         batch_size: int,
         device: str,
         num_cpus: float,
+        precision: str = "exact",
     ) -> None:
         from capfilt.inference import Filter
 
         _set_threads(num_cpus)
-        self.filter = Filter(checkpoint, device=device, batch_size=batch_size)
+        self.filter = Filter(checkpoint, device=device, batch_size=batch_size, precision=precision)
         self.rule = Rule(threshold=threshold)
         self.size, self.seed = image_size, seed
 

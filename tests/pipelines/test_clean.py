@@ -315,6 +315,28 @@ def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filte
         clean(config())
     with pytest.raises(CapfiltError, match=r"--num-captions must be >= 1"):
         clean(config(num_captions=0))
+    with pytest.raises(CapfiltError, match=r"--precision must be one of exact, fast; got 'half'"):
+        clean(config(precision="half"))
+
+
+def test_fast_precision_cleans_every_sample_with_close_scores(
+    whole, inputs, world, our_captioner_dir, our_filter_dir, tmp_path
+) -> None:
+    """`--precision fast` (int8 on this CPU): the same samples, the same statuses, web-text scores
+    near exact mode's (the synthetic captions may differ: sampling diverges once a logit moves)."""
+    fast = clean(
+        _config(inputs, world, tmp_path / "fast", our_captioner_dir, our_filter_dir, precision="fast")
+    )
+    exact = {r["key"]: r for r in read_ledger(whole.output).to_pylist()}
+    rows = read_ledger(fast.output).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(exact)
+    for row in rows:
+        assert row["status"] == exact[row["key"]]["status"]
+        if row["web_itm"] is not None:
+            assert abs(row["web_itm"] - exact[row["key"]]["web_itm"]) < 0.05
+    assert json.loads((fast.output / "job.json").read_text())["precision"] == "fast"
+    with pytest.raises(CapfiltError, match=r"precision: saved 'fast', now None"):  # resumed as exact
+        clean(_config(inputs, world, fast.output, our_captioner_dir, our_filter_dir, resume=True))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -352,11 +374,13 @@ def test_cli_flags_map_onto_the_config() -> None:
     argv = "clean --input a b --output o --captioner c --filter f --keep-fraction 0.3 --num-captions 4 "
     argv += (
         "--top-p 0.8 --batch-size 5 --num-gpus 0.5 --captioner-actors 2 --filter-actors 3 --resume --seed 9"
+        " --precision fast"
     )
     config = config_from_args(parser.parse_args(argv.split()))
     assert config.inputs == ["a", "b"] and config.keep_fraction == 0.3 and config.threshold is None
     assert (config.num_captions, config.top_p, config.batch_size, config.num_gpus) == (4, 0.8, 5, 0.5)
     assert (config.captioner_actors, config.filter_actors, config.resume, config.seed) == (2, 3, True, 9)
+    assert config.precision == "fast"
     with pytest.raises(SystemExit):
         parser.parse_args([*argv.split(), "--threshold", "0.5"])  # exclusive with --keep-fraction
 
