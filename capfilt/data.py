@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 WEBDATASET, PARQUET = "webdataset", "parquet"  # the input formats of the cleaning job
 MAX_WORDS = 30  # BLIP's max_words for pre-training and caption fine-tuning
 PathsLike = str | Path | Sequence[str | Path]

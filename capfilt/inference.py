@@ -12,6 +12,7 @@ so a bad file is the caller's row-level error, not a crash here).
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
@@ -46,14 +47,15 @@ def _resolve(checkpoint: Checkpoint | str | Path, device: str | torch.device) ->
 PRECISIONS = ("exact", "fast")
 
 
-def fast_model(med: MED, device: torch.device) -> MED:
+def fast_model(med: MED, device: torch.device, inplace: bool = False) -> MED:
     """The MED for fast mode: bf16 weights on a GPU; int8 dynamic quantisation of every Linear
-    on a CPU (weights int8 per tensor, activations quantised per batch; attention stays fp32)."""
+    on a CPU (weights int8 per tensor, activations quantised per batch; attention stays fp32).
+    Without `inplace`, `med` is left as it was (a caller's checkpoint keeps its fp32 weights)."""
     if device.type == "cuda":
-        return med.to(torch.bfloat16)
+        return (med if inplace else copy.deepcopy(med)).to(torch.bfloat16)
     with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(med, {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(med, {nn.Linear}, dtype=torch.qint8, inplace=inplace)
 
 
 class _Hosted:
@@ -81,8 +83,8 @@ class _Hosted:
         self.ckpt.require(self.task, checkpoint if not isinstance(checkpoint, Checkpoint) else "")
         self.device = torch.device(device)
         self.med = self.ckpt.med.to(self.device).eval()
-        if precision == "fast":
-            self.med = fast_model(self.med, self.device)
+        if precision == "fast":  # in place only when the checkpoint is ours (loaded from a path)
+            self.med = fast_model(self.med, self.device, inplace=not isinstance(checkpoint, Checkpoint))
         self.precision = precision
         self.dtype = torch.bfloat16 if precision == "fast" and self.device.type == "cuda" else torch.float32
         self.batch_size = batch_size

@@ -28,6 +28,7 @@ reuses `threshold.json` once it exists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -315,11 +316,13 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
         t0 = time.perf_counter()
         if config.keep_fraction is None:
             threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
-            for shard, rows in _score(config, pending, cap, filt, threshold):
-                timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
-                write_web_shard(out, shard, rows)
-                run_samples += len(rows)
-                advance(1, len(rows))
+            # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
+            with contextlib.closing(_score(config, pending, cap, filt, threshold)) as scored:
+                for shard, rows in scored:
+                    timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
+                    write_web_shard(out, shard, rows)
+                    run_samples += len(rows)
+                    advance(1, len(rows))
         else:
             threshold, run_samples = _keep_fraction(config, out, pending, cap, filt, advance)
         timings["web_s"] = time.perf_counter() - t0
@@ -363,10 +366,11 @@ def _keep_fraction(
     scored.mkdir(exist_ok=True)
     to_score = [s for s in pending if not (scored / f"{s.name}.parquet").is_file()]
     run_samples = 0
-    for shard, rows in _score(config, to_score, cap, filt, DEFAULT_THRESHOLD):
-        write_parquet(scored / f"{shard.name}.parquet", table(rows))
-        run_samples += len(rows)
-        advance(0, len(rows))
+    with contextlib.closing(_score(config, to_score, cap, filt, DEFAULT_THRESHOLD)) as batches:
+        for shard, rows in batches:
+            write_parquet(scored / f"{shard.name}.parquet", table(rows))
+            run_samples += len(rows)
+            advance(0, len(rows))
     saved = out / "threshold.json"
     if saved.is_file():  # a resumed job: shards already written used this one
         threshold = float(json.loads(saved.read_text())["threshold"])

@@ -148,6 +148,7 @@ def run_clean(args: argparse.Namespace) -> dict[str, Any]:
         "threshold": s.threshold,
         "captioner_id": s.captioner_id,
         "filter_id": s.filter_id,
+        "read_errors": s.read_errors,  # shard -> why it could not be read to its end
         "wall_s": round(s.wall_s, 3),
         "samples_per_s": round(s.samples_per_s, 3),
         "timings": s.timings,

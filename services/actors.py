@@ -122,7 +122,14 @@ class ModelHost:
     """One actor: a Captioner or a Filter behind a micro-batcher. Created by `ModelPool.start`."""
 
     def __init__(
-        self, role: str, checkpoint: str, device: str, threads: int, max_batch: int, max_wait_s: float
+        self,
+        role: str,
+        checkpoint: str,
+        device: str,
+        threads: int,
+        max_batch: int,
+        max_wait_s: float,
+        precision: str = "exact",
     ) -> None:
         import torch
 
@@ -135,12 +142,18 @@ class ModelHost:
         self.captioner: Captioner | None = None
         self.filters: dict[bool, Filter] = {}
         if role == CAPTIONER:
-            self.captioner = Captioner(ckpt, device=device, batch_size=max_batch)
+            self.captioner = Captioner(ckpt, device=device, batch_size=max_batch, precision=precision)
             max_tokens = ckpt.config.text.max_positions - len(self.captioner.prompt_ids) + 1
         else:  # one set of weights, texts cleaned or raw
             # batch_size bounds the texts per ITM forward too: a pass of max_batch images brings several each
             self.filters = {
-                c: Filter(ckpt, device=device, batch_size=max_batch * TEXTS_PER_IMAGE, clean_text=c)
+                c: Filter(
+                    ckpt,
+                    device=device,
+                    batch_size=max_batch * TEXTS_PER_IMAGE,
+                    clean_text=c,
+                    precision=precision,
+                )
                 for c in (True, False)
             }
             max_tokens = 0
@@ -216,7 +229,13 @@ class ModelPool:
         actors = {
             role: [
                 remote.remote(
-                    role, path, config.device, config.threads, config.max_batch, config.max_wait_ms / 1000
+                    role,
+                    path,
+                    config.device,
+                    config.threads,
+                    config.max_batch,
+                    config.max_wait_ms / 1000,
+                    config.precision,
                 )
                 for _ in range(config.replicas)
             ]

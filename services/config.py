@@ -29,6 +29,7 @@ class ServeConfig:
     num_gpus: float = 0.0  # GPUs per actor (fractions share a GPU)
     num_cpus: float = 0.0  # CPUs each actor reserves: 0 leaves every CPU to cleaning jobs on a small Ray
     threads: int = 1  # torch threads per actor
+    precision: str = "exact"  # "fast": bf16 on GPUs, int8 on CPUs (capfilt clean --precision)
     max_batch: int = 16  # requests per forward pass; 1 turns micro-batching off
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     api_key: str | None = field(default=None, repr=False)  # bearer key; None: no key is asked
@@ -58,6 +59,8 @@ class ServeConfig:
             raise bad("num-gpus", f"must be >= 0; got {self.num_gpus}")
         if not (self.num_cpus >= 0 and math.isfinite(self.num_cpus)):
             raise bad("num-cpus", f"must be >= 0; got {self.num_cpus}")
+        if self.precision not in ("exact", "fast"):
+            raise bad("precision", f"must be exact or fast; got {self.precision!r}")
         if self.threads < 1:
             raise bad("threads", f"must be >= 1; got {self.threads}")
         if self.max_batch < 1:

@@ -67,6 +67,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: 1)")
     p.add_argument(
+        "--precision",
+        choices=["exact", "fast"],
+        default="exact",
+        help="exact: fp32; fast: bf16 on GPUs, int8 on CPUs (default: exact)",
+    )
+    p.add_argument(
         "--max-batch",
         type=int,
         default=16,
@@ -139,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         num_gpus=args.num_gpus,
         num_cpus=args.num_cpus,
         threads=args.threads,
+        precision=args.precision,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         api_key=_api_key(args),

@@ -136,3 +136,22 @@ def test_grouped_texts_must_divide_evenly(our_filter_dir):
     ids, mask = f.ckpt.tokenizer(["a", "b", "c"], 8)
     with pytest.raises(ValueError, match="3 texts are not 2 per image for 2 images"), torch.inference_mode():
         f.med.itm_logits(embeds, ids, mask, texts_per_image=2)
+
+
+def test_fast_mode_leaves_a_callers_checkpoint_exact(our_filter_dir):
+    """A Checkpoint object handed in is the caller's: fast mode quantises a copy, so an exact
+    host built from the same object afterwards still scores exactly."""
+    from capfilt.model.checkpoint import load_checkpoint
+
+    images, texts = _images(3), [["a red circle"], ["two green squares"], ["a cat"]]
+    expected = Filter(our_filter_dir).score(images, texts)
+    shared = load_checkpoint(our_filter_dir)
+    fast = Filter(shared, precision="fast")
+    exact = Filter(shared)
+    assert fast.med is not exact.med
+    for want, got in zip(expected, exact.score(images, texts)):
+        assert got[0].itm == pytest.approx(want[0].itm, abs=1e-6)
+    for want, got in zip(expected, fast.score(images, texts)):
+        assert got[0].itm == pytest.approx(want[0].itm, abs=0.05)  # int8: close, not equal
+    with pytest.raises(ValueError, match="precision must be one of exact, fast"):
+        Filter(our_filter_dir, precision="fp8")

@@ -327,3 +327,28 @@ def test_image_table_reader_struct_column_keys_and_http(
     remote, _ = read_input(f"{server}/{tables.name}/paths.parquet")
     assert [s.image for s in remote if s.status == "ok"] == [s.image for s in web[10:15]]
     assert "image file not found" in next(s.error_message for s in remote if s.status != "ok")
+
+
+@pytest.mark.parametrize("ext", ["gif", "bmp", "tiff"])
+def test_images_under_other_extensions_are_read_as_images(tmp_path: Path, ext: str) -> None:
+    """Originals kept under their own extension (GIF, BMP, TIFF) are images, not missing ones."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from capfilt.images import open_image
+    from capfilt.pipelines.clean_inputs import read_input
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format={"tiff": "TIFF"}.get(ext, ext.upper()))
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in ((f"k0.{ext}", buffer.getvalue()), ("k0.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,), error = read_input(str(shard))
+    assert error is None and sample.status == "ok" and sample.text == "a red square"
+    assert sample.image == buffer.getvalue()
+    assert open_image(sample.image).getpixel((0, 0)) == (200, 10, 10)

@@ -4,6 +4,7 @@ oversized bodies, wrong types, paths outside the roots, a missing or wrong API k
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -243,6 +244,9 @@ def test_serve_options_are_checked_before_anything_starts(tmp_path: Path, our_ca
     ):
         with pytest.raises(CapfiltError, match=message):
             config(*extra).validate()
+    assert config("--precision", "fast").precision == "fast"
+    with pytest.raises(CapfiltError, match="--precision must be exact or fast; got 'half'"):
+        dataclasses.replace(config(), precision="half").validate()
     short = tmp_path / "short"
     short.write_text("abc")
     with pytest.raises(CapfiltError, match="shorter than 16"):
