@@ -701,17 +701,18 @@ def _job_runs(
             say("(c) job: capfilt clean on a local Ray")
             out["job"] = run_job(inputs.shards, cap, filt, work / "job", config.batch_size, config.seed)
         rows = []
+        # One shard size for every run (the smallest run's): a larger job is more of the same
+        # shards, so a change in time per pair is the job's scaling, not its shards' size.
+        shard_size = shard_size_for(min(config.scaling, default=1), config.batch_size)
         for n in config.scaling:
-            say(f"scaling: capfilt clean over {n} pairs")
+            say(f"scaling: capfilt clean over {n} pairs in shards of {shard_size}")
             world = work / f"scale-{n}"
-            synthesize(
-                world, web=n, human=0, test=0, seed=config.seed, image_size=64,
-                shard_size=shard_size_for(n, config.batch_size),
-            )  # fmt: skip
+            synthesize(world, web=n, human=0, test=0, seed=config.seed, image_size=64, shard_size=shard_size)
             job = run_job(world / "web", cap, filt, work / f"scale-{n}-out", config.batch_size, config.seed)
             job["seconds_per_pair"] = job["wall_s"] / max(1, job["pairs"])  # start-up included
             steady = job["steady_pairs_per_s"]
             job["steady_seconds_per_pair"] = 1 / steady if steady else None  # start-up excluded
+            job["shard_size"] = shard_size
             rows.append(job)
         if rows:
             out["scaling"] = rows
