@@ -262,17 +262,17 @@ def make_checkpoints(config: ThroughputConfig, image_size: int, out: Path) -> tu
             continue
         torch.manual_seed(config.seed + i)
         ckpt = new_checkpoint(config.size, tokenizer, role="pretrain", image_size=image_size)
-        ckpt.med = _only(ckpt.med.config, role, ckpt)
+        ckpt.med = _only(ckpt, role)
         ckpt.role = role
         paths.append(save_checkpoint(ckpt, out / role))
     return paths[0], paths[1]
 
 
-def _only(config: MEDConfig, role: str, ckpt: Checkpoint) -> Any:
+def _only(ckpt: Checkpoint, role: str) -> Any:
     """The MED with only the captioner's (decoder) or the filter's (encoder) text branch."""
     from capfilt.model.med import MED
 
-    keep = dataclasses.replace(config, has_encoder=role == "filter", has_decoder=role == "captioner")
+    keep = dataclasses.replace(ckpt.config, has_encoder=role == "filter", has_decoder=role == "captioner")
     med = MED(keep)
     own = med.state_dict()
     med.load_state_dict({k: v for k, v in ckpt.med.state_dict().items() if k in own}, strict=True)
@@ -288,13 +288,13 @@ class TransformersLoop:
     def __init__(self, captioner: Path, filt: Path, workdir: Path, device: torch.device, dtype: torch.dtype):
         from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-        cap_dir = export_transformers(load_checkpoint(captioner), workdir / "hf_captioner", "captioning")
-        filt_dir = export_transformers(load_checkpoint(filt), workdir / "hf_filter", "retrieval")
+        ours_cap, ours_filt = load_checkpoint(captioner), load_checkpoint(filt)
+        cap_dir = export_transformers(ours_cap, workdir / "hf_captioner", "captioning")
+        filt_dir = export_transformers(ours_filt, workdir / "hf_filter", "retrieval")
         self.cap = BlipForConditionalGeneration.from_pretrained(str(cap_dir), dtype=dtype).to(device).eval()
         self.filt = BlipForImageTextRetrieval.from_pretrained(str(filt_dir), dtype=dtype).to(device).eval()
         self.tok = AutoTokenizer.from_pretrained(str(cap_dir))
-        ours = load_checkpoint(captioner)
-        self.config, self.filter_config = ours.config, load_checkpoint(filt).config
+        self.config, self.filter_config = ours_cap.config, ours_filt.config
         self.enc_id = self.filter_config.text.enc_token_id
         self.device, self.dtype = device, dtype
 
