@@ -16,6 +16,7 @@ import math
 import os
 import re
 import signal
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ def _scores(row: dict[str, Any]) -> list[float | None]:
 
 def assert_same_result(out: Path, expected: Path) -> None:
     """The job in `out` decided what the one in `expected` did (ledger rows; scores to 1e-6: a
-    retried batch may be grouped differently) and wrote the same D' tars, byte for byte."""
+    retried batch may be grouped differently) and wrote the same D' tars: the same members in the
+    same order, images and texts byte for byte, metadata equal but for the score (to 1e-6)."""
     fields = ("key", "status", "reason", "error_message", "web_text", "web_kept", "synthetic_kept")
     rows = [
         sorted(read_ledger(o).to_pylist(), key=lambda r: (r["key"], r["status"])) for o in (out, expected)
@@ -84,8 +86,24 @@ def assert_same_result(out: Path, expected: Path) -> None:
         assert [c["text"] for c in a["synthetic"]] == [c["text"] for c in b["synthetic"]]
         for x, y in zip(_scores(a), _scores(b), strict=True):
             assert (x is None and y is None) or math.isclose(x, y, abs_tol=1e-6), (a["key"], x, y)
-    tars = [{p.name: p.read_bytes() for p in (o / "dprime").glob("*.tar")} for o in (out, expected)]
+    tars = [sorted(p.name for p in (o / "dprime").glob("*.tar")) for o in (out, expected)]
     assert tars[0] == tars[1]
+    for name in tars[0]:
+        members = [_members(o / "dprime" / name) for o in (out, expected)]
+        assert [m[0] for m in members[0]] == [m[0] for m in members[1]], name
+        for (member, a), (_, b) in zip(*members):
+            if not member.endswith(".json"):
+                assert a == b, (name, member)  # images byte for byte, texts exactly
+                continue
+            meta_a, meta_b = json.loads(a), json.loads(b)
+            itm_a, itm_b = meta_a.pop("itm"), meta_b.pop("itm")
+            assert meta_a == meta_b, (name, member)
+            assert (itm_a is None and itm_b is None) or math.isclose(itm_a, itm_b, abs_tol=1e-6)
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
 
 
 def _manifest(out: Path) -> list[str]:
@@ -110,11 +128,14 @@ def test_model_actors_killed_mid_job_are_restarted_to_the_same_result(
 ) -> None:
     killed: dict[str, int] = {}
     at: list[int] = []
+    # The whole pytest session is one Ray job: earlier jobs' pools (the baseline's among them) may
+    # still be listed ALIVE until their handles are collected, so only this job's new actors count.
+    earlier = {actor_id: info["State"] for actor_id, info in _map_workers().items()}
 
     def kill_the_model_actors(shards_done: int, shards_total: int, samples_done: int) -> None:
         if shards_done == 1 and not killed:  # one shard written, three still in the pipeline
             for actor_id, info in _map_workers().items():
-                if info["State"] == "ALIVE":
+                if info["State"] == "ALIVE" and actor_id not in earlier:
                     os.kill(info["Pid"], signal.SIGKILL)  # as the OOM killer would
                     killed[actor_id] = info["Pid"]
             at.append(shards_done)
@@ -124,7 +145,10 @@ def test_model_actors_killed_mid_job_are_restarted_to_the_same_result(
     assert at == [1] and len(killed) == 2, f"expected one captioner and one filter actor, killed {killed}"
     after = _map_workers()
     restarts = {actor_id: after[actor_id]["NumRestarts"] for actor_id in killed}
-    print(f"\nkilled {len(killed)} model actors after 1 of {SHARDS} shards; restarts: {restarts}")
+    print(
+        f"\nkilled {len(killed)} model actors after 1 of {SHARDS} shards; restarts: {restarts}; "
+        f"earlier jobs' actors at the start: {sorted(earlier.values())}"
+    )
     assert all(n >= 1 for n in restarts.values()), restarts
     assert summary.samples == baseline.samples == 40 and _manifest(out) == _manifest(baseline.output)
     assert_same_result(out, baseline.output)
