@@ -41,6 +41,19 @@ def alpha_ramp(step: int, steps_per_epoch: int, alpha: float = 0.4) -> float:
     return alpha * min(1.0, step / steps_per_epoch)
 
 
+def hardness_ramp(step: int, ramp_steps: int) -> float:
+    """Weight of the similarity-ranked draw of ITM negatives at `step` (from 0), ramped linearly from
+    uniform (0) to BLIP's draw (1) over `ramp_steps`; 0 ramp steps: BLIP's draw from the start.
+
+    Why: drawn by similarity from the first step, the negatives of a model trained from scratch (or
+    of a short fine-tuning) look as plausible to it as the positives, and ITM stays at its prior
+    (loss ~0.64) for hundreds of steps; uniform negatives teach the match first, then the ramp
+    hands over to the hard ones. Measured on the built-in world in docs/results.md."""
+    if ramp_steps < 0:
+        raise ValueError(f"ramp_steps must not be negative, got {ramp_steps}")
+    return 1.0 if ramp_steps == 0 else min(1.0, step / ramp_steps)
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -57,17 +70,28 @@ def concat_all_gather(tensor: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive_mask: Tensor) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives(
+    sim_i2t: Tensor, sim_t2i: Tensor, positive_mask: Tensor, hardness: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Draw one ITM hard negative per pair, with probability softmax(similarity) over the batch.
 
     sim_i2t (B, B): image b vs text j; sim_t2i (B, B): text b vs image j; positive_mask (B, B) bool:
-    image b and text j belong together (the diagonal, or every caption of the same image).
+    image b and text j belong together (the diagonal, or every caption of the same image);
+    hardness: the weight of softmax(similarity) in a mix with the uniform draw (1: BLIP's; see
+    `hardness_ramp`).
     Returns (neg_image, neg_text), each (B,): a negative image index for each text and a negative
     text index for each image; a positive is never drawn.
     """
+    if not 0.0 <= hardness <= 1.0:
+        raise ValueError(f"hardness must lie in [0, 1], got {hardness}")
+
+    def weights(sim: Tensor) -> Tensor:
+        soft = F.softmax(sim.float(), dim=1)
+        return hardness * soft + (1.0 - hardness) / sim.shape[1] if hardness < 1.0 else soft
+
     # +1e-4 as BLIP: a floor so every non-positive can still be drawn when the softmax underflows.
-    weights_t2i = (F.softmax(sim_t2i.float(), dim=1) + 1e-4).masked_fill(positive_mask.t(), 0)
-    weights_i2t = (F.softmax(sim_i2t.float(), dim=1) + 1e-4).masked_fill(positive_mask, 0)
+    weights_t2i = (weights(sim_t2i) + 1e-4).masked_fill(positive_mask.t(), 0)
+    weights_i2t = (weights(sim_i2t) + 1e-4).masked_fill(positive_mask, 0)
     if (weights_t2i.sum(1) == 0).any() or (weights_i2t.sum(1) == 0).any():
         raise ValueError("ITM needs at least two different images in a batch: some pair has no negative")
     neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)
@@ -189,10 +213,12 @@ class MEDObjectives(nn.Module):
         attention_mask: Tensor,
         alpha: float = 0.4,
         image_ids: Tensor | None = None,
+        hardness: float = 1.0,
     ) -> dict[str, Tensor]:
         """pixels (B, 3, H, W); input_ids, attention_mask (B, T): `[CLS] text [SEP]` padded with pad id;
         alpha: ITC distillation weight (see `alpha_ramp`); image_ids (B,): the image each pair shows,
-        when several captions of one image may meet (fine-tuning), so they count as positives.
+        when several captions of one image may meet (fine-tuning), so they count as positives;
+        hardness: how ITM draws its negatives (see `hardness_ramp`; 1 is BLIP's).
 
         In eval mode the momentum encoders and queues are left untouched (validation does not
         change training state).
@@ -214,7 +240,9 @@ class MEDObjectives(nn.Module):
             feats = self.med.image_feature(image_embeds), self.med.text_feature(input_ids, attention_mask)
             losses["itc_loss"] = self._itc_loss(pixels, input_ids, attention_mask, feats, alpha, image_ids)
         if self.itm:
-            losses["itm_loss"] = self._itm_loss(image_embeds, input_ids, attention_mask, feats, image_ids)
+            losses["itm_loss"] = self._itm_loss(
+                image_embeds, input_ids, attention_mask, feats, image_ids, hardness
+            )
         if self.lm:
             losses["lm_loss"] = self._lm_loss(image_embeds, input_ids, attention_mask)
         return losses
@@ -263,6 +291,7 @@ class MEDObjectives(nn.Module):
         mask: Tensor,
         feats: Features | None,
         image_ids: Tensor | None,
+        hardness: float = 1.0,
     ) -> Tensor:
         """feats: ITC's image and text features, if computed (they rank the hard negatives)."""
         B = ids.shape[0]
@@ -277,7 +306,7 @@ class MEDObjectives(nn.Module):
             else:
                 img_ids = image_ids.reshape(-1, 1)
                 positive = img_ids.eq(img_ids.t())  # every caption of the same image is a positive
-            neg_image, neg_text = sample_hard_negatives(sim_i2t, sim_i2t.t(), positive)
+            neg_image, neg_text = sample_hard_negatives(sim_i2t, sim_i2t.t(), positive, hardness)
 
         # One encoder pass: B positives, B (text, negative image), B (image, negative text).
         ids_all = torch.cat([ids, ids, ids[neg_text]])

@@ -78,9 +78,11 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     state = states[-1] if states else None
     resumed_from = None
     if state is not None:
-        diff = differing(read_args(state), args, RESUME_KEYS)
+        # States written before an argument existed ran with its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        saved = {k: defaults.get(k) for k in RESUME_KEYS} | read_args(state)
+        diff = differing(saved, args, RESUME_KEYS)
         if diff:
-            saved = read_args(state)
             details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {args.get(k)!r}" for k in diff)
             raise CapfiltError(
                 f"{out} holds a training run with other arguments ({details}). Pass the same arguments "

@@ -82,6 +82,27 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--vocab-size", type=int, default=2000, help="WordPiece vocabulary, from scratch (default: 2000)"
     )
+    p.add_argument(
+        "--hard-negatives-ramp",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="steps over which ITM's negatives go from uniform draws to BLIP's similarity-ranked "
+        "ones; 0: BLIP's from the start (default: 0)",
+    )
+    p.add_argument(
+        "--batching",
+        choices=("random", "similar"),
+        default="random",
+        help="which pairs meet in a batch: random (BLIP), or groups of look-alike texts, which give "
+        "ITC and ITM hard negatives (default: random)",
+    )
+    p.add_argument(
+        "--similar-group",
+        type=int,
+        default=4,
+        help="pairs per group of look-alike texts with --batching similar (default: 4)",
+    )
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     return p
 
@@ -111,6 +132,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         image_size=args.image_size,
         queue_size=args.queue_size,
         vocab_size=args.vocab_size,
+        batching=args.batching,
+        hard_negatives_ramp=args.hard_negatives_ramp,
+        similar_group=args.similar_group,
         ray_address=args.ray_address,
     )
 

@@ -19,6 +19,8 @@ from typing import Any
 from capfilt.errors import CapfiltError
 from capfilt.model.config import SIZES
 
+from .train_batches import BATCHING
+
 TASKS = ("pretrain", "captioner", "filter")
 # Which of MEDObjectives' losses each task sums (BLIP: pretrain.py, train_caption.py, train_retrieval.py).
 TASK_LOSSES: dict[str, dict[str, bool]] = {
@@ -51,6 +53,9 @@ RESUME_KEYS = (
     "alpha",
     "image_size",
     "vocab_size",
+    "batching",
+    "similar_group",
+    "hard_negatives_ramp",
 )
 
 
@@ -82,6 +87,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
     vocab_size: int = 2000  # WordPiece vocabulary of a from-scratch pretrain (smaller corpora give fewer)
     ray_address: str | None = None  # None: Ray's own default (RAY_ADDRESS, else a new local cluster)
+    hard_negatives_ramp: int = 0  # steps over which ITM negatives go from uniform to BLIP's draw; 0: BLIP's
+    batching: str = "random"  # "random" (BLIP) or "similar": groups of look-alike texts per batch
+    similar_group: int = 4  # pairs per group of look-alikes when batching is "similar"
     debug_checks: bool = False  # tests: each rank writes weight and queue checks to out/debug/
 
     @property
@@ -150,6 +158,18 @@ def validate(cfg: TrainConfig) -> None:
     _need(0 <= cfg.momentum < 1, f"momentum must lie in [0, 1), got {cfg.momentum}")
     _need(0 <= cfg.alpha <= 1, f"alpha must lie in [0, 1], got {cfg.alpha}")
     _need(cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be at least 1, got {cfg.max_steps}")
+    _need(
+        cfg.hard_negatives_ramp >= 0,
+        f"hard_negatives_ramp must not be negative (0 draws BLIP's hard negatives from the start), "
+        f"got {cfg.hard_negatives_ramp}",
+    )
+    _need(cfg.batching in BATCHING, f"unknown batching {cfg.batching!r}; choose one of {', '.join(BATCHING)}")
+    if cfg.batching == "similar":
+        _need(
+            cfg.similar_group >= 2 and cfg.batch_size % cfg.similar_group == 0,
+            f"similar batching needs a group of at least 2 that divides the batch size {cfg.batch_size}, "
+            f"got {cfg.similar_group}",
+        )
     _need(cfg.vocab_size >= 50, f"vocab_size must be at least 50, got {cfg.vocab_size}")
     if cfg.queue_size is not None:
         _need(

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from capfilt.data import Collator, PairDataset
 from capfilt.errors import CapfiltError
 from capfilt.model.checkpoint import Checkpoint, load_checkpoint
-from capfilt.model.losses import MEDObjectives, alpha_ramp
+from capfilt.model.losses import MEDObjectives, alpha_ramp, hardness_ramp
 from capfilt.model.med import MED
 
+from .train_batches import random_order, similar_order, text_features
 from .train_config import TASK_LOSSES, TrainConfig, default_queue_size, lr_at
 from .train_debug import DebugChecks
 from .train_state import METRICS, read_state, write_final, write_state
@@ -55,16 +56,27 @@ class LoopSpec:
 class EpochBatches(torch.utils.data.Sampler[list[int]]):
     """This rank's batches of one epoch.
 
-    A permutation of all pairs, seeded by (seed, epoch), is cut into global batches (an incomplete
+    A permutation of all pairs (random, or grouped by similar texts: `train_batches`), seeded by
+    (seed, epoch), is cut into global batches (an incomplete
     last one dropped, so every step has the same global batch and the ITC queue stays aligned);
     rank r takes the r-th slice of each. Batches before `start` are skipped (resume mid-epoch).
     """
 
     def __init__(
-        self, n: int, batch_size: int, rank: int, world: int, seed: int, epoch: int, start: int = 0
+        self,
+        n: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        order: Callable[[torch.Generator], list[int]] | None = None,
     ) -> None:
+        """order: the epoch's permutation from the epoch's generator (`train_batches`); None: random."""
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.seed, self.epoch, self.start = seed, epoch, start
+        self.order = order or (lambda g: random_order(n, g))
         self.steps = n // (batch_size * world)
 
     def __len__(self) -> int:
@@ -72,11 +84,11 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)
+        order = self.order(g)
         global_batch = self.batch_size * self.world
         for k in range(self.start, self.steps):
             first = k * global_batch + self.rank * self.batch_size
-            yield order[first : first + self.batch_size].tolist()
+            yield order[first : first + self.batch_size]
 
 
 def set_trainable(med: MED, task: str) -> list[str]:
@@ -181,6 +193,11 @@ class _Worker:
             cfg.data, image_size=mc.vision.image_size, mean=mc.image_mean, std=mc.image_std, prompt=prompt
         )
         self.collate = Collator(self.ckpt.tokenizer, mc.max_text_tokens)
+        self.order: Callable[[torch.Generator], list[int]] | None = None
+        if cfg.batching == "similar":
+            features = text_features(self.dataset.texts)
+            image_ids, group = self.dataset.image_ids, cfg.similar_group
+            self.order = lambda g: similar_order(features, image_ids, group, g)
         self.schedule = s = self._schedule(len(self.dataset))
         torch.manual_seed(cfg.seed)  # the random initial ITC queues: the same on every rank and run
         self.objectives = MEDObjectives(
@@ -246,6 +263,7 @@ class _Worker:
                     cfg.seed,
                     epoch,
                     start=self.step % s.steps_per_epoch,
+                    order=self.order,
                 )
                 loader = torch.utils.data.DataLoader(
                     self.dataset, batch_sampler=sampler, collate_fn=self.collate
@@ -274,6 +292,7 @@ class _Worker:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.alpha = alpha_ramp(self.step, s.steps_per_epoch, cfg.alpha)
+        self.hardness = hardness_ramp(self.step, cfg.hard_negatives_ramp)
         if self.debug:
             self.debug.before()
         losses = self.model(
@@ -281,6 +300,7 @@ class _Worker:
             batch["input_ids"],
             batch["attention_mask"],
             alpha=self.alpha,
+            hardness=self.hardness,
             image_ids=batch["image_ids"] if cfg.task == "filter" else None,
         )
         loss = torch.stack(list(losses.values())).sum()
@@ -311,6 +331,7 @@ class _Worker:
                 "epoch": epoch,
                 "lr": self.lr,
                 "alpha": self.alpha if self.objectives.itc else None,
+                "hardness": self.hardness if self.objectives.itm else None,
                 **{k: round(float(v), 6) for k, v in zip(names, mean)},
                 "examples_per_s": round(
                     (self.step - self.step_log) * self.cfg.global_batch / (now - self.t_log), 3

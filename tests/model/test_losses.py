@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from capfilt.model import losses as losses_module
 from capfilt.model.config import med_config
-from capfilt.model.losses import MEDObjectives, alpha_ramp, concat_all_gather, sample_hard_negatives
+from capfilt.model.losses import (
+    MEDObjectives,
+    alpha_ramp,
+    concat_all_gather,
+    hardness_ramp,
+    sample_hard_negatives,
+)
 from capfilt.model.med import MED
 
 PAD, CLS, SEP, DEC, ENC = 0, 1, 2, 62, 63
@@ -250,14 +256,49 @@ def test_hard_negatives_never_pick_a_positive_and_prefer_similar_ones() -> None:
         sample_hard_negatives(sim_i2t, sim_t2i, torch.ones(B, B, dtype=torch.bool))
 
 
+def test_hardness_mixes_the_similar_draw_with_the_uniform_one() -> None:
+    torch.manual_seed(0)
+    B, rows = 6, torch.arange(6)
+    sim = torch.zeros(B, B)
+    sim[rows, (rows + 1) % B] = 30.0  # one overwhelming hard negative per row
+    eye = torch.eye(B, dtype=torch.bool)
+
+    def hard_share(hardness: float) -> float:
+        hits = 0
+        for _ in range(400):
+            neg_image, neg_text = sample_hard_negatives(sim, sim.clone(), eye, hardness)
+            assert (neg_image != rows).all() and (neg_text != rows).all()
+            hits += (neg_text == (rows + 1) % B).sum().item()
+        return hits / (400 * B)
+
+    assert hard_share(1.0) > 0.99
+    assert hard_share(0.0) == pytest.approx(1 / (B - 1), abs=0.05)  # uniform over the 5 negatives
+    # Half the weight on the hard one, half spread over the row (the positive's share then dropped).
+    assert hard_share(0.5) == pytest.approx((0.5 + 0.5 / B) / (0.5 + 0.5 * (B - 1) / B), abs=0.05)
+    with pytest.raises(ValueError, match="hardness"):
+        sample_hard_negatives(sim, sim, eye, 1.5)
+
+
+def test_hardness_ramps_from_uniform_to_blips_draw() -> None:
+    assert hardness_ramp(0, 0) == hardness_ramp(10, 0) == 1.0  # no ramp: BLIP's from the start
+    assert hardness_ramp(0, 100) == 0.0
+    assert hardness_ramp(25, 100) == pytest.approx(0.25)
+    assert hardness_ramp(100, 100) == hardness_ramp(500, 100) == 1.0
+    with pytest.raises(ValueError):
+        hardness_ramp(1, -1)
+
+
 def test_itm_scores_b_positives_and_2b_hard_negatives(monkeypatch: pytest.MonkeyPatch) -> None:
     obj = MEDObjectives(tiny_med(), itc=False, itm=True, lm=False)
     pixels, ids, mask = make_pairs(4)
     image_ids = torch.tensor([0, 0, 1, 2])  # texts 0 and 1 describe the same image
     seen: dict[str, object] = {}
 
-    def spy_sample(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive: torch.Tensor) -> object:
-        seen["positive"], seen["negatives"] = positive, sample_hard_negatives(sim_i2t, sim_t2i, positive)
+    def spy_sample(
+        sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive: torch.Tensor, hardness: float
+    ) -> object:
+        seen["positive"], seen["hardness"] = positive, hardness
+        seen["negatives"] = sample_hard_negatives(sim_i2t, sim_t2i, positive, hardness)
         return seen["negatives"]
 
     itm_logits = obj.med.itm_logits
@@ -271,6 +312,7 @@ def test_itm_scores_b_positives_and_2b_hard_negatives(monkeypatch: pytest.Monkey
     loss = obj(pixels, ids, mask, image_ids=image_ids)["itm_loss"]
 
     assert torch.equal(seen["positive"], image_ids[:, None] == image_ids[None])
+    assert seen["hardness"] == 1.0  # BLIP's draw unless a ramp asks otherwise
     neg_image, neg_text = seen["negatives"]
     images, ids_all, mask_all = seen["inputs"]
     with torch.no_grad():

@@ -1,0 +1,83 @@
+"""Similar-text batching: a permutation of whole groups of look-alike texts, never two captions of
+the anchor's image in its group, deterministic per generator seed, and plugged into the loop."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capfilt.errors import CapfiltError
+from capfilt.pipelines.train import TrainConfig, train
+from capfilt.pipelines.train_batches import similar_order, text_features
+from capfilt.pipelines.train_loop import EpochBatches
+
+COLOURS = ("red", "blue", "green", "yellow", "white", "black")
+SHAPES = ("circle", "square", "star", "ring")
+
+
+def _texts() -> tuple[list[str], list[int]]:
+    """Two captions per image of 'two COLOUR SHAPEs on a gray background' over every pair."""
+    texts, ids = [], []
+    for image, (colour, shape) in enumerate(itertools.product(COLOURS, SHAPES)):
+        texts += [f"two {colour} {shape}s on a gray background", f"a pair of {colour} {shape}s"]
+        ids += [image, image]
+    return texts, ids
+
+
+def test_similar_order_groups_look_alikes_from_other_images() -> None:
+    texts, ids = _texts()
+    features = text_features(texts)
+    order = similar_order(features, ids, 4, torch.Generator().manual_seed(3), pool=32)
+    assert sorted(order) == list(range(len(texts)))  # every pair once
+    groups = [order[i : i + 4] for i in range(0, len(order) - len(order) % 4, 4)]
+    for group in groups:
+        assert ids[group[0]] not in {ids[i] for i in group[1:]}  # the anchor's captions are not its negatives
+
+    def mean_cosine(gs: list[list[int]]) -> float:
+        return float(np.mean([features[g[0]] @ features[j] for g in gs for j in g[1:]]))
+
+    shuffled = torch.randperm(len(texts), generator=torch.Generator().manual_seed(3)).tolist()
+    random_groups = [shuffled[i : i + 4] for i in range(0, len(shuffled) - 3, 4)]
+    assert mean_cosine(groups) > mean_cosine(random_groups) + 0.2
+    # Each anchor's closest look-alike shares its colour or its shape.
+    for group in groups:
+        a, b = texts[group[0]].split(), texts[group[1]].split()
+        assert set(a) & set(COLOURS) & set(b) or {w.rstrip("s") for w in a} & set(SHAPES) & {
+            w.rstrip("s") for w in b
+        }
+    again = similar_order(features, ids, 4, torch.Generator().manual_seed(3), pool=32)
+    assert again == order
+    assert similar_order(features, ids, 4, torch.Generator().manual_seed(4), pool=32) != order
+
+
+def test_words_of_one_text_alone_make_no_feature() -> None:
+    features = text_features(["photo-123.jpg", "photo-456.jpg", "two red stars"])
+    assert features.shape[1] == 2  # "photo", "jpg": the numbers and the third text's words are unique
+    assert not features[2].any()
+
+
+def test_epoch_batches_take_the_given_order() -> None:
+    order = list(range(47, -1, -1))
+    batches = list(EpochBatches(48, 4, 1, 2, seed=0, epoch=0, order=lambda g: order))
+    assert batches[0] == [43, 42, 41, 40] and len(batches) == 6
+
+
+def test_similar_batching_trains_and_checks_its_group(world: Path, pretrained: Path, tmp_path: Path) -> None:
+    base = dict(
+        task="filter",
+        data=[str(world / "human")],
+        init=str(pretrained),
+        workers=0,
+        batch_size=8,
+        steps=3,
+        log_every=1,
+        batching="similar",
+    )
+    with pytest.raises(CapfiltError, match="divides the batch size 8, got 3"):
+        train(TrainConfig(out=str(tmp_path / "bad"), similar_group=3, **base))
+    result = train(TrainConfig(out=str(tmp_path / "ok"), **base))
+    assert result.steps == 3
