@@ -18,9 +18,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import sparse
 
 BATCHING = ("random", "similar")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -30,52 +32,82 @@ def random_order(n: int, generator: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def text_features(texts: Sequence[str]) -> np.ndarray:
-    """(N, V) float32: each text's set of words weighted by IDF and L2-normalised, so the cosine of
-    two texts counts the rare words they share (colours, shapes) more than common ones ("a", "on")."""
+@dataclass(frozen=True)
+class TextFeatures:
+    """Each text's set of words (ids of words found in two texts or more: a word of one text alone
+    makes no neighbours) and every word's IDF. Sparse on purpose: a web corpus has many words."""
+
+    words: list[np.ndarray]  # per text, int32 word ids
+    idf: np.ndarray  # (V,) float32
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def dense(self, members: np.ndarray) -> np.ndarray:
+        """(len(members), words of these texts) IDF-weighted, L2-normalised rows: the cosine of two
+        rows counts the rare words the texts share (colours, shapes) more than common ones ("a")."""
+        return self.sparse(members).toarray()
+
+    def sparse(self, members: np.ndarray) -> sparse.csr_matrix:
+        """`dense`, as a CSR matrix: a pool of a web corpus has tens of thousands of words."""
+        present = [self.words[i] for i in members]
+        columns, flat = np.unique(
+            np.concatenate([*present, np.zeros(0, dtype=np.int32)]), return_inverse=True
+        )
+        indptr = np.cumsum([0, *(len(w) for w in present)])
+        values = np.concatenate([*(self.idf[w] for w in present), np.zeros(0, dtype=np.float32)])
+        shape = (len(members), max(1, len(columns)))
+        rows = sparse.csr_matrix((values, flat.reshape(-1), indptr), shape=shape, dtype=np.float32)
+        norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
+        return sparse.diags(1.0 / np.maximum(norms, 1e-12)).astype(np.float32) @ rows
+
+
+def text_features(texts: Sequence[str]) -> TextFeatures:
     words = [set(_WORD.findall(t.lower())) for t in texts]
     df = Counter(w for ws in words for w in ws)
-    vocab: dict[str, int] = {}  # words of two texts or more: one text's alone make no neighbours
-    rows = [[vocab.setdefault(w, len(vocab)) for w in ws if df[w] > 1] for ws in words]
-    features = np.zeros((len(texts), max(1, len(vocab))), dtype=np.float32)
-    for i, row in enumerate(rows):
-        features[i, row] = 1.0
-    idf = np.log((1 + len(texts)) / (1 + features.sum(0))) + 1.0
-    features *= idf
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
+    vocab = {w: i for i, w in enumerate(w for w, n in df.items() if n > 1)}
+    ids = [np.array(sorted(vocab[w] for w in ws if w in vocab), dtype=np.int32) for ws in words]
+    counts = np.array([df[w] for w in vocab], dtype=np.float32)
+    idf = (np.log((1 + len(texts)) / (1 + counts)) + 1.0).astype(np.float32)
+    return TextFeatures(ids, idf)
 
 
 def similar_order(
-    features: np.ndarray,
+    features: TextFeatures,
     image_ids: Sequence[int],
     group: int,
     generator: torch.Generator,
     pool: int = 2048,
 ) -> list[int]:
     """A permutation of range(N) made of runs of `group` pairs: an anchor, then the `group - 1`
-    pairs most like it (by `features` cosine) among the not-yet-placed pairs of its pool, never
-    another caption of the anchor's own image. Groups are shuffled, so a batch of `k * group`
+    pairs most like it (by the cosine of `features.dense` rows) among the not-yet-placed pairs of
+    its pool, never another caption of the anchor's own image. Groups are shuffled, so a batch of `k * group`
     consecutive pairs holds k groups of look-alikes. A pool's last pairs, too few or too alike to
     its own images to group, close the order as they come.
     """
-    n = features.shape[0]
+    n = len(features)
     ids = np.asarray(image_ids)
     perm = torch.randperm(n, generator=generator).numpy()
     groups: list[list[int]] = []
     rest: list[int] = []
     for start in range(0, n, pool):
         members = perm[start : start + pool]
-        sim = features[members] @ features[members].T
+        rows = features.sparse(members)
+        sim = (rows @ rows.T).toarray()
         sim[ids[members][:, None] == ids[members][None, :]] = -np.inf  # self and the same image
-        free = np.ones(len(members), dtype=bool)
-        for a in range(len(members)):
+        m = len(members)
+        k = min(m - 1, 8 * group)  # each row's best candidates, sorted; most anchors need no more
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((m, 0), dtype=np.int64)
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(sim, top, 1), axis=1, kind="stable"), 1)
+        free = np.ones(m, dtype=bool)
+        for a in range(m):
             if not free[a]:
                 continue
             free[a] = False
-            row = np.where(free, sim[a], -np.inf)
-            picks = np.argsort(-row, kind="stable")[: group - 1]
-            picks = picks[np.isfinite(row[picks])]
+            picks = [c for c in top[a] if free[c] and np.isfinite(sim[a, c])][: group - 1]
+            if len(picks) < group - 1:  # the candidates are taken: look at the whole pool
+                row = np.where(free, sim[a], -np.inf)
+                picks = [c for c in np.argsort(-row, kind="stable")[: group - 1] if np.isfinite(row[c])]
             if len(picks) < group - 1:
                 rest.append(int(members[a]))
                 continue
