@@ -40,10 +40,10 @@ class Recipe:
 
     size: str = "small"
     batch_size: int = 32
-    pretrain_steps: int = 600
+    pretrain_steps: int = 550
     pretrain_lr: float = 1e-3
     captioner_steps: int = 100
-    filter_steps: int = 250
+    filter_steps: int = 200
     finetune_lr: float = 3e-4
     seed: int = 0
     # A budget this short needs ITM to learn from the first steps (docs/results.md, "the demo's
@@ -51,8 +51,8 @@ class Recipe:
     batching: str = "similar"  # pre-training and filter fine-tuning; the captioner's LM has no negatives
     pretrain_group: int = 4
     filter_group: int = 8
-    pretrain_hard_ramp: int = 600  # uniform -> BLIP's similarity-ranked draw over the whole pre-training
-    filter_hard_ramp: int = 800  # the filter ends a third of the way: BLIP's draw collapses ITM this early
+    pretrain_hard_ramp: int = 550  # uniform -> BLIP's similarity-ranked draw over the whole pre-training
+    filter_hard_ramp: int = 640  # the filter ends a third of the way: BLIP's draw collapses ITM this early
 
     def digest(self, world: dict[str, Any]) -> str:
         text = json.dumps({"recipe": dataclasses.asdict(self), "world": world}, sort_keys=True)
