@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from scipy import sparse
 
-BATCHING = ("random", "similar")
 _WORD = re.compile(r"[a-z0-9]+")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .train_config import TASKS, TrainConfig
+from .train_config import BATCHING, TASKS, TrainConfig
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batching",
-        choices=("random", "similar"),
+        choices=BATCHING,
         default="random",
         help="which pairs meet in a batch: random (BLIP), or groups of look-alike texts, which give "
         "ITC and ITM hard negatives (default: random)",

@@ -19,9 +19,8 @@ from typing import Any
 from capfilt.errors import CapfiltError
 from capfilt.model.config import SIZES
 
-from .train_batches import BATCHING
-
 TASKS = ("pretrain", "captioner", "filter")
+BATCHING = ("random", "similar")  # which pairs meet in a batch: pipelines/train_batches.py
 # Which of MEDObjectives' losses each task sums (BLIP: pretrain.py, train_caption.py, train_retrieval.py).
 TASK_LOSSES: dict[str, dict[str, bool]] = {
     "pretrain": {"itc": True, "itm": True, "lm": True},
