@@ -57,9 +57,9 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
     """This rank's batches of one epoch.
 
     A permutation of all pairs (random, or grouped by similar texts: `train_batches`), seeded by
-    (seed, epoch), is cut into global batches (an incomplete
-    last one dropped, so every step has the same global batch and the ITC queue stays aligned);
-    rank r takes the r-th slice of each. Batches before `start` are skipped (resume mid-epoch).
+    (seed, epoch), is cut into global batches (an incomplete last one dropped, so every step has the
+    same global batch and the ITC queue stays aligned); rank r takes the r-th slice of each, and
+    every rank computes the same permutation. Batches before `start` are skipped (resume mid-epoch).
     """
 
     def __init__(
