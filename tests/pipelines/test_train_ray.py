@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from capfilt.model.checkpoint import load_checkpoint
 from capfilt.pipelines.train import TrainConfig, train
 
 
-def test_two_workers_stay_in_sync_and_share_the_itc_queue(world: Path, tmp_path: Path, ray_cluster) -> None:
+@pytest.mark.parametrize("batching", ["random", "similar"])  # similar: every rank orders the epoch alike
+def test_two_workers_stay_in_sync_and_share_the_itc_queue(
+    world: Path, tmp_path: Path, ray_cluster, batching: str
+) -> None:
     out = tmp_path / "ray"
     cfg = TrainConfig(
         task="pretrain",
@@ -25,6 +30,7 @@ def test_two_workers_stay_in_sync_and_share_the_itc_queue(world: Path, tmp_path:
         max_steps=6,
         queue_size=32,  # wraps once in 6 steps: 48 features enqueued
         debug_checks=True,
+        batching=batching,
     )
     seen: list[tuple[int, int]] = []
     result = train(cfg, progress=lambda step, total, losses: seen.append((step, total)))
@@ -45,6 +51,10 @@ def test_two_workers_stay_in_sync_and_share_the_itc_queue(world: Path, tmp_path:
             assert row["ptr_after"] == (row["ptr_before"] + 8) % 32
             # ... holding each rank's own momentum features at its offset of the global batch.
             assert row["own_error"] < 1e-6, (rank, row)
-    # The ranks trained on different pairs.
+    # The ranks trained on different pairs: slices of one permutation.
     for a, b in zip(ranks[0]["rows"], ranks[1]["rows"]):
         assert not set(a["pairs"]) & set(b["pairs"])
+    epoch = [
+        i for a, b in zip(ranks[0]["rows"][:5], ranks[1]["rows"][:5]) for i in (*a["pairs"], *b["pairs"])
+    ]
+    assert len(epoch) == len(set(epoch)) == 40  # 5 steps of global batch 8, no pair twice
