@@ -13,12 +13,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from PIL import Image
-
 from capfilt.model.generate import GenerationConfig
 
 from .decision import Decision, Rule, Scored, decide
-from .inference import Captioner, Filter
+from .inference import Captioner, Filter, Images
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -48,7 +46,7 @@ class Curated:
 
 def caption_samples(
     captioner: Captioner,
-    images: Sequence[Image.Image],
+    images: Images,
     keys: Sequence[str],
     generation: GenerationConfig,
     seed: int,
@@ -59,7 +57,7 @@ def caption_samples(
 
 def score_and_decide(
     filt: Filter,
-    images: Sequence[Image.Image],
+    images: Images,
     keys: Sequence[str],
     web_texts: Sequence[str | None],
     synthetic: Sequence[Sequence[str]],
@@ -100,7 +98,7 @@ def score_and_decide(
 def curate(
     captioner: Captioner,
     filt: Filter,
-    images: Sequence[Image.Image],
+    images: Images,
     keys: Sequence[str],
     web_texts: Sequence[str | None],
     rule: Rule,
@@ -110,5 +108,7 @@ def curate(
     """CapFilt for decoded web samples: caption, then score and decide."""
     if not (len(images) == len(keys) == len(web_texts)):
         raise ValueError(f"got {len(images)} images, {len(keys)} keys and {len(web_texts)} web texts")
+    if captioner.image_size == filt.image_size:  # one stacked copy of the pixels serves both models
+        images = captioner.stack(images)
     synthetic = caption_samples(captioner, images, keys, generation, seed)
     return score_and_decide(filt, images, keys, web_texts, synthetic, rule)

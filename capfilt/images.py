@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,21 +84,72 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+ImageLike = Image.Image | np.ndarray  # an RGB PIL image, or (H, W, 3) uint8 pixels
+
+
+def _pixels_of(img: ImageLike, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 pixels of one RGB image, resized bicubically when needed."""
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"pixel arrays must be (H, W, 3) uint8, got {img.shape} {img.dtype}")
+        if img.shape[:2] == (size, size):
+            return img
+        img = Image.fromarray(img, "RGB")
+    if img.size != (size, size):  # PIL's resize to the size an image has is a copy: skipped
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
+_FILL_THREADS = min(8, os.cpu_count() or 1)
+_fill_pool: ThreadPoolExecutor | None = None
+
+
+def stack_pixels(images: Sequence[ImageLike], size: int, pin: bool = False) -> torch.Tensor:
+    """RGB images (PIL, or (H, W, 3) uint8 arrays) -> (B, size, size, 3) uint8, one copy each.
+
+    Each image is written straight into one batch buffer (page-locked with `pin`, so that a copy
+    to a GPU can run asynchronously); large batches fill it from a few threads, since converting a
+    PIL image to pixels releases the GIL."""
+    global _fill_pool
+    out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, pin_memory=pin)
+    view = out.numpy()
+
+    def fill(i: int) -> None:
+        view[i] = _pixels_of(images[i], size)
+
+    if len(images) >= 64 and _FILL_THREADS > 1:
+        if _fill_pool is None:
+            _fill_pool = ThreadPoolExecutor(_FILL_THREADS, thread_name_prefix="capfilt-pixels")
+        list(_fill_pool.map(fill, range(len(images))))
+    else:
+        for i in range(len(images)):
+            fill(i)
+    return out
+
+
+def normalize_pixels(
+    pixels: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) `dtype` on `device`. The uint8 pixels
+    travel (a quarter of the bytes of float32) and are normalised where the model runs."""
+    device = torch.device(device)
+    x = pixels.to(device, non_blocking=pixels.is_pinned()).permute(0, 3, 1, 2).float() / 255.0
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return ((x - m) / s).to(dtype)
+
+
 def preprocess(
-    images: Sequence[Image.Image],
+    images: Sequence[ImageLike],
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """RGB images -> normalised pixels (B, 3, size, size), float32 on `device` (the images go
-    there as uint8, a quarter of the bytes, and are normalised there)."""
-    arrays = [
-        np.asarray(img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BICUBIC))
-        for img in images
-    ]  # PIL's resize to the size an image has is a copy: skipped
-    x = torch.from_numpy(np.stack(arrays)).to(device)  # (B, H, W, 3) uint8
-    x = x.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return (x - m) / s
+    """RGB images (PIL or uint8 arrays) -> normalised pixels (B, 3, size, size), float32 on `device`."""
+    pin = torch.device(device).type == "cuda"
+    return normalize_pixels(stack_pixels(images, size, pin=pin), mean, std, device)

@@ -20,17 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 from capfilt.model.checkpoint import Checkpoint, load_checkpoint
 from capfilt.model.generate import GenerationConfig, generate
 from capfilt.model.med import MED
 
-from .images import preprocess
+from .images import ImageLike, normalize_pixels, stack_pixels
 from .text import pre_caption
 
 log = logging.getLogger(__name__)
+
+# What Captioner and Filter take: RGB PIL images or (H, W, 3) uint8 arrays, or a batch already
+# stacked by `_Hosted.stack` ((B, S, S, 3) uint8).
+Images = Sequence[ImageLike] | torch.Tensor
 
 # BLIP's CapFilt sampling settings (blip.py `generate(sample=True)`): top-p 0.9, repetition penalty 1.1.
 CAPFILT_SAMPLING = GenerationConfig(
@@ -93,13 +96,28 @@ class _Hosted:
     def digest(self) -> str:
         return self.ckpt.digest
 
-    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Normalised (B, 3, S, S) pixels on the model's device; the uint8 pixels travel, the
-        arithmetic runs where the model does."""
+    @property
+    def image_size(self) -> int:
+        return self.ckpt.config.vision.image_size
+
+    def stack(self, images: Images) -> torch.Tensor:
+        """(B, S, S, 3) uint8 pixels at this model's resolution, ready to travel to its device
+        (page-locked when that is a GPU). Callers that run two models on the same images (the
+        captioner, then the filter) stack once and hand the result to both."""
+        if isinstance(images, torch.Tensor):
+            return images
+        return stack_pixels(images, self.image_size, pin=self.device.type == "cuda")
+
+    def pixels(self, images: Images) -> torch.Tensor:
+        """Normalised (B, 3, S, S) pixels on the model's device, in the model's dtype."""
+        pixels = self.stack(images)
+        if tuple(pixels.shape[1:]) != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"stacked pixels must be (B, {self.image_size}, {self.image_size}, 3) uint8 for this "
+                f"checkpoint, got {tuple(pixels.shape)}"
+            )
         cfg = self.ckpt.config
-        return preprocess(
-            images, cfg.vision.image_size, cfg.image_mean, cfg.image_std, device=self.device
-        ).to(self.dtype)
+        return normalize_pixels(pixels, cfg.image_mean, cfg.image_std, self.device, self.dtype)
 
 
 class Captioner(_Hosted):
@@ -122,7 +140,7 @@ class Captioner(_Hosted):
     @torch.inference_mode()
     def caption(
         self,
-        images: Sequence[Image.Image],
+        images: Images,
         generation: GenerationConfig | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[list[str]]:
@@ -165,7 +183,7 @@ class Filter(_Hosted):
         self.clean_text = clean_text  # BLIP's pre_caption, as its training texts were
 
     @torch.inference_mode()
-    def score(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
+    def score(self, images: Images, texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
         """Scores of `texts[i]` (any number, possibly none) against `images[i]`."""
         if len(images) != len(texts):
             raise ValueError(f"got {len(texts)} text lists for {len(images)} images")
@@ -178,9 +196,7 @@ class Filter(_Hosted):
             )
         return out
 
-    def _score_batch(
-        self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]
-    ) -> list[list[TextScore]]:
+    def _score_batch(self, images: Images, texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
         med, tok = self.med, self.ckpt.tokenizer
         embeds = med.encode_image(self.pixels(images))  # (B, 1+N, Dv): once per image
         image_feat = med.image_feature(embeds)  # (B, E)

@@ -190,13 +190,16 @@ def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Mask (-inf) tokens outside the nucleus; the most likely token is always kept.
 
     transformers' TopPLogitsWarper, token for token: it sorts ascending and removes the prefix
-    whose cumulative probability is <= 1 - top_p. That prefix is every token below the first kept
-    value, so only the sorted *values* are needed (numpy's SIMD sort on a CPU, several times
-    faster than an argsort); rows where tied values straddle the boundary take the argsort path.
+    whose cumulative probability is <= 1 - top_p. On a GPU that is what runs (a sort gives its
+    indices for free there, and no step waits on the device). On a CPU, that prefix is every token
+    below the first kept value, so only the sorted *values* are needed (numpy's SIMD sort, several
+    times faster than an argsort); rows where tied values straddle the boundary take the argsort path.
     """
     if top_p >= 1.0:
         return scores
-    if scores.device.type == "cpu" and scores.dtype == torch.float32:
+    if scores.device.type != "cpu":
+        return scores.masked_fill(_top_p_by_argsort(scores, top_p), -math.inf)
+    if scores.dtype == torch.float32:
         sorted_scores = torch.from_numpy(np.sort(scores.numpy(), axis=-1))
     else:
         sorted_scores = torch.sort(scores, dim=-1).values
@@ -253,9 +256,13 @@ def _nucleus_chooser(uniforms: torch.Tensor, config: GenerationConfig) -> Choose
         picked = torch.searchsorted(cdf, target, right=True).squeeze(1)  # first token with cdf > target
         # cdf only rises at tokens with mass, so `picked` is one; but rounding can push `target`
         # to the total (picked == V): those rows take their last token with mass.
-        over = picked >= probs.shape[1]
+        V = probs.shape[1]
+        over = picked >= V
+        if picked.device.type != "cpu":  # no branch: the host never waits for the device
+            last = V - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+            return torch.where(over, last, picked)
         if bool(over.any()):
-            last = probs.shape[1] - 1 - (probs[over] > 0).flip(-1).int().argmax(dim=-1)
+            last = V - 1 - (probs[over] > 0).flip(-1).int().argmax(dim=-1)
             picked = picked.masked_scatter(over, last)
         return picked
 
@@ -280,16 +287,26 @@ def _decode_rows(
     out = torch.full((R, config.max_tokens), sep, dtype=torch.long, device=logits.device)
     active = torch.arange(R, device=logits.device)  # original row of each running row
     seqs = prompt.expand(R, -1)  # (R_active, P + t): the running rows' tokens so far
+    finished = torch.zeros(R, dtype=torch.bool, device=logits.device)  # running rows that chose [SEP]
+    # Asking the device whether rows finished makes the host wait for it. On a CPU that costs
+    # nothing; on a GPU the host checks every few steps so that it can queue the next steps'
+    # kernels while the device runs. A finished row that runs on until then writes tokens after its
+    # [SEP], which `_cut` drops; rows never interact, so the others' tokens are unchanged.
+    check_every = 1 if logits.device.type == "cpu" else 4
     for t in range(config.max_tokens):
         scores = _process(logits, seqs, t, config, sep)
         tokens = choose(scores, active, t)  # (R_active,)
-        out[active, t] = tokens
-        done = tokens == sep
-        if t == config.max_tokens - 1 or bool(done.all()):
+        out[active, t] = torch.where(finished, sep, tokens)
+        finished = finished | (tokens == sep)
+        if t == config.max_tokens - 1:
             break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            active, tokens, seqs, cache = active[keep], tokens[keep], seqs[keep], cache.select(keep)
+        if (t + 1) % check_every == 0:
+            if bool(finished.all()):
+                break
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(1)
+                active, tokens, seqs, cache = active[keep], tokens[keep], seqs[keep], cache.select(keep)
+                finished = finished[keep]
         seqs = torch.cat([seqs, tokens[:, None]], dim=1)
         logits = _step(med, tokens, cache)
     return [_cut(row, sep) for row in out.tolist()]

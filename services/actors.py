@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from capfilt.curate import Curated, score_and_decide
 from capfilt.decision import Rule
@@ -113,9 +112,10 @@ class ForwardStats:
         self.seconds += other.seconds
 
 
-def pixels_image(pixels: bytes, size: int) -> Image.Image:
-    """The PIL image of raw (size, size, 3) uint8 bytes (what `clean_stages` also rebuilds)."""
-    return Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(size, size, 3), "RGB")
+def pixels_array(pixels: bytes, size: int) -> np.ndarray:
+    """Raw (size, size, 3) uint8 bytes as an array view, what Captioner and Filter stack directly
+    (as `clean_stages` hands them too)."""
+    return np.frombuffer(pixels, np.uint8).reshape(size, size, 3)
 
 
 class ModelHost:
@@ -190,7 +190,7 @@ class ModelHost:
 
     def _forward(self, batch: list[Any]) -> Sequence[Any]:
         size = self.info_.image_size
-        images = [pixels_image(item.pixels, size) for item in batch]
+        images = [pixels_array(item.pixels, size) for item in batch]
         first = batch[0]
         if isinstance(first, CaptionItem):
             assert self.captioner is not None
