@@ -277,6 +277,7 @@ def _decode_rows(
     config: GenerationConfig,
     sep: int,
     choose: Chooser,
+    check_every: int | None = None,
 ) -> list[list[int]]:
     """One token per row per step until [SEP] or max_tokens (transformers' `_sample`).
 
@@ -292,7 +293,8 @@ def _decode_rows(
     # nothing; on a GPU the host checks every few steps so that it can queue the next steps'
     # kernels while the device runs. A finished row that runs on until then writes tokens after its
     # [SEP], which `_cut` drops; rows never interact, so the others' tokens are unchanged.
-    check_every = 1 if logits.device.type == "cpu" else 4
+    if check_every is None:
+        check_every = 1 if logits.device.type == "cpu" else 4
     for t in range(config.max_tokens):
         scores = _process(logits, seqs, t, config, sep)
         tokens = choose(scores, active, t)  # (R_active,)

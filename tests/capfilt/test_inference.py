@@ -6,9 +6,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from capfilt.images import ImageError, open_image, preprocess
+from capfilt.images import ImageError, open_image, preprocess, stack_pixels
 from capfilt.inference import Captioner, Filter
 from capfilt.model.checkpoint import CheckpointError
 from capfilt.model.generate import GenerationConfig
@@ -112,6 +113,45 @@ def test_preprocess_shape_and_normalisation():
     x = preprocess([white, white], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert x.shape == (2, 3, 32, 32)
     assert float(x.min()) == pytest.approx(1.0) and float(x.max()) == pytest.approx(1.0)
+
+
+def test_arrays_and_pil_images_give_the_same_pixels():
+    rng = np.random.default_rng(3)
+    arrays = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(70)]  # >= 64: threaded fill
+    pil = [Image.fromarray(a) for a in arrays]
+    stacked = stack_pixels(arrays, 32)
+    assert stacked.dtype.is_floating_point is False and stacked.shape == (70, 32, 32, 3)
+    assert np.array_equal(stacked.numpy(), np.stack(arrays))
+    assert np.array_equal(stack_pixels(pil, 32).numpy(), stacked.numpy())
+    mixed = [arrays[0], pil[1].resize((50, 20)), arrays[2][:16, :16]]  # off-size images are resized
+    expected = [arrays[0], np.asarray(pil[1].resize((50, 20)).resize((32, 32), Image.Resampling.BICUBIC))]
+    out = stack_pixels(mixed, 32).numpy()
+    assert np.array_equal(out[0], expected[0]) and np.array_equal(out[1], expected[1])
+    assert out.shape == (3, 32, 32, 3)
+    mean, std = (0.48, 0.45, 0.4), (0.27, 0.26, 0.28)
+    assert torch.equal(preprocess(arrays[:5], 32, mean, std), preprocess(pil[:5], 32, mean, std))
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros((32, 32), np.uint8), np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 3))]
+)
+def test_pixel_arrays_must_be_rgb_uint8(bad):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        stack_pixels([bad], 32)
+
+
+def test_models_take_arrays_pil_or_a_stacked_batch(our_captioner_dir, our_filter_dir):
+    images = _images(3)
+    arrays = [np.asarray(i) for i in images]
+    captioner, filt = Captioner(our_captioner_dir), Filter(our_filter_dir)
+    greedy = GenerationConfig(method="greedy")
+    expected = captioner.caption(images, greedy)
+    assert captioner.caption(arrays, greedy) == expected
+    assert captioner.caption(captioner.stack(images), greedy) == expected
+    texts = [["a red circle"]] * 3
+    assert filt.score(arrays, texts) == filt.score(images, texts)
+    with pytest.raises(ValueError, match="stacked pixels must be"):
+        filt.score(stack_pixels(images, 16), texts)
 
 
 def test_texts_grouped_per_image_score_as_each_text_alone(our_filter_dir):

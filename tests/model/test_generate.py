@@ -3,6 +3,7 @@ transformers' `generate` on the same weights, and nucleus sampling's reproducibi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from transformers import BlipTextConfig
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
+from capfilt.model import generate as G
 from capfilt.model.config import med_config
 from capfilt.model.generate import (
     GenerationConfig,
@@ -304,6 +306,19 @@ def test_nucleus_reproducible_and_independent_of_batch(med: MED, images: torch.T
     fewer = GenerationConfig(**{**NUCLEUS.__dict__, "num_captions": 2})
     assert generate(med, images[2:4], PROMPT, fewer, seeds=SEEDS[2:4]) == [c[:2] for c in captions[2:4]]
     assert generate(med, images, PROMPT, NUCLEUS, seeds=[s + 50 for s in SEEDS]) != captions
+
+
+@pytest.mark.parametrize("check_every", [2, 4])
+def test_looking_for_finished_rows_less_often_changes_no_token(
+    med: MED, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch, check_every: int
+) -> None:
+    """On a GPU finished rows are looked for every few steps (the host does not wait on the
+    device every step); the captions must be those of checking every step."""
+    greedy = GenerationConfig(method="greedy", min_tokens=0, max_tokens=15)  # some rows end early
+    expected = [generate(med, images, PROMPT, c, seeds=SEEDS) for c in (greedy, NUCLEUS)]
+    decode = G._decode_rows
+    monkeypatch.setattr(G, "_decode_rows", functools.partial(decode, check_every=check_every))
+    assert [generate(med, images, PROMPT, c, seeds=SEEDS) for c in (greedy, NUCLEUS)] == expected
 
 
 def test_nucleus_samples_differ(med: MED, images: torch.Tensor) -> None:
