@@ -99,6 +99,28 @@ def sample_hard_negatives(
     return neg_image, neg_text
 
 
+def swap_one_token(
+    ids: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row with a token that has candidates gets one such token (position > 0, not padding)
+    replaced by one of its candidates, both drawn uniformly. -> (new ids (B, T), changed (B,) bool)."""
+    B, T = ids.shape
+    cand = candidates.to(ids.device)[ids]  # (B, T, k)
+    n = (cand >= 0).sum(-1)  # (B, T)
+    eligible = (n > 0) & mask.bool()
+    eligible[:, 0] = False
+    changed = eligible.any(1)
+    noise = torch.rand(B, T, generator=generator, device="cpu").to(ids.device)
+    pos = torch.where(eligible, noise, -1.0).argmax(1)  # (B,) a uniform eligible position
+    rows = torch.arange(B, device=ids.device)
+    count = n[rows, pos].clamp(min=1)
+    which = (torch.rand(B, generator=generator, device="cpu").to(ids.device) * count).long()
+    new_token = cand[rows, pos, which.clamp(max=cand.shape[-1] - 1)]
+    out = ids.clone()
+    out[rows[changed], pos[changed]] = new_token[changed]
+    return out, changed
+
+
 class MEDObjectives(nn.Module):
     """A MED plus the training state its losses need; `forward` returns {"itc_loss", "itm_loss", "lm_loss"}
     (only the enabled ones) for the training loop to sum.
@@ -135,6 +157,9 @@ class MEDObjectives(nn.Module):
         self.momentum = momentum
         self.label_smoothing = label_smoothing
         self.prompt_length = prompt_length  # [DEC] + prompt tokens, not scored by the LM loss
+        # (V, k) confusable tokens (`pipelines.train_batches.confusable_tokens`): when set, ITM also
+        # learns from each text with one token swapped, against its own image. None: BLIP's ITM.
+        self.token_swaps: Tensor | None = None
         if itc or itm:
             self.temp = nn.Parameter(torch.tensor(float(temp), device=med.device))
         if itc:
@@ -309,12 +334,28 @@ class MEDObjectives(nn.Module):
             neg_image, neg_text = sample_hard_negatives(sim_i2t, sim_i2t.t(), positive, hardness)
 
         # One encoder pass: B positives, B (text, negative image), B (image, negative text).
-        ids_all = torch.cat([ids, ids, ids[neg_text]])
-        mask_all = torch.cat([mask, mask, mask[neg_text]])
-        images_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-        logits = self.med.itm_logits(images_all, ids_all, mask_all)  # (3B, 2) [no match, match]
+        ids_all = [ids, ids, ids[neg_text]]
+        mask_all = [mask, mask, mask[neg_text]]
+        images_all = [image_embeds, image_embeds[neg_image], image_embeds]
+        swapping = self.token_swaps is not None and self.training
+        if swapping:
+            # Beyond BLIP: each text with one token swapped for a confusable one, against its
+            # own image (the attribute-level negative a batch rarely offers).
+            swapped, changed = swap_one_token(ids, mask, self.token_swaps)
+            rows = changed.nonzero().squeeze(1)
+            ids_all.append(swapped[rows])
+            mask_all.append(mask[rows])
+            images_all.append(image_embeds[rows])
+        logits = self.med.itm_logits(torch.cat(images_all), torch.cat(ids_all), torch.cat(mask_all))
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
-        return F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits[: 3 * B], labels)  # BLIP's ITM
+        if swapping and len(rows):
+            # A term of its own, one swapped text per positive: p(match) keeps BLIP's calibration
+            # (a fourth negative per positive in BLIP's term would move every score down).
+            pair = torch.cat([logits[rows], logits[3 * B :]])
+            pair_labels = torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))]).long().to(logits.device)
+            loss = loss + F.cross_entropy(pair, pair_labels)
+        return loss
 
     def _lm_loss(self, image_embeds: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         targets = ids.masked_fill(ids == self.med.config.text.pad_token_id, IGNORE)

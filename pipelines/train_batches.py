@@ -114,3 +114,83 @@ def similar_order(
             groups.append([int(members[a]), *(int(members[p]) for p in picks)])
     shuffled = torch.randperm(len(groups), generator=generator).tolist()
     return [i for g in shuffled for i in groups[g]] + rest
+
+
+# ----------------------------------------------------------------------------- text negatives
+
+
+def confusable_tokens(
+    token_lists: Sequence[Sequence[int]],
+    vocab_size: int,
+    special: Sequence[int],
+    min_count: int = 20,
+    k: int = 8,
+    min_similarity: float = 0.5,
+    image_ids: Sequence[int] | None = None,
+    max_synonymy: float = 0.2,
+) -> torch.Tensor:
+    """(vocab_size, k) token ids that occur between the same neighbours as each token, most alike
+    first, -1 where there are fewer: tokens a caption could hold in the same place ("red" and
+    "blue" in "a _ circle", "circle" and "star" in "a red _ on").
+
+    Learnt from the training captions alone (distributional similarity: the cosine of left- and
+    right-neighbour counts), so no vocabulary of attributes is given. Tokens seen fewer than
+    `min_count` times and special tokens get no candidates and are never picked.
+
+    With `image_ids` (several captions per image, as in human-annotated data), pairs that behave as
+    synonyms are dropped: b is no candidate for a when, of the images whose captions use a, more
+    than `max_synonymy` use b in another caption but never both in one ("big" and "large"; "red"
+    and "blue" meet in one caption when an image shows both).
+    """
+    V = vocab_size
+    rows, cols = [], []
+    for tokens in token_lists:
+        seq = [V, *tokens, V + 1]  # V, V + 1: start and end markers
+        for i in range(1, len(seq) - 1):
+            rows += [seq[i], seq[i]]
+            cols += [seq[i - 1], (V + 2) + seq[i + 1]]
+    counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=V)[:V] / 2
+    context = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(V, 2 * (V + 2)))
+    context.sum_duplicates()
+    context.data = np.sqrt(context.data)  # damp the most frequent neighbours
+    norms = np.sqrt(np.asarray(context.multiply(context).sum(axis=1)).ravel())
+    eligible = counts >= min_count
+    eligible[[t for t in special if 0 <= t < V]] = False
+    scale = np.where(eligible & (norms > 0), 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+    unit = sparse.diags(scale) @ context
+    similarity = (unit @ unit.T).toarray()  # (V, V): vocabularies of captioning models are small
+    np.fill_diagonal(similarity, 0.0)
+    if image_ids is not None:
+        similarity[(_synonymy(token_lists, image_ids, V) > max_synonymy).toarray()] = 0.0
+    out = torch.full((V, k), -1, dtype=torch.long)
+    for t in np.flatnonzero(eligible):
+        best = np.argsort(-similarity[t])[:k]
+        best = best[similarity[t, best] >= min_similarity]
+        out[t, : len(best)] = torch.from_numpy(best)
+    return out
+
+
+def _synonymy(token_lists: Sequence[Sequence[int]], image_ids: Sequence[int], V: int) -> sparse.csr_matrix:
+    """(V, V): of the images whose captions use token a, the fraction whose captions use b too,
+    but only in other captions than a's (row a, column b)."""
+    by_image: dict[int, list[set[int]]] = {}
+    for tokens, image in zip(token_lists, image_ids):
+        by_image.setdefault(int(image), []).append(set(tokens))
+    apart: Counter[tuple[int, int]] = Counter()
+    users = np.zeros(V, dtype=np.float64)
+    for captions in by_image.values():
+        anywhere = set().union(*captions)
+        together = set()
+        for c in captions:
+            together.update((a, b) for a in c for b in c)
+        for a in anywhere:
+            users[a] += 1
+        for a in anywhere:
+            for b in anywhere:
+                if a != b and (a, b) not in together:
+                    apart[(a, b)] += 1
+    if not apart:
+        return sparse.csr_matrix((V, V), dtype=np.float32)
+    pairs = np.array(list(apart.keys()))
+    rate = np.array(list(apart.values()), dtype=np.float64) / users[pairs[:, 0]]
+    return sparse.csr_matrix((rate.astype(np.float32), (pairs[:, 0], pairs[:, 1])), shape=(V, V))

@@ -91,6 +91,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "ones; 0: BLIP's from the start (default: 0)",
     )
     p.add_argument(
+        "--text-negatives",
+        action="store_true",
+        help="ITM also learns from each text with one token swapped for a confusable one (learnt from "
+        "the captions' contexts), against its own image; off: BLIP's in-batch negatives only",
+    )
+    p.add_argument(
         "--batching",
         choices=BATCHING,
         default="random",
@@ -134,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         vocab_size=args.vocab_size,
         batching=args.batching,
         hard_negatives_ramp=args.hard_negatives_ramp,
+        text_negatives=args.text_negatives,
         similar_group=args.similar_group,
         ray_address=args.ray_address,
     )

@@ -55,6 +55,7 @@ RESUME_KEYS = (
     "batching",
     "similar_group",
     "hard_negatives_ramp",
+    "text_negatives",
 )
 
 
@@ -89,6 +90,7 @@ class TrainConfig:
     hard_negatives_ramp: int = 0  # steps over which ITM negatives go from uniform to BLIP's draw; 0: BLIP's
     batching: str = "random"  # "random" (BLIP) or "similar": groups of look-alike texts per batch
     similar_group: int = 4  # pairs per group of look-alikes when batching is "similar"
+    text_negatives: bool = False  # ITM also sees each text with one confusable token swapped; False: BLIP's
     debug_checks: bool = False  # tests: each rank writes weight and queue checks to out/debug/
 
     @property

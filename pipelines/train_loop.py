@@ -32,7 +32,7 @@ from capfilt.model.checkpoint import Checkpoint, load_checkpoint
 from capfilt.model.losses import MEDObjectives, alpha_ramp, hardness_ramp
 from capfilt.model.med import MED
 
-from .train_batches import random_order, similar_order, text_features
+from .train_batches import confusable_tokens, random_order, similar_order, text_features
 from .train_config import TASK_LOSSES, TrainConfig, default_queue_size, lr_at
 from .train_debug import DebugChecks
 from .train_state import METRICS, read_state, write_final, write_state
@@ -207,6 +207,8 @@ class _Worker:
             momentum=cfg.momentum,
             prompt_length=len(self.ckpt.tokenizer.prompt_ids(prompt)) if cfg.task == "captioner" else 0,
         ).to(device)
+        if cfg.text_negatives and self.objectives.itm:
+            self.objectives.token_swaps = self._token_swaps().to(device)
         self.params = [p for p in self.objectives.parameters() if p.requires_grad]
         assert cfg.lr is not None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -219,6 +221,17 @@ class _Worker:
         self.debug = DebugChecks(self.objectives, self.rank, self.world) if cfg.debug_checks else None
         self.t0 = self.t_log = time.perf_counter()
         self.step_log = self.step
+
+    def _token_swaps(self) -> Tensor:
+        """Confusable tokens of this run's captions, tokenised as the collator does (no specials)."""
+        tok = self.ckpt.tokenizer
+        ids = tok.hf(list(self.dataset.texts), add_special_tokens=False)["input_ids"]
+        special = [tok.hf.convert_tokens_to_ids(t) for t in tok.hf.all_special_tokens]
+        swaps = confusable_tokens(
+            ids, self.ckpt.config.text.vocab_size, special, image_ids=self.dataset.image_ids
+        )
+        log.info("text negatives: %d tokens have confusable ones", int((swaps[:, 0] >= 0).sum()))
+        return swaps
 
     def _schedule(self, pairs: int) -> Schedule:
         cfg = self.cfg

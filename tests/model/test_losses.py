@@ -17,6 +17,7 @@ from capfilt.model.losses import (
     concat_all_gather,
     hardness_ramp,
     sample_hard_negatives,
+    swap_one_token,
 )
 from capfilt.model.med import MED
 
@@ -323,6 +324,62 @@ def test_itm_scores_b_positives_and_2b_hard_negatives(monkeypatch: pytest.Monkey
     torch.testing.assert_close(images, torch.cat([embeds, embeds[neg_image], embeds]))
     labels = torch.tensor([1] * 4 + [0] * 8)
     torch.testing.assert_close(loss, F.cross_entropy(seen["logits"], labels))
+
+
+def test_swap_one_token_replaces_one_eligible_token_by_a_candidate() -> None:
+    candidates = torch.full((64, 3), -1)
+    candidates[10] = torch.tensor([11, 12, -1])  # 10 may become 11 or 12
+    candidates[20] = torch.tensor([21, -1, -1])
+    candidates[CLS] = torch.tensor([30, -1, -1])  # position 0 is never swapped, whatever it holds
+    ids = torch.tensor([[CLS, 10, 5, 20, SEP, PAD], [CLS, 5, 6, SEP, PAD, PAD], [CLS, 7, SEP, 10, PAD, PAD]])
+    mask = (ids != PAD).long()
+    mask[2, 3] = 0  # a candidate under the mask is not eligible
+    seen = set()
+    for seed in range(40):
+        out, changed = swap_one_token(ids, mask, candidates, torch.Generator().manual_seed(seed))
+        assert changed.tolist() == [True, False, False]
+        assert torch.equal(out[1:], ids[1:])
+        diff = (out[0] != ids[0]).nonzero().squeeze(1).tolist()
+        assert len(diff) == 1 and diff[0] in (1, 3)
+        new = int(out[0, diff[0]])
+        assert new in candidates[int(ids[0, diff[0]])].tolist()
+        seen.add((diff[0], new))
+    assert seen == {(1, 11), (1, 12), (3, 21)}  # every position and candidate is drawn
+
+
+def test_itm_adds_one_swapped_text_per_text_against_its_own_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    obj = MEDObjectives(tiny_med(), itc=False, itm=True, lm=False)
+    pixels, ids, mask = make_pairs(4)
+    candidates = torch.full((64, 2), -1)
+    candidates[3:DEC] = torch.arange(3, DEC).roll(1)[:, None].repeat(1, 2)  # every word has one
+    obj.token_swaps = candidates
+    seen: dict[str, object] = {}
+    itm_logits = obj.med.itm_logits
+
+    def spy_itm(image_embeds: torch.Tensor, ids_all: torch.Tensor, mask_all: torch.Tensor) -> torch.Tensor:
+        seen["inputs"], seen["logits"] = (
+            (image_embeds, ids_all, mask_all),
+            itm_logits(image_embeds, ids_all, mask_all),
+        )
+        return seen["logits"]
+
+    monkeypatch.setattr(obj.med, "itm_logits", spy_itm)
+    loss = obj(pixels, ids, mask)["itm_loss"]
+    images, ids_all, mask_all = seen["inputs"]
+    assert ids_all.shape[0] == 16  # 4 positives, 8 in-batch negatives, 4 swapped texts
+    swapped = ids_all[12:]
+    assert ((swapped != ids).sum(1) == 1).all() and torch.equal(mask_all[12:], mask)
+    with torch.no_grad():
+        embeds = obj.med.encode_image(pixels)
+    torch.testing.assert_close(images[12:], embeds)  # each against its own image
+    logits = seen["logits"]
+    blip = F.cross_entropy(logits[:12], torch.tensor([1] * 4 + [0] * 8))
+    own = F.cross_entropy(torch.cat([logits[:4], logits[12:]]), torch.tensor([1] * 4 + [0] * 4))
+    torch.testing.assert_close(loss, blip + own)
+    obj.eval()
+    with torch.no_grad():
+        obj(pixels, ids, mask)
+    assert seen["inputs"][1].shape[0] == 12  # evaluation: BLIP's rows only
 
 
 # ----------------------------------------------------------------------------- LM

@@ -12,7 +12,7 @@ import torch
 
 from capfilt.errors import CapfiltError
 from capfilt.pipelines.train import TrainConfig, train
-from capfilt.pipelines.train_batches import similar_order, text_features
+from capfilt.pipelines.train_batches import confusable_tokens, similar_order, text_features
 from capfilt.pipelines.train_loop import EpochBatches
 
 COLOURS = ("red", "blue", "green", "yellow", "white", "black")
@@ -85,3 +85,54 @@ def test_similar_batching_trains_and_checks_its_group(world: Path, pretrained: P
         train(TrainConfig(out=str(tmp_path / "bad"), similar_group=3, **base))
     result = train(TrainConfig(out=str(tmp_path / "ok"), **base))
     assert result.steps == 3
+
+
+def test_confusable_tokens_share_contexts_and_skip_synonyms() -> None:
+    words = {
+        w: i
+        for i, w in enumerate(
+            [
+                "[PAD]",
+                "[CLS]",
+                "a",
+                "red",
+                "blue",
+                "green",
+                "circle",
+                "square",
+                "star",
+                "big",
+                "large",
+                "small",
+                "on",
+                "plain",
+                "background",
+                "rare",
+            ]
+        )
+    }
+    captions, images = [], []
+    for image, (colour, shape, size) in enumerate(
+        itertools.islice(
+            itertools.cycle(
+                itertools.product(["red", "blue", "green"], ["circle", "square", "star"], ["big", "small"])
+            ),
+            60,
+        )
+    ):
+        # two captions per image; "big" objects are "large" in the second one (synonyms)
+        other = "large" if size == "big" else size
+        for s in (size, other):
+            captions.append([words[w] for w in f"a {s} {colour} {shape} on plain background".split()])
+            images.append(image)
+    captions.append([words["a"], words["rare"], words["circle"]])
+    images.append(99)
+    swaps = confusable_tokens(captions, len(words), special=[0, 1], min_count=5, k=4, image_ids=images)
+    named = {w: {t for t in swaps[i].tolist() if t >= 0} for w, i in words.items()}
+    assert named["red"] == {words["blue"], words["green"]}
+    assert {words["square"], words["star"]} <= named["circle"] and words["red"] not in named["circle"]
+    assert words["small"] in named["big"] and words["large"] not in named["big"]  # synonyms apart
+    assert named["rare"] == set() and words["rare"] not in named["circle"] | named["red"]
+    assert named["[CLS]"] == set() and named["[PAD]"] == set()
+    without = confusable_tokens(captions, len(words), special=[0, 1], min_count=5, k=4)
+    assert words["large"] in {t for t in without[words["big"]].tolist()}  # only image ids tell synonyms
