@@ -87,6 +87,20 @@ def test_similar_batching_trains_and_checks_its_group(world: Path, pretrained: P
     assert result.steps == 3
 
 
+def test_text_negatives_train_and_are_a_resume_key(
+    world: Path, pretrained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = dict(task="filter", data=[str(world / "human")], init=str(pretrained), workers=0, batch_size=8)
+    out = str(tmp_path / "tn")
+    with caplog.at_level("INFO", logger="capfilt.pipelines.train_loop"):
+        result = train(TrainConfig(out=out, steps=4, max_steps=2, text_negatives=True, **base))
+    assert result.steps == 2
+    found = [r.getMessage() for r in caplog.records if "text negatives" in r.getMessage()]
+    assert found and int(found[0].split(": ")[1].split()[0]) >= 5  # some of the world's colours and shapes
+    with pytest.raises(CapfiltError, match="text_negatives"):
+        train(TrainConfig(out=out, steps=4, **base))  # resuming without the option is refused
+
+
 def test_confusable_tokens_share_contexts_and_skip_synonyms() -> None:
     words = {
         w: i

@@ -48,6 +48,9 @@ def test_train_command_flags_map_onto_the_config() -> None:
     assert cfg.data == ["a", "b"] and cfg.use_gpu and cfg.workers == 2 and cfg.size == "small"
     args = _parse(["train", "filter", "--data", "a", "--out", "o", "--num-gpus", "0", "--queue-size", "64"])
     assert not config_from_args(args).use_gpu and config_from_args(args).queue_size == 64
+    assert not config_from_args(args).text_negatives
+    args = _parse(["train", "filter", "--data", "a", "--out", "o", "--text-negatives"])
+    assert config_from_args(args).text_negatives
 
 
 def test_train_command_names_a_missing_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
