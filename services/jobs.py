@@ -161,13 +161,16 @@ def read_progress(output: Path) -> JobProgress | None:
     status: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     counts = Counter[str]()
+    read_errors: dict[str, str] = {}
     for entry in {e.get("shard"): e for e in entries}.values():
         counts["dprime_pairs"] += int(entry.get("dprime_pairs", 0))
-        if entry.get("kind") != "web":
-            continue
         try:
             stats = json.loads((output / "stats" / f"{entry['shard']}.json").read_text())
         except (OSError, ValueError, KeyError):
+            continue
+        if stats.get("read_error"):  # web or human: a shard cut short or corrupt, read up to there
+            read_errors[str(stats.get("input", entry.get("shard")))] = str(stats["read_error"])
+        if entry.get("kind") != "web":
             continue
         counts["samples"] += int(stats.get("samples", 0))
         counts["web_kept"] += int(stats.get("web_kept", 0))
@@ -183,6 +186,7 @@ def read_progress(output: Path) -> JobProgress | None:
         dprime_pairs=counts["dprime_pairs"],
         status=dict(sorted(status.items())),
         reasons=dict(sorted(reasons.items())),
+        read_errors=dict(sorted(read_errors.items())),
     )
 
 

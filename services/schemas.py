@@ -219,6 +219,10 @@ class JobProgress(BaseModel):
     dprime_pairs: int
     status: dict[str, int]
     reasons: dict[str, int]
+    read_errors: dict[str, str] = Field(
+        default_factory=dict,
+        description="input shard -> why it could not be read to its end (its samples up to there count)",
+    )
 
 
 class JobSummary(BaseModel):
