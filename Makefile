@@ -35,7 +35,7 @@ bench: venv
 	$(BIN)/capfilt bench throughput --size base --pairs 16 --batch-size 8 --check-images 8 --paths transformers exact fast
 
 bench-gpu: venv
-	$(BIN)/capfilt bench throughput --device cuda --size base --image-size 384 --pairs 1024 --batch-size 256 \
+	$(BIN)/capfilt bench throughput --device cuda --size base --image-size 384 --pairs 2048 --batch-size 1024 \
 		--check-images 64 --paths transformers exact fast
 
 clean-venv:
