@@ -1,8 +1,8 @@
 """Captioner and Filter: batched inference over a checkpoint.
 
 These two classes are what every front end hosts: the CLI, the cleaning job's Ray actors and
-the REST service. Each loads its checkpoint once; inputs are PIL images (decoded by the caller,
-so a bad file is the caller's row-level error, not a crash here).
+the REST service. Each loads its checkpoint once; inputs are PIL images or (H, W, 3) uint8 arrays
+(decoded by the caller, so a bad file is the caller's row-level error, not a crash here).
 
 - `Captioner.caption`: K captions per image from the image-grounded decoder (`[DEC]`), the
   prompt "a picture of " stripped.
@@ -111,10 +111,10 @@ class _Hosted:
     def pixels(self, images: Images) -> torch.Tensor:
         """Normalised (B, 3, S, S) pixels on the model's device, in the model's dtype."""
         pixels = self.stack(images)
-        if tuple(pixels.shape[1:]) != (self.image_size, self.image_size, 3):
+        if pixels.dtype != torch.uint8 or tuple(pixels.shape[1:]) != (self.image_size, self.image_size, 3):
             raise ValueError(
                 f"stacked pixels must be (B, {self.image_size}, {self.image_size}, 3) uint8 for this "
-                f"checkpoint, got {tuple(pixels.shape)}"
+                f"checkpoint, got {tuple(pixels.shape)} {pixels.dtype}"
             )
         cfg = self.ckpt.config
         return normalize_pixels(pixels, cfg.image_mean, cfg.image_std, self.device, self.dtype)

@@ -152,6 +152,8 @@ def test_models_take_arrays_pil_or_a_stacked_batch(our_captioner_dir, our_filter
     assert filt.score(arrays, texts) == filt.score(images, texts)
     with pytest.raises(ValueError, match="stacked pixels must be"):
         filt.score(stack_pixels(images, 16), texts)
+    with pytest.raises(ValueError, match="stacked pixels must be"):
+        filt.score(stack_pixels(images, 32).float(), texts)
 
 
 def test_texts_grouped_per_image_score_as_each_text_alone(our_filter_dir):
