@@ -180,11 +180,13 @@ def _synonymy(token_lists: Sequence[Sequence[int]], image_ids: Sequence[int], V:
     users = np.zeros(V, dtype=np.float64)
     for captions in by_image.values():
         anywhere = set().union(*captions)
+        for a in anywhere:
+            users[a] += 1
+        if len(captions) < 2:  # one caption: every pair of its words is used together
+            continue
         together = set()
         for c in captions:
             together.update((a, b) for a in c for b in c)
-        for a in anywhere:
-            users[a] += 1
         for a in anywhere:
             for b in anywhere:
                 if a != b and (a, b) not in together:
