@@ -80,13 +80,15 @@ def new_checkpoint(
     role: str = "pretrain",
     image_size: int | None = None,
     provenance: dict[str, Any] | None = None,
+    stem: str = "patch",
 ) -> Checkpoint:
-    """A randomly initialised MED of a named size whose vocabulary and special ids are `tokenizer`'s."""
+    """A randomly initialised MED of a named size whose vocabulary and special ids are `tokenizer`'s;
+    `stem` is the image encoder's (VisionConfig.stem)."""
     from .config import med_config
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    config = med_config(size, image_size=image_size, **tokenizer.ids.as_text_config())
+    config = med_config(size, image_size=image_size, stem=stem, **tokenizer.ids.as_text_config())
     prov = {"created_from": f"random init, size {size}", **(provenance or {})}
     return Checkpoint(MED(config), tokenizer, role, prov, FORMAT)
 
@@ -197,9 +199,10 @@ def _set_image_size(med: MED, image_size: int) -> None:
     grid = image_size // v.patch_size
     new = resize_pos_embed(med.visual_encoder.pos_embed.data, grid)
     med.visual_encoder.pos_embed = torch.nn.Parameter(new)
-    med.visual_encoder.patch_embed.img_size = (image_size, image_size)
-    med.visual_encoder.patch_embed.grid_size = (grid, grid)
-    med.visual_encoder.patch_embed.num_patches = grid * grid
+    if v.stem == "patch":  # a conv stem keeps no image size of its own
+        med.visual_encoder.patch_embed.img_size = (image_size, image_size)
+        med.visual_encoder.patch_embed.grid_size = (grid, grid)
+        med.visual_encoder.patch_embed.num_patches = grid * grid
     v.image_size = image_size
     log.info("resized position embeddings to %d px (%dx%d patches)", image_size, grid, grid)
 
@@ -414,6 +417,12 @@ def export_transformers(ckpt: Checkpoint, directory: str | Path, kind: str | Non
                 "a pre-trained MED holds both a captioner and a filter; choose --kind captioning or --kind retrieval"
             )
         kind = "captioning" if ckpt.config.has_decoder else "retrieval"
+    if ckpt.config.vision.stem != "patch":
+        raise CheckpointError(
+            f"this checkpoint's image encoder has a {ckpt.config.vision.stem} stem; transformers' BLIP "
+            "classes have only BLIP's linear patch embedding, so it cannot be exported to them "
+            "(train with --stem patch for a checkpoint that can)"
+        )
     if kind == "captioning" and not ckpt.config.has_decoder:
         raise CheckpointError("this checkpoint has no text decoder to export as a captioning model")
     if kind == "retrieval" and not ckpt.config.has_encoder:

@@ -1,7 +1,8 @@
 """The image encoder: a ViT built from timm's blocks, with BLIP's parameter names.
 
 Parameter names (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.*`, `norm`) are the
-ones in BLIP's original checkpoints, so an original state dict loads without renaming.
+ones in BLIP's original checkpoints, so an original state dict loads without renaming. A conv stem
+(`VisionConfig.stem == "conv"`, ours alone) replaces `patch_embed` with `stem.convs.*`, `stem.proj`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         norm_layer = partial(nn.LayerNorm, eps=config.layer_norm_eps)
-        self.patch_embed = PatchEmbed(
-            img_size=config.image_size,
-            patch_size=config.patch_size,
-            embed_dim=config.width,
-            strict_img_size=False,
-        )
+        if config.stem == "conv":
+            self.stem = ConvStem(config.patch_size, config.width)
+        else:
+            self.patch_embed = PatchEmbed(
+                img_size=config.image_size,
+                patch_size=config.patch_size,
+                embed_dim=config.width,
+                strict_img_size=False,
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
         drop_path = torch.linspace(0, config.drop_path, config.depth).tolist()
@@ -50,7 +54,7 @@ class VisionTransformer(nn.Module):
         self.apply(_init_vit_weights)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixels)  # (B, N, D)
+        x = self.stem(pixels) if self.config.stem == "conv" else self.patch_embed(pixels)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
         x = x + self._pos_embed_for(x.shape[1], pixels.shape[-2:])
@@ -66,6 +70,33 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         grid = [hw[0] // self.config.patch_size, hw[1] // self.config.patch_size]
         return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=1)
+
+
+class ConvStem(nn.Module):
+    """Pixels (B, 3, H, W) -> tokens (B, H/p * W/p, D): log2(p) stride-2 3x3 convolutions, each
+    followed by GroupNorm(1) and GELU, their channels doubling up to D, then a 1x1 projection.
+    For p = 8 and D = 128: 3 -> 32 -> 64 -> 128 channels at H/2, H/4, H/8."""
+
+    def __init__(self, patch_size: int, width: int) -> None:
+        super().__init__()
+        steps = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**steps != patch_size:
+            raise ValueError(f"a conv stem needs a power-of-two patch size of at least 2, got {patch_size}")
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(steps):
+            out = max(16, width >> (steps - 1 - i))
+            layers += [
+                nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(1, out),
+                nn.GELU(),
+            ]
+            channels = out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(channels, width, 1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(pixels)).flatten(2).transpose(1, 2)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:

@@ -119,7 +119,16 @@ def vit_flops(config: MEDConfig) -> float:
     v = config.vision
     n = (v.image_size // v.patch_size) ** 2
     T, D, hidden = n + 1, v.width, int(v.width * v.mlp_ratio)
-    patch = 2 * n * 3 * v.patch_size**2 * D
+    if v.stem == "conv":  # stride-2 3x3 convolutions (channels as model.vit.ConvStem), then 1x1
+        patch, channels, side = 0, 3, v.image_size
+        steps = v.patch_size.bit_length() - 1
+        for i in range(steps):
+            out, side = max(16, D >> (steps - 1 - i)), side // 2
+            patch += 2 * side * side * 9 * channels * out
+            channels = out
+        patch += 2 * n * channels * D
+    else:
+        patch = 2 * n * 3 * v.patch_size**2 * D
     layer = 2 * T * D * 4 * D + 2 * 2 * T * D * hidden + 2 * 2 * T * T * D  # qkv+proj, MLP, QK^T and AV
     return float(patch + v.depth * layer)
 

@@ -147,7 +147,9 @@ def _prepare_start(cfg: TrainConfig, shards: list[Path], out: Path) -> str:
         return str(cfg.init)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     torch.manual_seed(cfg.seed)
-    ckpt = new_checkpoint(cfg.size, tokenizer, role="pretrain", image_size=cfg.image_size)
+    ckpt = new_checkpoint(
+        cfg.size, tokenizer, role="pretrain", image_size=cfg.image_size, stem=cfg.stem or "patch"
+    )
     log.info(
         "new %s MED, vocabulary of %d trained on %d texts", cfg.size, tokenizer.ids.vocab_size, len(texts)
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from capfilt.model.config import STEMS
+
 from .train_config import BATCHING, TASKS, TrainConfig
 
 
@@ -29,6 +31,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, metrics, state)")
     p.add_argument("--size", default="small", help="MED size of a from-scratch pretrain (default: small)")
+    p.add_argument(
+        "--stem",
+        choices=STEMS,
+        default=None,
+        help="image encoder stem of a from-scratch pretrain: patch (BLIP's linear patch embedding) or "
+        "conv (3x3 convolutions, which learn object shape sooner on small data; cannot be exported to "
+        "transformers); a fine-tuning keeps its --init's (default: patch)",
+    )
     p.add_argument(
         "--init",
         metavar="CKPT",
@@ -119,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=list(args.data),
         out=args.out,
         size=args.size,
+        stem=args.stem,
         init=args.init,
         epochs=args.epochs,
         steps=args.steps,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.errors import CapfiltError
-from capfilt.model.config import SIZES
+from capfilt.model.config import SIZES, STEMS
 
 TASKS = ("pretrain", "captioner", "filter")
 BATCHING = ("random", "similar")  # which pairs meet in a batch: pipelines/train_batches.py
@@ -36,6 +36,7 @@ RESUME_KEYS = (
     "task",
     "data",
     "size",
+    "stem",
     "init",
     "epochs",
     "steps",
@@ -65,6 +66,7 @@ class TrainConfig:
     data: list[str]  # shard directories, tar files or glob patterns (img2dataset webdataset layout)
     out: str  # run directory: final checkpoint, metrics.jsonl, train_state/ (resume), ray_results/
     size: str = "small"  # named MED size for a from-scratch pretrain (model.config.SIZES)
+    stem: str | None = None  # image encoder stem of a from-scratch pretrain; None: "patch" (BLIP's)
     init: str | None = None  # checkpoint to start from; required for captioner and filter
     epochs: int = 5
     steps: int | None = None  # a fixed budget of optimiser steps instead of epochs (the data is cycled)
@@ -137,6 +139,13 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.init is not None:
         _need(Path(cfg.init).exists(), f"init checkpoint not found: {cfg.init}")
+        _need(
+            cfg.stem is None,
+            "--stem shapes a new MED; a run from --init keeps that checkpoint's stem: drop --stem",
+        )
+    _need(
+        cfg.stem is None or cfg.stem in STEMS, f"unknown stem {cfg.stem!r}; choose one of {', '.join(STEMS)}"
+    )
     _need(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
     _need(cfg.steps is None or cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
     least = 1 if cfg.task == "captioner" else 2  # ITC and ITM need negatives within the batch

@@ -168,6 +168,15 @@ def test_export_to_transformers_round_trips(tmp_path, our_filter_dir, our_captio
     assert load_checkpoint(tmp_path / "hf_cap").role == "captioner"
 
 
+def test_conv_stem_checkpoint_is_refused_by_the_exporter_with_the_reason(tmp_path, tokenizer):
+    from capfilt.model.checkpoint import new_checkpoint
+
+    ckpt = new_checkpoint("tiny", tokenizer, role="filter", stem="conv")
+    with pytest.raises(CheckpointError, match=r"conv stem.*--stem patch"):
+        export_transformers(ckpt, tmp_path / "hf", "retrieval")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_our_checkpoint_round_trip_is_exact(tmp_path, our_captioner_dir):
     ckpt = load_checkpoint(our_captioner_dir)
     save_checkpoint(ckpt, tmp_path / "again")

@@ -117,3 +117,37 @@ def test_tokenizer_never_produces_unknown_for_seen_characters(tokenizer):
     assert tokenizer.ids.pad not in ids
     unk = tokenizer.hf.convert_tokens_to_ids("[UNK]")
     assert unk not in ids  # letters seen in the corpus always have a ## fallback
+
+
+def test_conv_stem_builds_the_same_token_grid_and_round_trips(tmp_path, tokenizer):
+    ckpt = new_checkpoint("small", tokenizer, stem="conv")
+    v = ckpt.config.vision
+    assert v.stem == "conv" and not hasattr(ckpt.med.visual_encoder, "patch_embed")
+    assert all(not k.startswith("visual_encoder.patch_embed") for k in ckpt.med.state_dict())
+    pixels = torch.randn(2, 3, v.image_size, v.image_size)
+    with torch.no_grad():
+        embeds = ckpt.med.eval().encode_image(pixels)
+    assert embeds.shape == (2, 1 + v.num_patches, v.width)  # the grid of the patch stem it replaces
+    save_checkpoint(ckpt, tmp_path / "ck")
+    saved = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert saved["architecture"]["vision"]["stem"] == "conv"
+    loaded = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(loaded.med.encode_image(pixels), embeds)
+    # A finer resolution resizes the position embeddings; the convolutions need nothing.
+    bigger = load_checkpoint(tmp_path / "ck", image_size=2 * v.image_size)
+    with torch.no_grad():
+        out = bigger.med.encode_image(torch.randn(1, 3, 2 * v.image_size, 2 * v.image_size))
+    assert out.shape == (1, 1 + 4 * v.num_patches, v.width)
+
+
+def test_stem_is_validated_and_blip_sizes_keep_the_patch_embedding():
+    assert all(med_config(size).vision.stem == "patch" for size in SIZES)
+    bad = med_config("tiny").to_dict()
+    bad["vision"]["stem"] = "resnet"
+    with pytest.raises(ValueError, match=r"vision\.stem must be one of patch, conv"):
+        MEDConfig.from_dict(bad)
+    odd = med_config("tiny", stem="conv").to_dict()
+    odd["vision"].update(patch_size=6, image_size=36)
+    with pytest.raises(ValueError, match="power of two"):
+        MEDConfig.from_dict(odd)

@@ -88,10 +88,11 @@ def test_finetune_from_pretrained(world: Path, pretrained: Path, tmp_path: Path,
         assert any(".causal_attention." in k for k in moved)
 
 
+@pytest.mark.parametrize("stem", ["patch", "conv"])
 @pytest.mark.parametrize("task", ["pretrain", "captioner", "filter"])
-def test_every_trainable_parameter_gets_a_gradient(tokenizer, task: str) -> None:
+def test_every_trainable_parameter_gets_a_gradient(tokenizer, task: str, stem: str) -> None:
     """What makes DDP work without find_unused_parameters: frozen = exactly the unused branches."""
-    med = new_checkpoint("tiny", tokenizer).med.train()
+    med = new_checkpoint("tiny", tokenizer, stem=stem).med.train()
     set_trainable(med, task)
     objectives = MEDObjectives(med, **TASK_LOSSES[task], queue_size=8, prompt_length=3)
     ids, mask = tokenizer(
@@ -104,6 +105,31 @@ def test_every_trainable_parameter_gets_a_gradient(tokenizer, task: str) -> None
     assert not without
     frozen = [n for n, p in objectives.named_parameters() if not p.requires_grad and n.startswith("med.")]
     assert bool(frozen) == (task != "pretrain")
+
+
+def test_a_conv_stem_pretrain_passes_its_stem_to_the_fine_tuning(world: Path, tmp_path: Path) -> None:
+    common = dict(size="tiny", steps=2, batch_size=8, workers=0, log_every=1, checkpoint_every=0)
+    pre = train(
+        TrainConfig(
+            task="pretrain", data=[str(world / "web")], out=str(tmp_path / "pre"), stem="conv", **common
+        )
+    )
+    assert load_checkpoint(pre.checkpoint).config.vision.stem == "conv"
+    filt = train(
+        TrainConfig(
+            task="filter",
+            data=[str(world / "human")],
+            out=str(tmp_path / "f"),
+            init=str(pre.checkpoint),
+            **common,
+        )
+    )
+    before = load_checkpoint(pre.checkpoint).med.state_dict()
+    after = load_checkpoint(filt.checkpoint).med.state_dict()
+    assert load_checkpoint(filt.checkpoint).config.vision.stem == "conv"
+    assert not torch.equal(
+        before["visual_encoder.stem.proj.weight"], after["visual_encoder.stem.proj.weight"]
+    )
 
 
 def test_epoch_batches_split_global_batches_between_ranks() -> None:

@@ -51,6 +51,22 @@ def test_train_command_flags_map_onto_the_config() -> None:
     assert not config_from_args(args).text_negatives
     args = _parse(["train", "filter", "--data", "a", "--out", "o", "--text-negatives"])
     assert config_from_args(args).text_negatives
+    assert config_from_args(args).stem is None
+    args = _parse(["train", "pretrain", "--data", "a", "--out", "o", "--stem", "conv"])
+    assert config_from_args(args).stem == "conv"
+
+
+def test_stem_is_refused_for_a_run_from_init(tmp_path: Path) -> None:
+    from capfilt.errors import CapfiltError
+    from capfilt.pipelines.train_config import TrainConfig
+
+    init = tmp_path / "pre"
+    init.mkdir()
+    cfg = TrainConfig(task="filter", data=["a"], out=str(tmp_path / "o"), init=str(init), stem="conv")
+    with pytest.raises(CapfiltError, match="keeps that checkpoint's stem"):
+        cfg.resolved()
+    with pytest.raises(CapfiltError, match="unknown stem 'vgg'"):
+        TrainConfig(task="pretrain", data=["a"], out="o", stem="vgg").resolved()
 
 
 def test_train_command_names_a_missing_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
