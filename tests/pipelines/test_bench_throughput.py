@@ -19,8 +19,8 @@ def test_vit_flops_equal_the_counted_matmuls() -> None:
     torch counts in the encoder's convolution and linear layers."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    for size, px in (("tiny", 32), ("small", 64)):
-        cfg = med_config(size, image_size=px)
+    for size, px, stem in (("tiny", 32, "patch"), ("small", 64, "patch"), ("small", 64, "conv")):
+        cfg = med_config(size, image_size=px, stem=stem)
         med = MED(cfg).eval()
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             med.encode_image(torch.randn(3, 3, px, px))
