@@ -411,18 +411,18 @@ def export_transformers(ckpt: Checkpoint, directory: str | Path, kind: str | Non
         BlipImageProcessor,
     )
 
-    if kind is None:
-        if ckpt.config.has_decoder and ckpt.config.has_encoder:
-            raise CheckpointError(
-                "a pre-trained MED holds both a captioner and a filter; choose --kind captioning or --kind retrieval"
-            )
-        kind = "captioning" if ckpt.config.has_decoder else "retrieval"
     if ckpt.config.vision.stem != "patch":
         raise CheckpointError(
             f"this checkpoint's image encoder has a {ckpt.config.vision.stem} stem; transformers' BLIP "
             "classes have only BLIP's linear patch embedding, so it cannot be exported to them "
             "(train with --stem patch for a checkpoint that can)"
         )
+    if kind is None:
+        if ckpt.config.has_decoder and ckpt.config.has_encoder:
+            raise CheckpointError(
+                "a pre-trained MED holds both a captioner and a filter; choose --kind captioning or --kind retrieval"
+            )
+        kind = "captioning" if ckpt.config.has_decoder else "retrieval"
     if kind == "captioning" and not ckpt.config.has_decoder:
         raise CheckpointError("this checkpoint has no text decoder to export as a captioning model")
     if kind == "retrieval" and not ckpt.config.has_encoder:

@@ -153,6 +153,13 @@ def print_result(result: dict[str, Any], console: Any) -> None:
             f"scaling: {row['pairs']} pairs in {row['wall_s']:.1f} s: {1000 * row['seconds_per_pair']:.2f} ms/pair "
             f"with start-up (first shard after {row['first_shard_s']:.1f} s), "
             + (f"{1000 * steady:.2f} ms/pair after it" if steady else "no steady rate (one shard)")
+            + (
+                " (first half {:.2f}, second half {:.2f})".format(
+                    *(1000 / r for r in row["steady_pairs_per_s_halves"])
+                )
+                if row.get("steady_pairs_per_s_halves") and all(row["steady_pairs_per_s_halves"])
+                else ""
+            )
             + f"; peak RSS {row['peak_rss_gb']:.2f} GB"
         )
     rows = result.get("scaling", [])

@@ -299,9 +299,17 @@ class TransformersLoop:
     def __init__(self, captioner: Path, filt: Path, workdir: Path, device: torch.device, dtype: torch.dtype):
         from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
+        from capfilt.model.checkpoint import CheckpointError
+
         ours_cap, ours_filt = load_checkpoint(captioner), load_checkpoint(filt)
-        cap_dir = export_transformers(ours_cap, workdir / "hf_captioner", "captioning")
-        filt_dir = export_transformers(ours_filt, workdir / "hf_filter", "retrieval")
+        try:
+            cap_dir = export_transformers(ours_cap, workdir / "hf_captioner", "captioning")
+            filt_dir = export_transformers(ours_filt, workdir / "hf_filter", "retrieval")
+        except CheckpointError as err:
+            raise CapfiltError(
+                f"path (a) runs transformers' BLIP classes on the same weights, and {err}; "
+                "time the other paths with --paths exact fast job"
+            ) from err
         self.cap = BlipForConditionalGeneration.from_pretrained(str(cap_dir), dtype=dtype).to(device).eval()
         self.filt = BlipForImageTextRetrieval.from_pretrained(str(filt_dir), dtype=dtype).to(device).eval()
         self.tok = AutoTokenizer.from_pretrained(str(cap_dir))
@@ -488,9 +496,11 @@ def run_job(
     first = summary.timings.get("first_shard_s", 0.0)
     # Steady state: samples finished after the first shard over the time they took.
     moved = [(t, n) for t, n in done if n > 0]
-    steady = None
-    if len(moved) >= 2 and moved[-1][0] > moved[0][0]:
-        steady = (moved[-1][1] - moved[0][1]) / (moved[-1][0] - moved[0][0])
+    steady = _rate(moved)
+    # The same rate over the first and the second half of the shards after the first: a job whose
+    # cost per pair grew with its length (state piling up) would show it here.
+    half = len(moved) // 2
+    halves = [_rate(moved[: half + 1]), _rate(moved[half:])] if len(moved) >= 5 else None
     return {
         "pairs": summary.run_samples,
         "wall_s": wall,
@@ -498,8 +508,16 @@ def run_job(
         "web_s": summary.timings.get("web_s"),
         "first_shard_s": first,
         "steady_pairs_per_s": steady,
+        "steady_pairs_per_s_halves": halves,
         "peak_rss_gb": memory.peak / 1e9,
     }
+
+
+def _rate(moved: list[tuple[float, int]]) -> float | None:
+    """Samples per second between the first and the last of (seconds, samples finished) points."""
+    if len(moved) < 2 or moved[-1][0] <= moved[0][0]:
+        return None
+    return (moved[-1][1] - moved[0][1]) / (moved[-1][0] - moved[0][0])
 
 
 # ----------------------------------------------------------------------------- the bench

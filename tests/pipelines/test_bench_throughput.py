@@ -71,6 +71,13 @@ def test_bench_runs_the_clean_job_and_the_scaling_run(ray_cluster) -> None:
     assert row["pairs"] == 6 and row["seconds_per_pair"] == pytest.approx(row["wall_s"] / 6)
 
 
+def test_steady_rate_and_its_halves_come_from_the_shard_finish_times() -> None:
+    from capfilt.pipelines.bench_throughput import _rate
+
+    assert _rate([(2.0, 100)]) is None and _rate([(2.0, 100), (2.0, 200)]) is None
+    assert _rate([(2.0, 100), (3.0, 200), (6.0, 500)]) == pytest.approx(100.0)
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
