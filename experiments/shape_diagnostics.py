@@ -7,7 +7,8 @@ not learnt". An experiment script, not part of the product; run it from the repo
     encoder --stem patch|conv --readout cls|max [--world W] [--epochs E]
         the small ViT alone, trained on "which shapes does the scene hold" (six binary labels) from
         the human split; per-label accuracy on held-out images
-    binding --stem patch|conv --readout attention|max|mean [--single] [--world W] [--steps S]
+    binding --stem patch|conv --readout attention|max|mean [--single] [--query-norm N] [--world W]
+            [--steps S]
         the small ViT trained to name one object kind's shape; "attention" reads the tokens with one
         cross-attention layer whose query is the kind's colour (as ITM and the decoder read them)
 
@@ -132,6 +133,9 @@ def binding(args: argparse.Namespace) -> None:
     colour = nn.Embedding(len(COLOURS), width)
     attention = nn.MultiheadAttention(width, 4, batch_first=True)
     head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(SHAPES)))
+    if args.query_norm:  # a sharper attention from the start
+        with torch.no_grad():
+            colour.weight.mul_(args.query_norm / colour.weight.norm(dim=1, keepdim=True))
     params = [*vit.parameters(), *colour.parameters(), *attention.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
 
@@ -175,6 +179,7 @@ def main() -> None:
     p.add_argument("--single", action="store_true", help="only scenes with one object kind")
     p.add_argument("--world", default="runs/big")
     p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--query-norm", type=float, default=None, help="scale each colour query to this norm")
     args = parser.parse_args()
     torch.manual_seed(0)
     {"captions": captions, "encoder": encoder, "binding": binding}[args.command](args)
