@@ -72,6 +72,14 @@ class VisionTransformer(nn.Module):
         return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=1)
 
 
+def conv_stem_channels(patch_size: int, width: int) -> list[int]:
+    """Output channels of a conv stem's stride-2 convolutions: doubling up to `width`, at least 16."""
+    steps = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**steps != patch_size:
+        raise ValueError(f"a conv stem needs a power-of-two patch size of at least 2, got {patch_size}")
+    return [max(16, width >> (steps - 1 - i)) for i in range(steps)]
+
+
 class ConvStem(nn.Module):
     """Pixels (B, 3, H, W) -> tokens (B, H/p * W/p, D): log2(p) stride-2 3x3 convolutions, each
     followed by GroupNorm(1) and GELU, their channels doubling up to D, then a 1x1 projection.
@@ -79,13 +87,9 @@ class ConvStem(nn.Module):
 
     def __init__(self, patch_size: int, width: int) -> None:
         super().__init__()
-        steps = patch_size.bit_length() - 1
-        if patch_size < 2 or 2**steps != patch_size:
-            raise ValueError(f"a conv stem needs a power-of-two patch size of at least 2, got {patch_size}")
         layers: list[nn.Module] = []
         channels = 3
-        for i in range(steps):
-            out = max(16, width >> (steps - 1 - i))
+        for out in conv_stem_channels(patch_size, width):
             layers += [
                 nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
                 nn.GroupNorm(1, out),

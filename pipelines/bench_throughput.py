@@ -46,6 +46,7 @@ from capfilt.model.checkpoint import Checkpoint, export_transformers, load_check
 from capfilt.model.config import FINETUNE_IMAGE_SIZE, SIZES, MEDConfig
 from capfilt.model.generate import GenerationConfig
 from capfilt.model.tokenizer import CaptionTokenizer, train_tokenizer
+from capfilt.model.vit import conv_stem_channels
 from capfilt.text import pre_caption
 
 from .bench_cli import PATHS
@@ -119,11 +120,10 @@ def vit_flops(config: MEDConfig) -> float:
     v = config.vision
     n = (v.image_size // v.patch_size) ** 2
     T, D, hidden = n + 1, v.width, int(v.width * v.mlp_ratio)
-    if v.stem == "conv":  # stride-2 3x3 convolutions (channels as model.vit.ConvStem), then 1x1
+    if v.stem == "conv":  # stride-2 3x3 convolutions, then a 1x1 projection
         patch, channels, side = 0, 3, v.image_size
-        steps = v.patch_size.bit_length() - 1
-        for i in range(steps):
-            out, side = max(16, D >> (steps - 1 - i)), side // 2
+        for out in conv_stem_channels(v.patch_size, D):
+            side //= 2
             patch += 2 * side * side * 9 * channels * out
             channels = out
         patch += 2 * n * channels * D
