@@ -17,15 +17,17 @@ import os
 import re
 import signal
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
 from capfilt.data import iter_samples
 from capfilt.errors import CapfiltError
 from capfilt.ledger import read_ledger
-from capfilt.pipelines import clean_output
+from capfilt.pipelines import clean_output, clean_stages
 from capfilt.pipelines.clean import CleanConfig, CleanSummary, clean
 from capfilt.world.writer import Sample, write_shard
 
@@ -123,31 +125,76 @@ def _map_workers() -> dict[str, dict[str, Any]]:
     }
 
 
+def _held(stage: type, gate: Path, shards: int) -> type:
+    """`stage`, whose actor waits at its first batch of the `shards`-th shard it meets: it writes its
+    pid to `gate/<stage name>` and waits there, mid-batch, until `gate/open` exists. So the test can
+    kill it with work in flight however fast the machine runs; once the gate is open (after the kill),
+    its restart runs on."""
+
+    class Held(stage):  # type: ignore[misc]
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            seen = self.__dict__.setdefault("shards_seen", set())
+            seen.update(batch.column("shard_id").to_pylist())
+            opened = gate / "open"
+            if len(seen) >= shards and not opened.exists():
+                note = gate / f".{stage.__name__}"
+                note.write_text(str(os.getpid()))
+                note.replace(gate / stage.__name__)  # whole, for the test to read
+                deadline = time.monotonic() + 120  # a safety net: a test that never kills fails, not hangs
+                while not opened.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return super().__call__(batch)
+
+    # Defined here, it travels to the actors by value; its name keeps the pools' names.
+    Held.__name__ = Held.__qualname__ = stage.__name__
+    return Held
+
+
 def test_model_actors_killed_mid_job_are_restarted_to_the_same_result(
-    baseline, inputs, our_captioner_dir, our_filter_dir, tmp_path
+    baseline, inputs, our_captioner_dir, our_filter_dir, tmp_path, monkeypatch
 ) -> None:
-    killed: dict[str, int] = {}
-    at: list[int] = []
+    # Both model actors must still have work when the first shard is written, or there is nothing
+    # to kill: left alone they finish within ~0.2 s of it, before a slow driver looks. So each waits
+    # mid-batch: the captioner at its 4th shard, the filter at its 3rd (the driver gets a block only
+    # once the next one exists, so the 1st shard is written once the filter has finished its 2nd).
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    stages = {"CaptionStage": 4, "FilterStage": 3}
+    for name, shards in stages.items():
+        monkeypatch.setattr(clean_stages, name, _held(getattr(clean_stages, name), gate, shards))
+    killed: dict[str, str] = {}
+    held: dict[str, int] = {}
     # The whole pytest session is one Ray job: earlier jobs' pools (the baseline's among them) may
     # still be listed ALIVE until their handles are collected, so only this job's new actors count.
     earlier = {actor_id: info["State"] for actor_id, info in _map_workers().items()}
 
     def kill_the_model_actors(shards_done: int, shards_total: int, samples_done: int) -> None:
-        if shards_done == 1 and not killed:  # one shard written, three still in the pipeline
-            for actor_id, info in _map_workers().items():
-                if info["State"] == "ALIVE" and actor_id not in earlier:
-                    os.kill(info["Pid"], signal.SIGKILL)  # as the OOM killer would
-                    killed[actor_id] = info["Pid"]
-            at.append(shards_done)
+        if shards_done != 1:
+            return
+        # One shard written, three in the pipeline: kill the model actors once both wait mid-batch.
+        deadline = time.monotonic() + 120  # a safety net only: both wait within a second here
+        while not all((gate / name).exists() for name in stages) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held.update({name: int((gate / name).read_text()) for name in stages if (gate / name).exists()})
+        for actor_id, info in _map_workers().items():
+            if info["State"] == "ALIVE" and actor_id not in earlier and info["Pid"] in held.values():
+                os.kill(info["Pid"], signal.SIGKILL)  # as the OOM killer would
+                killed[actor_id] = info["ActorClassName"]
+        (gate / "open").touch()
 
     out = tmp_path / "killed"
-    summary = clean(_config(inputs, out, our_captioner_dir, our_filter_dir), kill_the_model_actors)
-    assert at == [1] and len(killed) == 2, f"expected one captioner and one filter actor, killed {killed}"
+    try:
+        summary = clean(_config(inputs, out, our_captioner_dir, our_filter_dir), kill_the_model_actors)
+    finally:
+        (gate / "open").touch()  # never leave an actor waiting
+    assert sorted(killed.values()) == [f"MapWorker(MapBatches({name}))" for name in stages], (
+        f"expected one captioner and one filter actor, held mid-batch ({held}), killed {killed}"
+    )
     after = _map_workers()
     restarts = {actor_id: after[actor_id]["NumRestarts"] for actor_id in killed}
     print(
-        f"\nkilled {len(killed)} model actors after 1 of {SHARDS} shards; restarts: {restarts}; "
-        f"earlier jobs' actors at the start: {sorted(earlier.values())}"
+        f"\nkilled {len(killed)} model actors mid-batch after 1 of {SHARDS} shards; restarts: "
+        f"{restarts}; earlier jobs' actors at the start: {sorted(earlier.values())}"
     )
     assert all(n >= 1 for n in restarts.values()), restarts
     assert summary.samples == baseline.samples == 40 and _manifest(out) == _manifest(baseline.output)
