@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed: same arguments, same bytes (default: 0)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    p.add_argument(
+        "--labelled",
+        type=int,
+        default=24000,
+        help="images with class labels and no captions, the ImageNet analogue that `capfilt train vit` "
+        "pre-trains the image encoder on; 0 for none (default: 24000)",
+    )
 
     from capfilt.pipelines.clean_cli import add_clean_parser
     from capfilt.pipelines.demo_cli import add_demo_parser
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which web texts enter D' (default: capfilt = kept web + kept synthetic)",
     )
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
+    _add_vit_init_args(p)
 
     p = sub.add_parser(
         "eval", help="evaluate checkpoints (retrieval, captioning, filter) or run the bootstrap ablation"
@@ -196,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nucleus samples per web image (default: 10, as BLIP-2's variant needs)",
     )
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
+    _add_vit_init_args(p)
     p = eval_sub.add_parser(
         "retrieval", help="TR/IR R@1/5/10: ITC ranking, top-k re-ranked by ITM (BLIP's protocol)"
     )
@@ -401,6 +410,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             seed=args.seed,
             image_size=args.image_size,
             shard_size=args.shard_size,
+            labelled=args.labelled,
             progress=progress,
         )
     print(
@@ -458,6 +468,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_vit_init_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vit-steps",
+        type=int,
+        default=2000,
+        help="steps of the image encoder's supervised init on the world's labelled/ split (BLIP's "
+        "ImageNet stage); 0: the image encoder starts from scratch (default: 2000)",
+    )
+    p.add_argument(
+        "--vit-stem",
+        choices=("patch", "conv"),
+        default="conv",
+        help="the image encoder's stem: conv learns object shape on this world; patch is BLIP's and "
+        "exports to transformers (default: conv)",
+    )
+
+
 def _bootstrap_config(args: argparse.Namespace) -> Any:  # -> BootstrapConfig
     from capfilt.pipelines.bootstrap import BootstrapConfig
 
@@ -471,6 +498,8 @@ def _bootstrap_config(args: argparse.Namespace) -> Any:  # -> BootstrapConfig
         "workers",
         "num_captions",
         "max_steps",
+        "vit_steps",
+        "vit_stem",
     )
     own = ("seed", "threshold", "variant")  # bootstrap only; the ablation sets them per row
     return BootstrapConfig(**{k: getattr(args, k) for k in (*shared, *own) if hasattr(args, k)})

@@ -1,9 +1,10 @@
 """The bootstrap loop of the paper, on the built-in world:
 
-    pre-train a MED on web (+ human) pairs
+    pre-train the image encoder on the world's labelled images (BLIP's ImageNet init; `train vit`)
+    pre-train a MED on web (+ human) pairs, its image encoder from that init
       -> fine-tune a captioner (LM) and a filter (ITC+ITM) from it, separately, on human pairs
       -> CapFilt the web split (the cleaning job's Captioner, Filter and decision rule)
-      -> pre-train a new MED on D' = kept web + kept synthetic + human
+      -> pre-train a new MED on D' = kept web + kept synthetic + human (the same image encoder init)
       -> evaluate: fine-tune the new MED's filter and captioner on human pairs, then retrieval
          (ITC ranking, ITM re-ranking) and captioning on the test split.
 
@@ -62,6 +63,10 @@ class BootstrapConfig:
     curate_batch: int = 64
     eval_k: int = 16  # BLIP's top-k for ITM re-ranking (256 on COCO; our test split is small)
     max_steps: int | None = None  # cap every training stage (tests)
+    # The image encoder's supervised init on the world's labelled/ split; 0 steps: none (from scratch).
+    # The conv stem and a constant rate are what carried shape into the MED (docs/results.md).
+    vit_steps: int = 2000
+    vit_stem: str = "conv"
 
     def validate(self) -> None:
         root = Path(self.data)
@@ -70,6 +75,12 @@ class BootstrapConfig:
                 raise CapfiltError(
                     f"{root} has no {part}/ folder: pass a world made by `capfilt data synth --out DIR`"
                 )
+        if self.vit_steps and not (root / "labelled").is_dir():
+            raise CapfiltError(
+                f"{root} has no labelled/ folder for the image encoder's init: make the world with "
+                "`capfilt data synth` (its default writes one; --labelled N), or pass --vit-steps 0 to "
+                "pre-train the image encoder from scratch"
+            )
         if self.variant not in VARIANTS:
             raise CapfiltError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.num_captions < 1:
@@ -96,6 +107,7 @@ def _train(
     init: Path | None,
     epochs: int,
     steps: int | None = None,
+    vit_init: Path | None = None,
 ) -> Path:
     if (out / "config.json").is_file() and not (out / "train_state").exists():
         return out  # finished earlier (a finished run keeps its final checkpoint)
@@ -105,6 +117,7 @@ def _train(
         out=str(out),
         size=cfg.size,
         init=str(init) if init else None,
+        vit_init=str(vit_init) if vit_init else None,
         epochs=epochs,
         steps=steps,
         batch_size=cfg.batch_size,
@@ -113,6 +126,26 @@ def _train(
         max_steps=cfg.max_steps,
     )
     return train(tc).checkpoint
+
+
+def _train_vit(cfg: BootstrapConfig, out: Path) -> Path | None:
+    """The image encoder's init (pipelines/train_vit.py), once per run; None with vit_steps 0."""
+    if not cfg.vit_steps:
+        return None
+    if (out / "vit.json").is_file():
+        return out  # finished earlier (vit.json is written last)
+    from .train_vit import VitTrainConfig, train_vit
+
+    steps = min(cfg.vit_steps, cfg.max_steps) if cfg.max_steps else cfg.vit_steps
+    vc = VitTrainConfig(
+        data=[str(Path(cfg.data) / "labelled")],
+        out=str(out),
+        size=cfg.size,
+        stem=cfg.vit_stem,
+        steps=steps,
+        seed=cfg.seed,
+    )
+    return train_vit(vc).out
 
 
 def variant_rule(variant: str, threshold: float) -> Rule:
@@ -301,36 +334,53 @@ def first_generation(
     """Pre-train on web + human, fine-tune captioner and filter from it, CapFilt the web split."""
     root, out = Path(cfg.data), Path(cfg.out)
     web, human = str(root / "web"), str(root / "human")
-    names = ["pretrain", "captioner", "filter", "capfilt"]
+    names = ["vit", "pretrain", "captioner", "filter", "capfilt"]
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         if progress:
             progress(name, names.index(name), len(names) + 3)
         return times.run(name, fn)
 
+    vit = stage("vit", lambda: _train_vit(cfg, out / "vit"))
     pre = stage(
-        "pretrain", lambda: _train(cfg, "pretrain", [web, human], out / "pretrain", None, cfg.pretrain_epochs)
+        "pretrain",
+        lambda: _train(
+            cfg, "pretrain", [web, human], out / "pretrain", None, cfg.pretrain_epochs, vit_init=vit
+        ),
     )
     cap = stage(
         "captioner", lambda: _train(cfg, "captioner", [human], out / "captioner", pre, cfg.finetune_epochs)
     )
     fil = stage("filter", lambda: _train(cfg, "filter", [human], out / "filter", pre, cfg.finetune_epochs))
     decisions = stage("capfilt", lambda: capfilt_web(cfg, cap, fil, out / "curation"))
-    return {"pretrain": pre, "captioner": cap, "filter": fil, "decisions": decisions}
+    return {"vit": vit, "pretrain": pre, "captioner": cap, "filter": fil, "decisions": decisions}
 
 
 def second_generation(
-    cfg: BootstrapConfig, variant: str, decisions: Path, times: StageTimes, steps: int | None = None
+    cfg: BootstrapConfig,
+    variant: str,
+    decisions: Path,
+    times: StageTimes,
+    steps: int | None = None,
+    vit: Path | None = None,
 ) -> dict[str, Any]:
     """Build D' for `variant`, pre-train a new MED on it (plus human pairs), fine-tune its filter and
-    captioner on human pairs, and evaluate them. `steps` fixes the pre-training budget."""
+    captioner on human pairs, and evaluate them. `steps` fixes the pre-training budget; `vit` is the
+    image encoder's init (the first generation's: BLIP starts both models from the same ImageNet ViT)."""
     root, out = Path(cfg.data), Path(cfg.out) / f"variant_{variant}"
     human = str(root / "human")
     counts = times.run(f"{variant}/dprime", lambda: build_dprime(cfg, variant, decisions, out / "dprime"))
     new = times.run(
         f"{variant}/pretrain",
         lambda: _train(
-            cfg, "pretrain", [str(out / "dprime"), human], out / "pretrain", None, cfg.pretrain_epochs, steps
+            cfg,
+            "pretrain",
+            [str(out / "dprime"), human],
+            out / "pretrain",
+            None,
+            cfg.pretrain_epochs,
+            steps,
+            vit_init=vit,
         ),
     )
     fil = times.run(
@@ -353,10 +403,10 @@ def run_bootstrap(cfg: BootstrapConfig, progress: Progress | None = None) -> dic
     t0 = time.perf_counter()
     first = first_generation(cfg, times, progress)
     if progress:
-        progress("second generation", 4, 7)
-    second = second_generation(cfg, cfg.variant, first["decisions"], times)
+        progress("second generation", 5, 8)
+    second = second_generation(cfg, cfg.variant, first["decisions"], times, vit=first["vit"])
     if progress:
-        progress("evaluate", 6, 7)
+        progress("evaluate", 7, 8)
     baseline = times.run(
         "evaluate_first_generation", lambda: evaluate(cfg, first["filter"], first["captioner"])
     )
@@ -394,7 +444,9 @@ def run_ablation(
         for j, variant in enumerate(variants):
             if progress:
                 progress(f"seed {seed}: {variant}", i * len(variants) + j, len(seeds) * len(variants))
-            rows[variant] = second_generation(scfg, variant, first["decisions"], times, steps=budget)
+            rows[variant] = second_generation(
+                scfg, variant, first["decisions"], times, steps=budget, vit=first["vit"]
+            )
         per_seed[seed] = {
             "budget_steps": budget,
             "rows": rows,

@@ -45,6 +45,7 @@ from .train_state import (
     write_final,
     write_init,
 )
+from .train_vit import load_vit_init, vit_stem
 
 __all__ = ["DEFAULT_LR", "TASKS", "TrainConfig", "TrainResult", "lr_at", "train"]
 
@@ -147,11 +148,19 @@ def _prepare_start(cfg: TrainConfig, shards: list[Path], out: Path) -> str:
         return str(cfg.init)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     torch.manual_seed(cfg.seed)
+    stem = cfg.stem or (vit_stem(cfg.vit_init) if cfg.vit_init else "patch")
+    provenance = {"vit_init": str(Path(cfg.vit_init).resolve())} if cfg.vit_init else None
     ckpt = new_checkpoint(
-        cfg.size, tokenizer, role="pretrain", image_size=cfg.image_size, stem=cfg.stem or "patch"
+        cfg.size, tokenizer, role="pretrain", image_size=cfg.image_size, provenance=provenance, stem=stem
     )
+    if cfg.vit_init:  # BLIP's ViT starts from ImageNet; ours from a `train vit` run
+        ckpt.med.visual_encoder.load_state_dict(load_vit_init(cfg.vit_init, ckpt.config.vision))
     log.info(
-        "new %s MED, vocabulary of %d trained on %d texts", cfg.size, tokenizer.ids.vocab_size, len(texts)
+        "new %s MED%s, vocabulary of %d trained on %d texts",
+        cfg.size,
+        f" with the image encoder of {cfg.vit_init}" if cfg.vit_init else "",
+        tokenizer.ids.vocab_size,
+        len(texts),
     )
     return str(write_init(out, ckpt))
 

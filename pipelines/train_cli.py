@@ -24,7 +24,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "task", choices=TASKS, help="pretrain: ITC+ITM+LM; captioner: LM with prompt; filter: ITC+ITM"
+        "task",
+        choices=(*TASKS, "vit"),
+        help="pretrain: ITC+ITM+LM; captioner: LM with prompt; filter: ITC+ITM; vit: the image encoder "
+        "alone on labelled images (BLIP's ImageNet init), for pretrain --vit-init",
     )
     p.add_argument(
         "--data", nargs="+", required=True, metavar="PATH", help="shard directories, tars or globs"
@@ -40,6 +43,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "transformers); a fine-tuning keeps its --init's (default: patch)",
     )
     p.add_argument(
+        "--vit-init",
+        metavar="DIR",
+        default=None,
+        help="a `capfilt train vit` run whose image encoder starts a from-scratch pretrain (its stem too)",
+    )
+    p.add_argument(
         "--init",
         metavar="CKPT",
         default=None,
@@ -52,7 +61,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="a fixed budget of optimiser steps instead of --epochs (the data is cycled)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per worker and step (default: 32)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pairs (vit: images) per worker and step (default: 32; vit: 64)",
+    )
     p.add_argument(
         "--lr", type=float, default=None, help="peak learning rate (default: 3e-4 pretrain, else 1e-4)"
     )
@@ -60,7 +74,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of steps)"
     )
-    p.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine decay (default: 1e-6)")
+    p.add_argument(
+        "--min-lr",
+        type=float,
+        default=None,
+        help="end of the cosine decay (default: 1e-6; vit: none, the rate stays at its peak)",
+    )
     p.add_argument(
         "--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none (default: 1.0)"
     )
@@ -130,14 +149,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out=args.out,
         size=args.size,
         stem=args.stem,
+        vit_init=args.vit_init,
         init=args.init,
         epochs=args.epochs,
         steps=args.steps,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 32,
         lr=args.lr,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
-        min_lr=args.min_lr,
+        min_lr=1e-6 if args.min_lr is None else args.min_lr,
         grad_clip=args.grad_clip,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
@@ -164,6 +184,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     from .train import train
 
+    if args.task == "vit":
+        return _run_train_vit(args)
     config = config_from_args(args)
     columns = (
         TextColumn(f"{config.task}"),
@@ -190,3 +212,60 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "resumed_from": result.resumed_from,
     }
     return summary
+
+
+# Options of `train` that shape a MED run and mean nothing to `train vit`: refused rather than ignored.
+_NOT_FOR_VIT = ("init", "vit_init", "max_steps", "queue_size", "text_negatives", "ray_address")
+
+
+def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
+    """`capfilt train vit`: in this process (one device), a progress bar of the loss on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from capfilt.errors import CapfiltError
+
+    from .train_vit import VitTrainConfig, train_vit
+
+    given = [f"--{k.replace('_', '-')}" for k in _NOT_FOR_VIT if getattr(args, k) not in (None, False)]
+    if given:
+        raise CapfiltError(f"`train vit` takes no {', '.join(given)}: it trains the image encoder alone")
+    config = VitTrainConfig(
+        data=list(args.data),
+        out=args.out,
+        size=args.size,
+        stem=args.stem or "patch",
+        image_size=args.image_size,
+        steps=args.steps or 2000,
+        batch_size=args.batch_size or 64,
+        lr=args.lr or 1e-3,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=50 if args.warmup_steps is None else args.warmup_steps,
+        grad_clip=args.grad_clip,
+        log_every=args.log_every,
+        use_gpu=args.num_gpus > 0,
+        seed=args.seed,
+    )
+    columns = (
+        TextColumn("vit"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[loss]}"),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("vit", total=config.steps, loss="reading images")
+
+        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+            bar.update(task, completed=step, total=total, loss=f"bce={losses['bce_loss']:.4f}")
+
+        result = train_vit(config, progress)
+    return {
+        "task": "vit",
+        "out": str(result.out),
+        "steps": result.steps,
+        "labels": len(result.labels),
+        "held_out_accuracy": result.held_out_accuracy,
+        "wall_s": round(result.wall_s, 3),
+    }

@@ -37,6 +37,7 @@ RESUME_KEYS = (
     "data",
     "size",
     "stem",
+    "vit_init",
     "init",
     "epochs",
     "steps",
@@ -67,6 +68,7 @@ class TrainConfig:
     out: str  # run directory: final checkpoint, metrics.jsonl, train_state/ (resume), ray_results/
     size: str = "small"  # named MED size for a from-scratch pretrain (model.config.SIZES)
     stem: str | None = None  # image encoder stem of a from-scratch pretrain; None: "patch" (BLIP's)
+    vit_init: str | None = None  # a `train vit` run whose encoder starts a from-scratch pretrain
     init: str | None = None  # checkpoint to start from; required for captioner and filter
     epochs: int = 5
     steps: int | None = None  # a fixed budget of optimiser steps instead of epochs (the data is cycled)
@@ -116,6 +118,7 @@ class TrainConfig:
         args = {k: getattr(self, k) for k in RESUME_KEYS}
         args["data"] = [str(p.resolve()) for p in shards]
         args["init"] = str(Path(self.init).resolve()) if self.init else None
+        args["vit_init"] = str(Path(self.vit_init).resolve()) if self.vit_init else None
         args["workers"] = self.world_size  # 0 (in-process) and 1 worker train alike
         return args
 
@@ -143,6 +146,16 @@ def validate(cfg: TrainConfig) -> None:
             cfg.stem is None,
             "--stem shapes a new MED; a run from --init keeps that checkpoint's stem: drop --stem",
         )
+        _need(
+            cfg.vit_init is None,
+            "--vit-init starts a new MED's image encoder; a run from --init keeps that checkpoint's: "
+            "drop --vit-init",
+        )
+    if cfg.vit_init is not None:
+        _need(
+            cfg.task == "pretrain", f"--vit-init starts a from-scratch pretrain, not {cfg.task} fine-tuning"
+        )
+        _need(Path(cfg.vit_init).is_dir(), f"--vit-init run not found: {cfg.vit_init}")
     _need(
         cfg.stem is None or cfg.stem in STEMS, f"unknown stem {cfg.stem!r}; choose one of {', '.join(STEMS)}"
     )

@@ -377,6 +377,7 @@ class _Worker:
             "task": cfg.task,
             "data": self.spec.train_args["data"],
             "init": cfg.init,
+            "vit_init": cfg.vit_init,
             "size": cfg.size,
             "epochs": cfg.epochs,
             "global_batch": cfg.global_batch,

@@ -90,6 +90,18 @@ def object_kinds(content: dict[str, Any]) -> list[ObjectKind]:
     return kinds
 
 
+def scene_labels(content: dict[str, Any]) -> list[str]:
+    """A scene's class labels, as an annotator of a classification dataset (ImageNet's role for
+    BLIP's ViT) would give them: every shape, object colour and per-kind count present, and the
+    background colour; sorted, e.g. ["background:gray", "colour:red", "count:2", "shape:circle"]."""
+    kinds = object_kinds(content)
+    labels = {f"background:{content['background']['colour']}"}
+    labels.update(f"shape:{k.shape}" for k in kinds)
+    labels.update(f"colour:{k.colour}" for k in kinds)
+    labels.update(f"count:{k.count}" for k in kinds)
+    return sorted(labels)
+
+
 def _shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     """The second tone of a background (gradients, stripes): darker for light colours, else lighter."""
     luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]

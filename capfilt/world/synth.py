@@ -3,6 +3,9 @@
 Layout under `out`:
 
     human/ web/ test/    img2dataset webdataset shards: 00000.tar, 00000.parquet, 00000_stats.json, ...
+    labelled/            (with `labelled` > 0) images with class labels and no captions, the
+                         ImageNet analogue that `capfilt train vit` pre-trains the image encoder on:
+                         each .json holds "labels" (scene.scene_labels), the .txt the labels joined
     truth.parquet        one row per sample of every split: noisy or not, noise type, text, content
     world.json           the arguments and the counts (same arguments, same bytes: a cache key)
 
@@ -17,6 +20,7 @@ import json
 import logging
 import random
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,7 +32,7 @@ import pyarrow as pa
 
 from ..errors import CapfiltError
 from .attributes import scene_attributes
-from .scene import object_kinds, render, sample_scene
+from .scene import object_kinds, render, sample_scene, scene_labels
 from .texts import (
     NOISE_TYPES,
     boilerplate,
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the same arguments would give a different world
 SPLITS = ("human", "web", "test")
+LABELLED = "labelled"  # the optional classification split (module docstring)
 TRUTH_SCHEMA = pa.schema(
     [
         ("split", pa.string()),
@@ -111,6 +116,15 @@ def _plan_clean(split: str, n: int, seed: int) -> list[_Planned]:
         rng = _rng(seed, split, i, "text")
         captions = human_captions(content, rng, k=rng.randint(3, 5))
         planned.append(_Planned(content, captions[0], captions))
+    return planned
+
+
+def _plan_labelled(n: int, seed: int) -> list[_Planned]:
+    """Labelled samples: a scene and its class labels (the .txt names them, comma-separated)."""
+    planned = []
+    for i in range(n):
+        content = sample_scene(_rng(seed, LABELLED, i, "scene"))
+        planned.append(_Planned(content, ", ".join(scene_labels(content))))
     return planned
 
 
@@ -190,7 +204,7 @@ def _check_args(out: Path, counts: dict[str, int], noise: float, image_size: int
         raise CapfiltError(f"shard size must be >= 1, got {shard_size}")
     if out.exists() and not out.is_dir():
         raise CapfiltError(f"{out} is a file; give a directory for the world")
-    ours = {*SPLITS, "truth.parquet", "world.json"}
+    ours = {*SPLITS, LABELLED, "truth.parquet", "world.json"}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
     if foreign:
         raise CapfiltError(
@@ -209,15 +223,19 @@ def synthesize(
     seed: int = 0,
     image_size: int = 64,
     shard_size: int = 1000,
+    labelled: int = 0,
     progress: Progress | None = None,
 ) -> WorldSummary:
     """Write the built-in web world (module docstring) to `out`, replacing a world already there.
+    `labelled` > 0 adds the labelled split (the CLI's default world has one; callers here opt in).
 
     `progress(split, done, total)` is called after each shard. Same arguments, same bytes.
     """
     out = Path(out)
     counts = {"human": human, "web": web, "test": test}
-    _check_args(out, counts, noise, image_size, shard_size)
+    _check_args(out, {**counts, LABELLED: labelled}, noise, image_size, shard_size)
+    if labelled:
+        counts[LABELLED] = labelled
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").unlink(missing_ok=True)  # written last: its presence marks a finished world
@@ -225,11 +243,15 @@ def synthesize(
     truth_rows: list[dict[str, Any]] = []
     shards: dict[str, list[Path]] = {}
     noise_counts = dict.fromkeys(NOISE_TYPES, 0)
-    for split in SPLITS:
+    if not labelled and (out / LABELLED).is_dir():  # a previous world's: not part of this one
+        shutil.rmtree(out / LABELLED)
+    for split in counts:
         n = counts[split]
         keys = [sample_key(i // shard_size, i % shard_size, shard_size) for i in range(n)]
         if split == "web":
             planned = _plan_web(n, noise, seed, keys)
+        elif split == LABELLED:
+            planned = _plan_labelled(n, seed)
         else:
             planned = _plan_clean(split, n, seed)
         directory = out / split
@@ -248,6 +270,8 @@ def synthesize(
                 jpg = render(p.content, image_size, _rng(seed, split, i, "render"))
                 url = _url(seed, split, keys[i], p.url_name)
                 extra = {"captions": p.captions} if p.captions is not None else {}
+                if split == LABELLED:
+                    extra = {"labels": scene_labels(p.content)}
                 samples.append(Sample(keys[i], jpg, p.text, url, image_size, image_size, extra))
                 truth_rows.append(
                     {
@@ -282,6 +306,7 @@ def synthesize(
             "seed": seed,
             "image_size": image_size,
             "shard_size": shard_size,
+            "labelled": labelled,
         },
         "counts": counts,
         "noise_counts": noise_counts,

@@ -210,10 +210,13 @@ def test_data_synth_writes_a_world(tmp_path, capsys):
         "20",
         "--seed",
         "3",
+        "--labelled",
+        "7",
     )
     assert code == 0, err
     summary = json.loads(stdout)
-    assert summary["counts"] == {"human": 10, "web": 30, "test": 5}
+    assert summary["counts"] == {"human": 10, "web": 30, "test": 5, "labelled": 7}
+    assert len(list((out / "labelled").glob("*.tar"))) == 1
     assert sum(summary["noise"].values()) == round(0.4 * 30)
     assert sorted(p.name for p in (out / "web").glob("*.tar")) == ["00000.tar", "00001.tar"]
     assert (out / "truth.parquet").is_file()

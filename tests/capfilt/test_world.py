@@ -86,7 +86,7 @@ def test_counts_and_noise_shares(world, truth) -> None:
     assert max(types.values()) - min(types.values()) <= 1
     assert dict(types) == {t: n for t, n in world.noise_counts.items() if n}
     manifest = read_manifest(world.out)
-    assert manifest["args"] == {**ARGS, "image_size": 64, "test": 20}
+    assert manifest["args"] == {**ARGS, "image_size": 64, "test": 20, "labelled": 0}
     assert manifest["counts"] == world.counts
     assert [len(world.shards[s]) for s in SPLITS] == [2, 3, 1]
 

@@ -15,7 +15,7 @@ def world(tmp_path_factory):
     from capfilt.world import synthesize
 
     out = tmp_path_factory.mktemp("world")
-    synthesize(out, web=32, human=16, test=8, image_size=32, shard_size=16, seed=4)
+    synthesize(out, web=32, human=16, test=8, image_size=32, shard_size=16, seed=4, labelled=24)
     return out
 
 
@@ -35,6 +35,8 @@ def _bootstrap(world, out, capsys, *extra):
             "1",
             "--batch-size",
             "8",
+            "--vit-steps",
+            "3",
             *extra,
         ]
     )
@@ -48,6 +50,7 @@ def test_bootstrap_runs_every_stage_and_records_times(world, tmp_path, capsys):
         world, tmp_path / "run", capsys, "--threshold", "0.0"
     )  # keep everything: D' not empty
     stages = [
+        "vit",
         "pretrain",
         "captioner",
         "filter",
@@ -82,6 +85,12 @@ def test_bootstrap_runs_every_stage_and_records_times(world, tmp_path, capsys):
     empty_web = sum(1 for s in iter_samples(world / "web") if not s.text.strip())
     assert summary["filter"]["rejected"] == empty_web  # at threshold 0 only texts with nothing to match go
     assert (tmp_path / "run" / "summary.md").read_text().startswith("# Bootstrap run")
+    # both generations' image encoders start from the run's one `train vit` init (BLIP: ImageNet's)
+    vit = tmp_path / "run" / "vit"
+    assert json.loads((vit / "vit.json").read_text())["vision"]["stem"] == "conv"
+    for pre in ("pretrain", "variant_capfilt/pretrain"):
+        provenance = json.loads((tmp_path / "run" / pre / "config.json").read_text())["provenance"]
+        assert provenance["trained"]["vit_init"] == str(vit), pre
 
 
 def test_bootstrap_rerun_continues_instead_of_retraining(world, tmp_path, capsys):
@@ -96,6 +105,16 @@ def test_bootstrap_names_a_folder_that_is_not_a_world(tmp_path, capsys):
     code = main(["bootstrap", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert code == 2
     assert "capfilt data synth" in capsys.readouterr().err
+
+
+def test_bootstrap_without_a_labelled_split_says_what_to_do(tmp_path, capsys):
+    from capfilt.world import synthesize
+
+    synthesize(tmp_path / "w", web=4, human=2, test=2, image_size=32)
+    code = main(["bootstrap", "--data", str(tmp_path / "w"), "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "no labelled/ folder" in err and "--vit-steps 0" in err
 
 
 ROW = {
@@ -155,6 +174,8 @@ def test_ablation_runs_every_row_with_one_budget(world, tmp_path, capsys):
             "3",
             "--max-steps",
             "2",
+            "--vit-steps",
+            "0",
         ]
     )
     captured = capsys.readouterr()

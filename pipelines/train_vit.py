@@ -1,0 +1,260 @@
+"""`capfilt train vit`: supervised pre-training of the image encoder, BLIP's ImageNet init.
+
+BLIP does not train its ViT from scratch: it starts from a ViT pre-trained on ImageNet
+classification. No outside weights reach CapFilt, so this stage makes that init from labelled
+images: webdataset shards whose .json records carry `"labels": [...]` (the built-in world writes
+such a split with `capfilt data synth --labelled N`; an ImageNet-style dataset with its class
+names in the .json works the same).
+
+The task is multi-label (one sigmoid per label name, binary cross-entropy). The labels are read
+from the ViT's patch tokens by a max over them (multiple-instance, as in word detectors trained
+from captions): a small object's tokens answer for the whole image. A readout by attention or by a
+mean (the [CLS] token) stays on a plateau when objects are small, because it starts as a mean over
+every token and the object drowns in its background (docs/results.md, "Why shape and count are not
+learnt"); the MED's objectives read the image only by attention, so without this init they never
+learn shape. The head is discarded: `pretrain --vit-init OUT` keeps the encoder.
+
+Writes OUT/vit.safetensors (the encoder's weights), OUT/vit.json (its config, the label names, the
+run's arguments and held-out accuracy) and OUT/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from capfilt.data import iter_samples, shard_paths
+from capfilt.errors import CapfiltError
+from capfilt.images import normalize_pixels, open_image, stack_pixels
+from capfilt.model.config import SIZES, STEMS, VisionConfig, med_config
+from capfilt.model.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "vit.safetensors"
+META = "vit.json"
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class VitTrainConfig:
+    data: list[str]
+    out: str
+    size: str = "small"
+    stem: str = "patch"
+    image_size: int | None = None  # None: the size's resolution
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    # The end of the cosine; None keeps the peak rate after the warm-up. A ViT annealed to a low rate
+    # gave the MED far less (docs/results.md, "The image encoder's init"), so the default is constant.
+    min_lr: float | None = None
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    held_out: float = 0.05  # fraction of the images kept for the accuracy report
+    log_every: int = 50
+    use_gpu: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise CapfiltError(message)
+
+        need(bool(self.data), "no training data: pass --data with labelled shard directories, tars or globs")
+        need(self.size in SIZES, f"unknown size {self.size!r}; choose one of {', '.join(SIZES)}")
+        need(self.stem in STEMS, f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
+        need(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
+        need(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
+        need(
+            self.min_lr is None or 0 <= self.min_lr <= self.lr,
+            f"min_lr must lie between 0 and lr ({self.lr}), got {self.min_lr}",
+        )
+        need(0 <= self.held_out < 0.5, f"held_out is a fraction below 0.5, got {self.held_out}")
+        need(self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}")
+        need(not self.use_gpu or torch.cuda.is_available(), "--gpu was given but torch sees no CUDA device")
+
+
+@dataclass(frozen=True)
+class VitTrainResult:
+    out: Path
+    steps: int
+    labels: list[str]
+    held_out_accuracy: float | None  # mean over labels of per-label accuracy, None without held-out images
+    wall_s: float
+
+
+def _read(cfg: VitTrainConfig, image_size: int) -> tuple[torch.Tensor, list[list[str]]]:
+    """(N, S, S, 3) uint8 pixels and each image's labels; an unreadable image is skipped and logged."""
+    pixels, labels = [], []
+    skipped = 0
+    for sample in iter_samples(shard_paths(cfg.data)):
+        names = sample.meta.get("labels")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CapfiltError(
+                f'sample {sample.key} of {sample.shard} has no "labels" list of names in its .json; '
+                "`train vit` needs labelled images (capfilt data synth --labelled N writes them)"
+            )
+        try:
+            image = open_image(sample.image)
+        except CapfiltError as err:
+            skipped += 1
+            log.warning("skipping %s of %s: %s", sample.key, sample.shard, err)
+            continue
+        pixels.append(stack_pixels([image], image_size)[0])
+        labels.append(sorted(set(names)))
+    if skipped:
+        log.warning("%d unreadable images skipped", skipped)
+    if not pixels:
+        raise CapfiltError(f"{', '.join(cfg.data)} hold no readable labelled images")
+    return torch.stack(pixels), labels
+
+
+def _lr_factor(step: int, cfg: VitTrainConfig) -> float:
+    """Linear warm-up, then a cosine down to min_lr (as a fraction of the peak), or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.min_lr is None:
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    floor = min(1.0, cfg.min_lr / cfg.lr)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+
+def readout(tokens: torch.Tensor) -> torch.Tensor:
+    """The image's label evidence: a max over the patch tokens (the [CLS] token left out)."""
+    return tokens[:, 1:].amax(1)
+
+
+def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTrainResult:
+    """Pre-train the named size's ViT on labelled images (module docstring); returns where it went."""
+    cfg.validate()
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    config = med_config(cfg.size, image_size=cfg.image_size, stem=cfg.stem)
+    vision = config.vision
+    pixels, labels = _read(cfg, vision.image_size)
+    names = sorted({n for ls in labels for n in ls})
+    if not names:
+        raise CapfiltError(f"{', '.join(cfg.data)}: every image has an empty label list")
+    index = {n: i for i, n in enumerate(names)}
+    target = torch.zeros(len(labels), len(names))
+    for row, ls in enumerate(labels):
+        target[row, [index[n] for n in ls]] = 1.0
+    order = list(range(len(labels)))
+    random.Random(cfg.seed).shuffle(order)
+    n_held = int(len(order) * cfg.held_out)
+    held, train_rows = order[:n_held], order[n_held:]
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    torch.manual_seed(cfg.seed)
+    vit = VisionTransformer(vision).to(device)
+    head = nn.Linear(vision.width, len(names)).to(device)
+    params = [*vit.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    log.info(
+        "ViT pre-training: %d images (%d held out), %d labels, %s %s stem at %d px, %d steps of %d",
+        len(labels), n_held, len(names), cfg.size, cfg.stem, vision.image_size, cfg.steps, cfg.batch_size,
+    )  # fmt: skip
+
+    def batch(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = normalize_pixels(pixels[rows], config.image_mean, config.image_std, device)
+        return x, target[rows].to(device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = (out / "metrics.jsonl").open("w")
+    rng = np.random.default_rng(cfg.seed)
+    queue: list[int] = []
+    vit.train()
+    loss = torch.zeros(())
+    for step in range(1, cfg.steps + 1):
+        if len(queue) < cfg.batch_size:
+            queue.extend(rng.permutation(train_rows).tolist())
+        rows, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
+        x, y = batch(rows)
+        loss = nn.functional.binary_cross_entropy_with_logits(head(readout(vit(x))), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            line = {"step": step, "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0]}
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+        if progress is not None:
+            progress(step, cfg.steps, {"bce_loss": loss.item()})
+    metrics.close()
+    accuracy = _accuracy(vit, head, held, batch) if held else None
+    vit = vit.cpu()
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out / WEIGHTS))
+    meta = {
+        "size": cfg.size,
+        "vision": dataclasses.asdict(vision),
+        "labels": names,
+        "images": len(labels),
+        "held_out_images": n_held,
+        "held_out_accuracy": accuracy,
+        "final_loss": round(loss.item(), 5),
+        "args": dataclasses.asdict(cfg) | {"data": [str(p) for p in shard_paths(cfg.data)]},
+    }
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks a finished run
+    wall = time.perf_counter() - start
+    log.info("ViT pre-training done in %.0f s; held-out accuracy %s", wall, accuracy)
+    return VitTrainResult(out, cfg.steps, names, accuracy, wall)
+
+
+@torch.no_grad()
+def _accuracy(vit: VisionTransformer, head: nn.Linear, rows: list[int], batch: Any) -> float:
+    vit.eval()
+    right, seen = 0.0, 0
+    for first in range(0, len(rows), 256):
+        x, y = batch(rows[first : first + 256])
+        predicted = head(readout(vit(x))) > 0
+        right += (predicted == (y > 0.5)).float().mean(1).sum().item()
+        seen += len(y)
+    vit.train()
+    return round(right / seen, 4)
+
+
+def load_vit_init(path: str | Path, vision: VisionConfig) -> dict[str, torch.Tensor]:
+    """The encoder weights of a `train vit` run at `path`, checked against the MED's `vision` config;
+    resized position embeddings are not supported here, so the resolutions must agree."""
+    run = Path(path)
+    meta_path, weights = run / META, run / WEIGHTS
+    if not meta_path.is_file() or not weights.is_file():
+        raise CapfiltError(
+            f"{run} is not a finished `capfilt train vit` run (no {META} and {WEIGHTS}); train one first"
+        )
+    saved = json.loads(meta_path.read_text())["vision"]
+    wanted = dataclasses.asdict(vision)
+    keys = ("image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "stem")
+    differ = [f"{k} {saved.get(k)} (init) vs {wanted[k]} (model)" for k in keys if saved.get(k) != wanted[k]]
+    if differ:
+        raise CapfiltError(f"--vit-init {run} does not fit this MED's image encoder: {'; '.join(differ)}")
+    return load_file(str(weights))
+
+
+def vit_stem(path: str | Path) -> str:
+    """The stem of a finished `train vit` run (so a pretrain from it builds the same encoder)."""
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        raise CapfiltError(f"{path} is not a finished `capfilt train vit` run (no {META}); train one first")
+    return str(json.loads(meta_path.read_text())["vision"].get("stem", "patch"))

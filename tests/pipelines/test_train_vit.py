@@ -1,0 +1,155 @@
+"""`capfilt train vit` (the image encoder's supervised init, BLIP's ImageNet stage) and
+`train pretrain --vit-init`: labels read right, the weights arrive, bad inputs are named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capfilt.cli import main
+from capfilt.data import iter_samples
+from capfilt.errors import CapfiltError
+from capfilt.model.checkpoint import load_checkpoint
+from capfilt.pipelines.train import TrainConfig, train
+from capfilt.pipelines.train_vit import VitTrainConfig, load_vit_init, train_vit
+from capfilt.world import synthesize
+from capfilt.world.writer import Sample, write_shard
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("labelled_world")
+    synthesize(out, web=16, human=16, test=0, image_size=32, shard_size=40, labelled=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit_run(labelled: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vit")
+    cfg = VitTrainConfig(data=[str(labelled / "labelled")], out=str(out), size="tiny", steps=6, batch_size=16)
+    result = train_vit(cfg)
+    assert result.out == out and result.steps == 6
+    return out
+
+
+def test_vit_run_writes_encoder_labels_and_metrics(vit_run: Path, labelled: Path) -> None:
+    meta = json.loads((vit_run / "vit.json").read_text())
+    every = {name for s in iter_samples(labelled / "labelled") for name in s.meta["labels"]}
+    assert meta["labels"] == sorted(every)  # one output per label name seen
+    assert {n.split(":")[0] for n in meta["labels"]} == {"background", "colour", "count", "shape"}
+    assert meta["images"] == 120 and meta["held_out_images"] == 6
+    assert 0.0 <= meta["held_out_accuracy"] <= 1.0
+    assert meta["vision"]["image_size"] == 32 and meta["vision"]["stem"] == "patch"
+    lines = [json.loads(x) for x in (vit_run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines][-1] == 6 and all(x["loss"] > 0 for x in lines)
+    weights = load_file(str(vit_run / "vit.safetensors"))
+    assert not any(k.startswith("head") for k in weights)  # the label head is dropped
+
+
+def test_vit_training_learns_the_labels(labelled: Path, tmp_path: Path) -> None:
+    """Enough steps on a small set bring the loss well below its start: the labels are learnable."""
+    cfg = VitTrainConfig(
+        data=[str(labelled / "labelled")],
+        out=str(tmp_path),
+        size="tiny",
+        steps=60,
+        batch_size=32,
+        log_every=5,
+    )
+    train_vit(cfg)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_pretrain_from_vit_init_starts_from_its_weights(
+    vit_run: Path, labelled: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(
+        task="pretrain",
+        data=[str(labelled / "human")],
+        out=str(tmp_path / "pre"),
+        size="tiny",
+        vit_init=str(vit_run),
+        steps=1,
+        lr=1e-12,  # one step that cannot move the weights: what was loaded is what is saved
+        min_lr=0.0,
+        batch_size=8,
+        workers=0,
+    )
+    ckpt = load_checkpoint(train(cfg).checkpoint)
+    loaded = load_file(str(vit_run / "vit.safetensors"))
+    state = ckpt.med.visual_encoder.state_dict()
+    for name, tensor in loaded.items():
+        assert torch.allclose(state[name], tensor, atol=1e-6), name
+    assert ckpt.provenance["trained"]["vit_init"] == str(vit_run)
+
+
+def test_vit_init_must_fit_the_model(vit_run: Path, labelled: Path, tmp_path: Path) -> None:
+    from capfilt.model.config import med_config
+
+    with pytest.raises(CapfiltError, match=r"image_size 32 \(init\) vs 64 \(model\)"):
+        load_vit_init(vit_run, med_config("tiny", image_size=64).vision)
+    with pytest.raises(CapfiltError, match="not a finished `capfilt train vit` run"):
+        load_vit_init(tmp_path, med_config("tiny").vision)
+    common = dict(data=[str(labelled / "human")], out=str(tmp_path / "x"), size="tiny", workers=0, steps=1)
+    with pytest.raises(CapfiltError, match="a run from --init keeps that checkpoint's: drop --vit-init"):
+        train(TrainConfig(task="filter", init=str(vit_run), vit_init=str(vit_run), **common))
+    with pytest.raises(CapfiltError, match="--vit-init run not found"):
+        train(TrainConfig(task="pretrain", vit_init=str(tmp_path / "missing"), **common))
+
+
+def test_unlabelled_shards_are_refused_by_name(labelled: Path, tmp_path: Path) -> None:
+    with pytest.raises(CapfiltError, match=r'has no "labels" list.*--labelled N'):
+        train_vit(VitTrainConfig(data=[str(labelled / "human")], out=str(tmp_path), size="tiny", steps=1))
+
+
+def test_an_unreadable_image_is_skipped_not_fatal(tmp_path: Path, labelled: Path) -> None:
+    good = list(iter_samples(labelled / "labelled"))[:20]
+    samples = [
+        Sample(s.key, s.image if i else b"not an image", s.text, "", 32, 32, {"labels": s.meta["labels"]})
+        for i, s in enumerate(good)
+    ]
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards", 0, samples)
+    out = tmp_path / "vit"
+    result = train_vit(
+        VitTrainConfig(data=[str(tmp_path / "shards")], out=str(out), size="tiny", steps=2, batch_size=8)
+    )
+    assert json.loads((out / "vit.json").read_text())["images"] == 19 and result.steps == 2
+
+
+def test_train_vit_command(labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    argv = ["train", "vit", "--data", str(labelled / "labelled"), "--out", str(out), "--size", "tiny"]
+    assert main([*argv, "--steps", "2", "--batch-size", "8", "--stem", "conv"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["task"] == "vit" and summary["steps"] == 2 and summary["out"] == str(out)
+    assert json.loads((out / "vit.json").read_text())["vision"]["stem"] == "conv"
+    assert main([*argv, "--steps", "2", "--init", str(out)]) == 2
+    assert "`train vit` takes no --init" in capsys.readouterr().err
+
+
+def test_world_labelled_split(labelled: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from capfilt.world.scene import scene_labels
+
+    truth = {
+        r["key"]: r for r in pq.read_table(labelled / "truth.parquet").to_pylist() if r["split"] == "labelled"
+    }
+    samples = list(iter_samples(labelled / "labelled"))
+    assert len(samples) == len(truth) == 120
+    for s in samples:
+        labels = scene_labels(json.loads(truth[s.key]["content"]))
+        assert s.meta["labels"] == labels and s.text == ", ".join(labels)
+    manifest = json.loads((labelled / "world.json").read_text())
+    assert manifest["args"]["labelled"] == 120 and manifest["counts"]["labelled"] == 120
+    # a world rewritten without the split loses it, rather than keeping a stale one
+    again = tmp_path / "again"
+    synthesize(again, web=4, human=2, test=0, image_size=32, labelled=3)
+    synthesize(again, web=4, human=2, test=0, image_size=32)
+    assert not (again / "labelled").exists()
