@@ -66,6 +66,9 @@ class VitTrainConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     held_out: float = 0.05  # fraction of the images kept for the accuracy report
+    # The decoded images are held in memory (N x S x S x 3 bytes: 0.3 GB for the world's 24k at 64
+    # px); a larger set is refused rather than left to exhaust the machine.
+    max_memory_gb: float = 16.0
     log_every: int = 50
     use_gpu: bool = False
     seed: int = 0
@@ -119,6 +122,12 @@ def _read(cfg: VitTrainConfig, image_size: int) -> tuple[torch.Tensor, list[list
             continue
         pixels.append(stack_pixels([image], image_size)[0])
         labels.append(sorted(set(names)))
+        if len(pixels) * image_size * image_size * 3 > cfg.max_memory_gb * 2**30:
+            raise CapfiltError(
+                f"{', '.join(cfg.data)} hold more than {len(pixels)} images, over {cfg.max_memory_gb:g} GB "
+                f"decoded at {image_size} px: `train vit` holds its images in memory, so pass a subset "
+                "of the shards (or raise max_memory_gb where the memory is there)"
+            )
     if skipped:
         log.warning("%d unreadable images skipped", skipped)
     if not pixels:

@@ -153,3 +153,15 @@ def test_world_labelled_split(labelled: Path, tmp_path: Path) -> None:
     synthesize(again, web=4, human=2, test=0, image_size=32, labelled=3)
     synthesize(again, web=4, human=2, test=0, image_size=32)
     assert not (again / "labelled").exists()
+
+
+def test_a_set_too_large_for_memory_is_refused_by_name(labelled: Path, tmp_path: Path) -> None:
+    cfg = VitTrainConfig(
+        data=[str(labelled / "labelled")],
+        out=str(tmp_path),
+        size="tiny",
+        steps=1,
+        max_memory_gb=50 * 32 * 32 * 3 / 2**30,
+    )
+    with pytest.raises(CapfiltError, match="holds its images in memory, so pass a subset"):
+        train_vit(cfg)
