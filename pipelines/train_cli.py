@@ -1,4 +1,5 @@
-"""`capfilt train pretrain|captioner|filter`: the command line of `pipelines.train`.
+"""`capfilt train pretrain|captioner|filter|vit`: the command line of `pipelines.train` (and of
+`pipelines.train_vit` for vit).
 
 capfilt/cli.py wires it in with `add_train_parser(sub)` and prints what `run_train` returns.
 """
@@ -6,11 +7,15 @@ capfilt/cli.py wires it in with `add_train_parser(sub)` and prints what `run_tra
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from capfilt.model.config import STEMS
 
 from .train_config import BATCHING, TASKS, TrainConfig
+
+T = TypeVar("T")
+ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, total, losses)
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -153,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         init=args.init,
         epochs=args.epochs,
         steps=args.steps,
-        batch_size=args.batch_size or 32,
+        batch_size=32 if args.batch_size is None else args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
@@ -177,31 +182,36 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train with a progress bar of the losses on stderr; returns the summary the CLI prints."""
+def _with_loss_bar(label: str, run: Callable[[ProgressFn], T]) -> T:
+    """`run(progress)` under a transient bar on stderr of the steps and the latest losses."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .train import train
-
-    if args.task == "vit":
-        return _run_train_vit(args)
-    config = config_from_args(args)
     columns = (
-        TextColumn(f"{config.task}"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[losses]}"),
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(config.task, total=None, losses="starting")
+        task = bar.add_task(label, total=None, losses="starting")
 
         def progress(step: int, total: int, losses: dict[str, float]) -> None:
             shown = " ".join(f"{k.removesuffix('_loss')}={v:.3f}" for k, v in losses.items())
             bar.update(task, completed=step, total=total, losses=shown or "starting")
 
-        result = train(config, progress)
+        return run(progress)
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with a progress bar of the losses on stderr; returns the summary the CLI prints."""
+    from .train import train
+
+    if args.task == "vit":
+        return _run_train_vit(args)
+    config = config_from_args(args)
+    result = _with_loss_bar(config.task, lambda progress: train(config, progress))
     summary = {
         "task": config.task,
         "checkpoint": str(result.checkpoint),
@@ -220,8 +230,6 @@ _NOT_FOR_VIT = ("init", "vit_init", "max_steps", "queue_size", "text_negatives",
 
 def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
     """`capfilt train vit`: in this process (one device), a progress bar of the loss on stderr."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from capfilt.errors import CapfiltError
 
@@ -236,9 +244,9 @@ def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
         size=args.size,
         stem=args.stem or "patch",
         image_size=args.image_size,
-        steps=args.steps or 2000,
-        batch_size=args.batch_size or 64,
-        lr=args.lr or 1e-3,
+        steps=2000 if args.steps is None else args.steps,
+        batch_size=64 if args.batch_size is None else args.batch_size,
+        lr=1e-3 if args.lr is None else args.lr,
         min_lr=args.min_lr,
         weight_decay=args.weight_decay,
         warmup_steps=50 if args.warmup_steps is None else args.warmup_steps,
@@ -247,20 +255,7 @@ def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
         use_gpu=args.num_gpus > 0,
         seed=args.seed,
     )
-    columns = (
-        TextColumn("vit"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[loss]}"),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("vit", total=config.steps, loss="reading images")
-
-        def progress(step: int, total: int, losses: dict[str, float]) -> None:
-            bar.update(task, completed=step, total=total, loss=f"bce={losses['bce_loss']:.4f}")
-
-        result = train_vit(config, progress)
+    result = _with_loss_bar("vit", lambda progress: train_vit(config, progress))
     return {
         "task": "vit",
         "out": str(result.out),

@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from capfilt.errors import CapfiltError
 from capfilt.images import normalize_pixels, open_image, stack_pixels
 from capfilt.model.config import SIZES, STEMS, VisionConfig, med_config
 from capfilt.model.vit import VisionTransformer
+
+from .train_config import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,6 @@ class VitTrainConfig:
     log_every: int = 50
     use_gpu: bool = False
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -103,11 +104,11 @@ class VitTrainResult:
     wall_s: float
 
 
-def _read(cfg: VitTrainConfig, image_size: int) -> tuple[torch.Tensor, list[list[str]]]:
+def _read(cfg: VitTrainConfig, shards: list[Path], image_size: int) -> tuple[torch.Tensor, list[list[str]]]:
     """(N, S, S, 3) uint8 pixels and each image's labels; an unreadable image is skipped and logged."""
     pixels, labels = [], []
     skipped = 0
-    for sample in iter_samples(shard_paths(cfg.data)):
+    for sample in iter_samples(shards):
         names = sample.meta.get("labels")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise CapfiltError(
@@ -136,14 +137,10 @@ def _read(cfg: VitTrainConfig, image_size: int) -> tuple[torch.Tensor, list[list
 
 
 def _lr_factor(step: int, cfg: VitTrainConfig) -> float:
-    """Linear warm-up, then a cosine down to min_lr (as a fraction of the peak), or constant."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.min_lr is None:
-        return 1.0
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    floor = min(1.0, cfg.min_lr / cfg.lr)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    """The training schedule (train_config.lr_at) as a fraction of the peak: linear warm-up, then a
+    cosine down to min_lr, or constant without one."""
+    floor = 1.0 if cfg.min_lr is None else cfg.min_lr / cfg.lr
+    return lr_at(step, cfg.steps, cfg.warmup_steps, 1.0, floor)
 
 
 def readout(tokens: torch.Tensor) -> torch.Tensor:
@@ -158,7 +155,8 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
     out = Path(cfg.out)
     config = med_config(cfg.size, image_size=cfg.image_size, stem=cfg.stem)
     vision = config.vision
-    pixels, labels = _read(cfg, vision.image_size)
+    shards = shard_paths(cfg.data)
+    pixels, labels = _read(cfg, shards, vision.image_size)
     names = sorted({n for ls in labels for n in ls})
     if not names:
         raise CapfiltError(f"{', '.join(cfg.data)}: every image has an empty label list")
@@ -222,7 +220,7 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
         "held_out_images": n_held,
         "held_out_accuracy": accuracy,
         "final_loss": round(loss.item(), 5),
-        "args": dataclasses.asdict(cfg) | {"data": [str(p) for p in shard_paths(cfg.data)]},
+        "args": dataclasses.asdict(cfg) | {"data": [str(p) for p in shards]},
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks a finished run
     wall = time.perf_counter() - start

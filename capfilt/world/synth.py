@@ -99,6 +99,7 @@ class _Planned:
     content: dict[str, Any]
     text: str = ""
     captions: list[str] | None = None
+    labels: list[str] | None = None  # the labelled split's class labels
     noise_type: str | None = None
     noise_detail: dict[str, Any] | None = None
     url_name: str | None = None
@@ -124,7 +125,8 @@ def _plan_labelled(n: int, seed: int) -> list[_Planned]:
     planned = []
     for i in range(n):
         content = sample_scene(_rng(seed, LABELLED, i, "scene"))
-        planned.append(_Planned(content, ", ".join(scene_labels(content))))
+        labels = scene_labels(content)
+        planned.append(_Planned(content, ", ".join(labels), labels=labels))
     return planned
 
 
@@ -270,8 +272,8 @@ def synthesize(
                 jpg = render(p.content, image_size, _rng(seed, split, i, "render"))
                 url = _url(seed, split, keys[i], p.url_name)
                 extra = {"captions": p.captions} if p.captions is not None else {}
-                if split == LABELLED:
-                    extra = {"labels": scene_labels(p.content)}
+                if p.labels is not None:
+                    extra = {"labels": p.labels}
                 samples.append(Sample(keys[i], jpg, p.text, url, image_size, image_size, extra))
                 truth_rows.append(
                     {
