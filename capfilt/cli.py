@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="captions per image: K samples (nucleus) or the K best beams (default: 1)",
     )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus probability mass (default: 0.9)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=50,
+        help="nucleus: sample among the K most likely tokens only, 0 for all (default: 50, as BLIP)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     p.add_argument(
         "--repetition-penalty",
@@ -322,6 +328,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         num_captions=args.num_captions,
         num_beams=args.num_beams,
         top_p=args.top_p,
+        top_k=args.top_k,
         temperature=args.temperature,
         repetition_penalty=rep,
         max_tokens=args.max_tokens,

@@ -35,9 +35,17 @@ log = logging.getLogger(__name__)
 # stacked by `_Hosted.stack` ((B, S, S, 3) uint8).
 Images = Sequence[ImageLike] | torch.Tensor
 
-# BLIP's CapFilt sampling settings (blip.py `generate(sample=True)`): top-p 0.9, repetition penalty 1.1.
+# BLIP's CapFilt sampling settings (blip.py `generate(sample=True)`): top-p 0.9, repetition penalty 1.1,
+# and top-k 50: BLIP calls transformers' `generate` without top_k, which then applies its default of 50.
+BLIP_TOP_K = 50
 CAPFILT_SAMPLING = GenerationConfig(
-    method="nucleus", top_p=0.9, repetition_penalty=1.1, max_tokens=30, min_tokens=5, num_captions=1
+    method="nucleus",
+    top_p=0.9,
+    top_k=BLIP_TOP_K,
+    repetition_penalty=1.1,
+    max_tokens=30,
+    min_tokens=5,
+    num_captions=1,
 )
 
 

@@ -34,6 +34,9 @@ class GenerationConfig:
     num_captions: int = 1  # K: nucleus samples per image; beam: best beams returned (<= num_beams); greedy: 1
     num_beams: int = 3
     top_p: float = 0.9  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    # nucleus: keep only the top_k most likely tokens first (0: off). BLIP samples through
+    # transformers' `generate` without naming top_k, so transformers' default of 50 applies there.
+    top_k: int = 0
     temperature: float = 1.0  # nucleus only, as in transformers (ignored when not sampling)
     repetition_penalty: float = 1.0  # BLIP's CapFilt sampling uses 1.1 (the caller sets it)
     max_tokens: int = 30  # generated tokens after the prompt, the final [SEP] included
@@ -49,7 +52,7 @@ class GenerationConfig:
 
         if self.method not in METHODS:
             raise bad("method", f"choose one of {', '.join(METHODS)}")
-        for name in ("num_captions", "num_beams", "max_tokens", "min_tokens", "seed"):
+        for name in ("num_captions", "num_beams", "max_tokens", "min_tokens", "seed", "top_k"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise bad(name, "must be an integer")
         for name in ("top_p", "temperature", "repetition_penalty", "length_penalty"):
@@ -62,6 +65,8 @@ class GenerationConfig:
             raise bad("num_beams", "must be >= 1")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", "must be >= 0 (0 means no top-k cut)")
         if self.temperature <= 0.0:
             raise bad("temperature", "must be > 0 (use method='greedy' for deterministic captions)")
         if self.repetition_penalty <= 0.0:
@@ -163,7 +168,7 @@ def _step(med: MED, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- logits processors
-# transformers' RepetitionPenalty, MinNewTokensLength, Temperature and TopP, in its order.
+# transformers' RepetitionPenalty, MinNewTokensLength, Temperature, TopK and TopP, in its order.
 
 
 def _repetition_penalty(scores: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -184,6 +189,15 @@ def _process(
         scores = scores.clone()
         scores[:, sep] = -math.inf
     return scores
+
+
+def _top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Mask (-inf) every token scoring below the k-th best (transformers' TopKLogitsWarper: ties
+    with the k-th are kept)."""
+    if top_k <= 0 or top_k >= scores.shape[-1]:
+        return scores
+    kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # (R, 1)
+    return scores.masked_fill(scores < kth, -math.inf)
 
 
 def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -250,6 +264,7 @@ def _nucleus_chooser(uniforms: torch.Tensor, config: GenerationConfig) -> Choose
     def choose(scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
         if config.temperature != 1.0:
             scores = scores / config.temperature
+        scores = _top_k(scores, config.top_k)
         probs = _top_p(scores, config.top_p).softmax(dim=-1)  # (R, V), 0 outside the nucleus
         cdf = probs.double().cumsum(dim=-1)
         target = uniforms[rows, step, None] * cdf[:, -1:]  # (R, 1), in [0, total)

@@ -350,9 +350,7 @@ class TransformersLoop:
             attention_mask=enc["attention_mask"],
             do_sample=sampling,
             top_p=gen.top_p if sampling else None,
-            top_k=0
-            if sampling
-            else None,  # generate's default top-k 50 is not nucleus sampling (BLIP's CapFilt: top-p alone)
+            top_k=gen.top_k if sampling else None,  # 0 turns generate's default of 50 off
             num_beams=1,
             max_new_tokens=gen.max_tokens,
             min_new_tokens=gen.min_tokens,

@@ -28,7 +28,7 @@ from capfilt.data import Sample, iter_samples
 from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError
 from capfilt.images import ImageError, open_image
-from capfilt.inference import Captioner, Filter
+from capfilt.inference import BLIP_TOP_K, Captioner, Filter
 from capfilt.model.generate import GenerationConfig
 from capfilt.world.writer import Sample as ShardSample
 from capfilt.world.writer import write_shard
@@ -167,6 +167,7 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
         method="nucleus",
         num_captions=cfg.num_captions,
         top_p=cfg.top_p,
+        top_k=BLIP_TOP_K,
         repetition_penalty=1.1,
         max_tokens=30,
         min_tokens=5,

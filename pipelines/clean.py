@@ -81,6 +81,7 @@ class CleanConfig:
     keep_fraction: float | None = None  # instead of threshold: keep this fraction of judged texts
     num_captions: int = 1  # K nucleus samples per image; the best by ITM is judged
     top_p: float = 0.9  # nucleus mass (BLIP's CapFilt: 0.9)
+    top_k: int = 50  # sample among the top_k tokens only, 0 for all (BLIP's CapFilt: transformers' 50)
     batch_size: int = 32  # images per model batch and per Ray Data batch
     num_gpus: float = 0  # GPUs per model actor (fractions share a GPU)
     captioner_actors: int = 1
@@ -110,6 +111,8 @@ class CleanConfig:
             raise bad("num-captions", f"must be >= 1; got {self.num_captions}")
         if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
             raise bad("top-p", f"must be in (0, 1]; got {self.top_p}")
+        if self.top_k < 0:
+            raise bad("top-k", f"must be >= 0 (0: no top-k cut); got {self.top_k}")
         if self.batch_size < 1:
             raise bad("batch-size", f"must be >= 1; got {self.batch_size}")
         if not self.num_gpus >= 0:
@@ -121,9 +124,13 @@ class CleanConfig:
                 raise bad(name.replace("_", "-"), f"must be >= 1; got {getattr(self, name)}")
 
     def generation(self) -> GenerationConfig:
-        """BLIP's CapFilt sampling with this job's K and top-p."""
+        """BLIP's CapFilt sampling with this job's K, top-p and top-k."""
         return dataclasses.replace(
-            CAPFILT_SAMPLING, num_captions=self.num_captions, top_p=self.top_p, seed=self.seed
+            CAPFILT_SAMPLING,
+            num_captions=self.num_captions,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
         )
 
 
@@ -272,6 +279,7 @@ def _job(
         "keep_fraction": config.keep_fraction,
         "num_captions": config.num_captions,
         "top_p": config.top_p,
+        "top_k": config.top_k,
         "seed": config.seed,
         "captioner_id": cap.digest,
         "filter_id": filt.digest,

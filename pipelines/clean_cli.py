@@ -59,6 +59,12 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--num-captions", type=int, default=1, metavar="K", help="nucleus samples per image (default: 1)"
     )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus probability mass (default: 0.9)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=50,
+        help="sample among the K most likely tokens only, 0 for all (default: 50, as BLIP's sampling)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
     p.add_argument(
         "--num-gpus", type=float, default=0, help="GPUs per model actor, fractions allowed (default: 0)"
@@ -96,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> CleanConfig:
         keep_fraction=args.keep_fraction,
         num_captions=args.num_captions,
         top_p=args.top_p,
+        top_k=args.top_k,
         batch_size=args.batch_size,
         num_gpus=args.num_gpus,
         captioner_actors=args.captioner_actors,

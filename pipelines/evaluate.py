@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from capfilt.data import iter_samples, sample_captions
 from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError
 from capfilt.images import open_image
-from capfilt.inference import Captioner, Filter
+from capfilt.inference import CAPFILT_SAMPLING, Captioner, Filter
 from capfilt.model.checkpoint import CheckpointError, load_checkpoint
 from capfilt.model.generate import GenerationConfig
 
@@ -79,7 +80,7 @@ def eval_caption(
     if method == "beam":
         gen = GenerationConfig(method="beam", num_beams=3, max_tokens=30, min_tokens=5)
     elif method == "nucleus":
-        gen = GenerationConfig(method="nucleus", top_p=0.9, repetition_penalty=1.1, seed=seed)
+        gen = dataclasses.replace(CAPFILT_SAMPLING, seed=seed)
     else:
         raise CapfiltError(f"unknown caption method {method!r}; use beam or nucleus")
     samples = list(iter_samples(data))

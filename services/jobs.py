@@ -104,6 +104,7 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
     if request.keep_fraction is not None:
         argv += ["--keep-fraction", repr(request.keep_fraction)]
     argv += ["--num-captions", str(request.num_captions), "--top-p", repr(request.top_p)]
+    argv += ["--top-k", str(request.top_k)]
     argv += ["--batch-size", str(request.batch_size), "--num-gpus", repr(request.num_gpus)]
     argv += [
         "--captioner-actors",

@@ -42,6 +42,9 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, description="nucleus probability mass")]
+TopK = Annotated[
+    int, Field(ge=0, le=100_000, description="sample among the top-k tokens only, 0 for all (BLIP's: 50)")
+]
 NumCaptions = Annotated[int, Field(ge=1, le=16, description="K: captions per image")]
 ImageBytes = Annotated[
     bytes,
@@ -67,6 +70,7 @@ class CaptionRequest(_Request):
     num_captions: NumCaptions = 1
     num_beams: int = Field(3, ge=1, le=8, description="beam width (beam search)")
     top_p: TopP = 0.9
+    top_k: TopK = 50
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature (nucleus)")
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="default: 1.1 for nucleus (BLIP's CapFilt), else 1.0"
@@ -87,6 +91,7 @@ class CaptionRequest(_Request):
             num_captions=self.num_captions,
             num_beams=self.num_beams,
             top_p=self.top_p,
+            top_k=self.top_k,
             temperature=self.temperature,
             repetition_penalty=penalty,
             max_tokens=self.max_tokens,
@@ -138,11 +143,16 @@ class CapfiltRequest(_Request):
     threshold: Probability = Field(0.5, description="keep texts with ITM p(match) above it")
     num_captions: NumCaptions = 1
     top_p: TopP = 0.9
+    top_k: TopK = 50
 
     def generation(self) -> GenerationConfig:
-        """BLIP's CapFilt sampling with this K and top-p: what `CleanConfig.generation()` gives."""
+        """BLIP's CapFilt sampling with this K, top-p and top-k: what `CleanConfig.generation()` gives."""
         return dataclasses.replace(
-            CAPFILT_SAMPLING, num_captions=self.num_captions, top_p=self.top_p, seed=self.seed
+            CAPFILT_SAMPLING,
+            num_captions=self.num_captions,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
         )
 
 
@@ -192,6 +202,7 @@ class JobRequest(_Request):
     keep_fraction: float | None = Field(None, gt=0.0, le=1.0, description="instead of a threshold")
     num_captions: NumCaptions = 1
     top_p: TopP = 0.9
+    top_k: TopK = 50
     batch_size: int = Field(32, ge=1, le=4096, description="images per model batch")
     num_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per model actor")
     captioner_actors: int = Field(1, ge=1, le=1024)

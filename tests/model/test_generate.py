@@ -11,7 +11,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 from transformers import BlipTextConfig
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
 from capfilt.model import generate as G
@@ -20,6 +24,7 @@ from capfilt.model.generate import (
     GenerationConfig,
     _nucleus_chooser,
     _repetition_penalty,
+    _top_k,
     _top_p,
     generate,
 )
@@ -336,12 +341,12 @@ def test_nucleus_lengths(med: MED, images: torch.Tensor, min_tokens: int) -> Non
         assert min(n) < 5  # so the min_tokens=5 case can fail
 
 
-@pytest.mark.parametrize(("top_p", "temperature"), [(1e-6, 1.0), (1.0, 1e-3)])
+@pytest.mark.parametrize(("top_p", "temperature", "top_k"), [(1e-6, 1.0, 0), (1.0, 1e-3, 0), (1.0, 1.0, 1)])
 def test_degenerate_nucleus_is_greedy(
-    med: MED, images: torch.Tensor, top_p: float, temperature: float
+    med: MED, images: torch.Tensor, top_p: float, temperature: float, top_k: int
 ) -> None:
     sample = GenerationConfig(
-        **{**NUCLEUS.__dict__, "num_captions": 3, "top_p": top_p, "temperature": temperature}
+        **{**NUCLEUS.__dict__, "num_captions": 3, "top_p": top_p, "temperature": temperature, "top_k": top_k}
     )
     greedy = GenerationConfig(method="greedy", repetition_penalty=1.1, min_tokens=3, max_tokens=15)
     expected = generate(med, images, PROMPT, greedy)
@@ -371,6 +376,11 @@ def test_processors_match_transformers() -> None:
         )
     for top_p in (0.05, 0.5, 0.9, 1.0):
         assert torch.equal(_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
+    ties = torch.randint(-3, 3, (8, 64)).float()
+    for k in (1, 5, 50, 63):
+        for s in (scores, ties):
+            assert torch.equal(_top_k(s, k), TopKLogitsWarper(k)(seqs, s))
+    assert torch.equal(_top_k(scores, 0), scores) and torch.equal(_top_k(scores, 64), scores)
 
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties", "masked"])
@@ -402,6 +412,23 @@ def test_sampler_draws_from_the_nucleus() -> None:
     assert (frequency - expected).abs().max() < 0.01  # ~4 standard deviations at N = 40k
 
 
+def test_sampler_draws_from_the_top_k_then_the_nucleus() -> None:
+    """transformers' order: temperature, top-k, then top-p over what top-k kept. A flat tail that
+    top-p alone would let in (label smoothing leaves one like it) is cut by top-k."""
+    torch.manual_seed(4)
+    N, config = 40_000, GenerationConfig(top_p=0.9, top_k=3)
+    row = torch.full((1, 64), -2.0)
+    row[0, :5] = torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0])
+    scores = row.expand(N, -1)
+    picked = _nucleus_chooser(torch.rand(N, 1, dtype=torch.float64), config)(scores, torch.arange(N), 0)
+    frequency = torch.bincount(picked, minlength=64).double() / N
+    expected = _top_p(_top_k(row, 3), 0.9).softmax(-1)[0].double()
+    assert (expected > 0).sum() == 3
+    assert _top_p(row, 0.9).isfinite().sum() > 3  # top-p alone keeps more
+    assert torch.all(frequency[expected == 0] == 0)
+    assert (frequency - expected).abs().max() < 0.01
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -422,6 +449,8 @@ def test_sampler_draws_from_the_nucleus() -> None:
         ({"min_tokens": -1}, "min_tokens"),
         ({"length_penalty": math.nan}, "length_penalty"),
         ({"seed": -1}, "seed"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.0}, "top_k"),
         ({"max_tokens": 2.5}, "max_tokens"),
     ],
 )

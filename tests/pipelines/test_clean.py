@@ -317,6 +317,8 @@ def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filte
         clean(config(num_captions=0))
     with pytest.raises(CapfiltError, match=r"--precision must be one of exact, fast; got 'half'"):
         clean(config(precision="half"))
+    with pytest.raises(CapfiltError, match=r"--top-k must be >= 0 \(0: no top-k cut\); got -1"):
+        clean(config(top_k=-1))
 
 
 def test_fast_precision_cleans_every_sample_with_close_scores(
@@ -334,7 +336,8 @@ def test_fast_precision_cleans_every_sample_with_close_scores(
         assert row["status"] == exact[row["key"]]["status"]
         if row["web_itm"] is not None:
             assert abs(row["web_itm"] - exact[row["key"]]["web_itm"]) < 0.05
-    assert json.loads((fast.output / "job.json").read_text())["precision"] == "fast"
+    job = json.loads((fast.output / "job.json").read_text())
+    assert job["precision"] == "fast" and job["top_k"] == 50
     with pytest.raises(CapfiltError, match=r"precision: saved 'fast', now None"):  # resumed as exact
         clean(_config(inputs, world, fast.output, our_captioner_dir, our_filter_dir, resume=True))
 
@@ -373,14 +376,17 @@ def test_cli_flags_map_onto_the_config() -> None:
     parser = _parser()
     argv = "clean --input a b --output o --captioner c --filter f --keep-fraction 0.3 --num-captions 4 "
     argv += (
-        "--top-p 0.8 --batch-size 5 --num-gpus 0.5 --captioner-actors 2 --filter-actors 3 --resume --seed 9"
+        "--top-p 0.8 --top-k 7 --batch-size 5 --num-gpus 0.5 --captioner-actors 2 --filter-actors 3 --resume --seed 9"
         " --precision fast"
     )
     config = config_from_args(parser.parse_args(argv.split()))
     assert config.inputs == ["a", "b"] and config.keep_fraction == 0.3 and config.threshold is None
     assert (config.num_captions, config.top_p, config.batch_size, config.num_gpus) == (4, 0.8, 5, 0.5)
     assert (config.captioner_actors, config.filter_actors, config.resume, config.seed) == (2, 3, True, 9)
-    assert config.precision == "fast"
+    assert config.precision == "fast" and config.top_k == 7
+    assert (
+        config.generation().top_k == 7 and config_from_args(parser.parse_args(argv.split()[:10])).top_k == 50
+    )
     with pytest.raises(SystemExit):
         parser.parse_args([*argv.split(), "--threshold", "0.5"])  # exclusive with --keep-fraction
 
