@@ -264,24 +264,52 @@ def _nucleus_chooser(uniforms: torch.Tensor, config: GenerationConfig) -> Choose
     def choose(scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
         if config.temperature != 1.0:
             scores = scores / config.temperature
-        scores = _top_k(scores, config.top_k)
-        probs = _top_p(scores, config.top_p).softmax(dim=-1)  # (R, V), 0 outside the nucleus
-        cdf = probs.double().cumsum(dim=-1)
-        target = uniforms[rows, step, None] * cdf[:, -1:]  # (R, 1), in [0, total)
-        picked = torch.searchsorted(cdf, target, right=True).squeeze(1)  # first token with cdf > target
-        # cdf only rises at tokens with mass, so `picked` is one; but rounding can push `target`
-        # to the total (picked == V): those rows take their last token with mass.
-        V = probs.shape[1]
-        over = picked >= V
-        if picked.device.type != "cpu":  # no branch: the host never waits for the device
-            last = V - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-            return torch.where(over, last, picked)
-        if bool(over.any()):
-            last = V - 1 - (probs[over] > 0).flip(-1).int().argmax(dim=-1)
-            picked = picked.masked_scatter(over, last)
-        return picked
+        u = uniforms[rows, step, None]  # (R, 1)
+        if scores.device.type == "cpu" and 0 < config.top_k < scores.shape[-1]:
+            return _sample_among_top_k(scores, u, config.top_k, config.top_p)
+        probs = _top_p(_top_k(scores, config.top_k), config.top_p).softmax(dim=-1)  # 0 outside the nucleus
+        return _inverse_cdf(probs, u)
 
     return choose
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs (R, C), u (R, 1) in [0, 1): per row, the first column whose cumulative probability
+    (in column order) exceeds u times the row's total. -> (R,) column indices."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = u * cdf[:, -1:]  # (R, 1), in [0, total)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)  # first column with cdf > target
+    # cdf only rises at columns with mass, so `picked` is one; but rounding can push `target`
+    # to the total (picked == C): those rows take their last column with mass.
+    C = probs.shape[1]
+    over = picked >= C
+    if picked.device.type != "cpu":  # no branch: the host never waits for the device
+        last = C - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+        return torch.where(over, last, picked)
+    if bool(over.any()):
+        last = C - 1 - (probs[over] > 0).flip(-1).int().argmax(dim=-1)
+        picked = picked.masked_scatter(over, last)
+    return picked
+
+
+def _sample_among_top_k(scores: torch.Tensor, u: torch.Tensor, k: int, top_p: float) -> torch.Tensor:
+    """The token `_top_p(_top_k(scores, k))` and `_inverse_cdf` pick, computed on the k candidates
+    alone: a top-k instead of a sort of the whole vocabulary (on a CPU, most of a sampling step's
+    cost). The tokens outside the top k have no probability, so the nucleus and the cumulative
+    sums over the candidates in token order are those of the whole row. Rows where a tie at the
+    k-th value lets more than k tokens in take the whole-row path, as transformers keeps ties."""
+    values, index = torch.topk(scores, k + 1, dim=-1)  # (R, k + 1), descending; k < V
+    tied = values[:, k] == values[:, k - 1]  # the (k+1)-th ties the k-th: more than k tokens kept
+    values, index = values[:, :k], index[:, :k]
+    nucleus = _top_p(values, top_p)  # -inf outside the nucleus, as on the whole row
+    order = index.argsort(dim=-1)  # token order, as the whole row's cumulative sum runs
+    index = index.gather(1, order)
+    picked = index.gather(1, _inverse_cdf(nucleus.gather(1, order).softmax(dim=-1), u)[:, None]).squeeze(1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        probs = _top_p(_top_k(scores[rows], k), top_p).softmax(dim=-1)
+        picked[rows] = _inverse_cdf(probs, u[rows])
+    return picked
 
 
 def _decode_rows(

@@ -22,8 +22,10 @@ from capfilt.model import generate as G
 from capfilt.model.config import med_config
 from capfilt.model.generate import (
     GenerationConfig,
+    _inverse_cdf,
     _nucleus_chooser,
     _repetition_penalty,
+    _sample_among_top_k,
     _top_k,
     _top_p,
     generate,
@@ -427,6 +429,28 @@ def test_sampler_draws_from_the_top_k_then_the_nucleus() -> None:
     assert _top_p(row, 0.9).isfinite().sum() > 3  # top-p alone keeps more
     assert torch.all(frequency[expected == 0] == 0)
     assert (frequency - expected).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("kind", ["flat", "peaked", "ties", "masked", "smoothed"])
+def test_sampling_among_the_top_k_picks_the_whole_rows_token(kind: str) -> None:
+    """The CPU shortcut (a top-k, no sort of the vocabulary) picks, with the same uniforms, the
+    token that top-k + top-p masks over the whole row and its inverse CDF pick."""
+    torch.manual_seed(6)
+    R, V = 128, 30524
+    smoothed = torch.full((R, V), -2.0)  # what label smoothing leaves: a flat tail under a few tokens
+    smoothed[:, :8] = torch.randn(R, 8) * 2 + 8
+    scores = {
+        "flat": torch.randn(R, V) * 0.02,
+        "peaked": torch.randn(R, V) * 4,
+        "ties": torch.randint(-4, 4, (R, V)).float(),  # ties at the k-th value: the whole-row path
+        "masked": torch.randn(R, V).masked_fill(torch.rand(R, V) < 0.3, -math.inf),
+        "smoothed": smoothed[:, torch.randperm(V)],
+    }[kind]
+    u = torch.rand(R, 1, dtype=torch.float64)
+    for k in (1, 5, 50):
+        for top_p in (0.5, 0.9, 1.0):
+            whole = _inverse_cdf(_top_p(_top_k(scores, k), top_p).softmax(dim=-1), u)
+            assert torch.equal(_sample_among_top_k(scores, u, k, top_p), whole), (k, top_p)
 
 
 # ----------------------------------------------------------------------------- validation
