@@ -1,5 +1,6 @@
 # CapFilt: the two commands of the quick start are `make demo` and `make test`.
-PYTHON ?= python3
+# Python 3.11 where it is installed (the version torch is served for here), else python3.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -31,8 +32,8 @@ demo: venv
 # Throughput, recorded in docs/benchmarks.md: CPU (small, every path, the job's scaling run) and,
 # where a GPU is present, base at 384 px.
 bench: venv
-	$(BIN)/capfilt bench throughput --size small --pairs 512 --scaling 1000 10000
-	$(BIN)/capfilt bench throughput --size base --pairs 16 --batch-size 8 --check-images 8 --paths transformers exact fast
+	$(BIN)/capfilt bench throughput --device cpu --size small --pairs 512 --scaling 1000 10000
+	$(BIN)/capfilt bench throughput --device cpu --size base --pairs 16 --batch-size 8 --check-images 8 --paths transformers exact fast
 
 bench-gpu: venv
 	$(BIN)/capfilt bench throughput --device cuda --size base --image-size 384 --pairs 2048 --batch-size 1024 \

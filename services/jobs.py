@@ -112,7 +112,8 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
         "--filter-actors",
         str(request.filter_actors),
     ]
-    argv += ["--seed", str(request.seed)] + (["--resume"] if request.resume else [])
+    argv += ["--seed", str(request.seed), "--precision", request.precision]
+    argv += ["--resume"] if request.resume else []
     _check_with_the_cli(argv)
     return argv
 

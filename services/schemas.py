@@ -209,6 +209,9 @@ class JobRequest(_Request):
     filter_actors: int = Field(1, ge=1, le=1024)
     resume: bool = Field(False, description="continue the job in `output`, skipping finished shards")
     seed: Seed = 0
+    precision: Literal["exact", "fast"] = Field(
+        "exact", description="fast: bf16 on GPUs, int8 on CPUs (agreement: docs/benchmarks.md)"
+    )
     captioner: PathText | None = Field(None, description="default: the service's captioner")
     filter: PathText | None = Field(None, description="default: the service's filter")
 

@@ -1,0 +1,73 @@
+"""A REST job request becomes the `capfilt clean` command line with every option it names."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from capfilt.pipelines.clean_cli import add_clean_parser, config_from_args
+from capfilt.services.config import ServeConfig
+from capfilt.services.errors import ClientError
+from capfilt.services.jobs import clean_argv
+from capfilt.services.schemas import JobRequest
+
+
+def _serve(tmp_path: Path) -> ServeConfig:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(b"")
+    (tmp_path / "out").mkdir()
+    return ServeConfig(
+        captioner="cap", filter="filt", input_roots=(tmp_path / "in",), output_roots=(tmp_path / "out",)
+    )
+
+
+def _parsed(argv: list[str]):
+    parser = argparse.ArgumentParser()
+    add_clean_parser(parser.add_subparsers(dest="command"))
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_every_job_option_reaches_the_clean_command(tmp_path: Path) -> None:
+    serve = _serve(tmp_path)
+    request = JobRequest(
+        input=[str(tmp_path / "in")],
+        output=str(tmp_path / "out" / "job"),
+        keep_fraction=0.4,
+        num_captions=3,
+        top_p=0.8,
+        top_k=7,
+        batch_size=5,
+        num_gpus=0.5,
+        captioner_actors=2,
+        filter_actors=3,
+        seed=11,
+        precision="fast",
+        resume=True,
+    )
+    config = _parsed(clean_argv(request, serve))
+    assert config.inputs == [str((tmp_path / "in" / "00000.tar").resolve())]
+    assert (config.keep_fraction, config.threshold, config.num_captions) == (0.4, None, 3)
+    assert (config.top_p, config.top_k, config.batch_size, config.num_gpus) == (0.8, 7, 5, 0.5)
+    assert (config.captioner_actors, config.filter_actors, config.seed) == (2, 3, 11)
+    assert (config.precision, config.resume, config.captioner, config.filter) == ("fast", True, "cap", "filt")
+    default = _parsed(
+        clean_argv(JobRequest(input=[str(tmp_path / "in")], output=str(tmp_path / "out" / "j")), serve)
+    )
+    assert (default.top_k, default.precision, default.threshold, default.resume) == (50, "exact", None, False)
+
+
+def test_bad_sampling_and_precision_are_refused_by_the_schema() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        JobRequest(input=["x"], output="y", precision="half")
+    with pytest.raises(ValueError, match="top_k"):
+        JobRequest(input=["x"], output="y", top_k=-1)
+
+
+def test_a_non_empty_output_without_resume_is_a_conflict(tmp_path: Path) -> None:
+    serve = _serve(tmp_path)
+    (tmp_path / "out" / "job").mkdir()
+    (tmp_path / "out" / "job" / "job.json").write_text("{}")
+    with pytest.raises(ClientError, match="not empty"):
+        clean_argv(JobRequest(input=[str(tmp_path / "in")], output=str(tmp_path / "out" / "job")), serve)
