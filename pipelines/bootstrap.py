@@ -58,6 +58,7 @@ class BootstrapConfig:
     workers: int = 0  # Ray Train workers for every training stage; 0 trains in this process
     num_captions: int = 1  # K nucleus samples per web image (BLIP: 1; BLIP-2: 10)
     top_p: float = 0.9
+    top_k: int = BLIP_TOP_K  # BLIP's sampling: transformers' default top-k before the top-p
     threshold: float = 0.5
     variant: str = "capfilt"  # which D' to build: one of VARIANTS
     curate_batch: int = 64
@@ -167,7 +168,7 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
         method="nucleus",
         num_captions=cfg.num_captions,
         top_p=cfg.top_p,
-        top_k=BLIP_TOP_K,
+        top_k=cfg.top_k,
         repetition_penalty=1.1,
         max_tokens=30,
         min_tokens=5,
