@@ -28,8 +28,7 @@ from capfilt.data import Sample, iter_samples
 from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError
 from capfilt.images import ImageError, open_image
-from capfilt.inference import BLIP_TOP_K, Captioner, Filter
-from capfilt.model.generate import GenerationConfig
+from capfilt.inference import BLIP_TOP_K, CAPFILT_SAMPLING, Captioner, Filter
 from capfilt.world.writer import Sample as ShardSample
 from capfilt.world.writer import write_shard
 
@@ -164,15 +163,8 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
     if done.is_file():
         return done
     out.mkdir(parents=True, exist_ok=True)
-    gen = GenerationConfig(
-        method="nucleus",
-        num_captions=cfg.num_captions,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        repetition_penalty=1.1,
-        max_tokens=30,
-        min_tokens=5,
-        seed=cfg.seed,
+    gen = dataclasses.replace(
+        CAPFILT_SAMPLING, num_captions=cfg.num_captions, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
     )
     captioner, filt = Captioner(captioner_ckpt), Filter(filter_ckpt)
     rule = variant_rule("capfilt", cfg.threshold)
