@@ -152,9 +152,13 @@ def print_result(result: dict[str, Any], console: Any) -> None:
         console.print(
             f"scaling: {row['pairs']} pairs in {row['wall_s']:.1f} s: {1000 * row['seconds_per_pair']:.2f} ms/pair "
             f"with start-up (first shard after {row['first_shard_s']:.1f} s), "
-            + (f"{1000 * steady:.2f} ms/pair after it" if steady else "no steady rate (one shard)")
             + (
-                " (first half {:.2f}, second half {:.2f})".format(
+                f"{1000 * steady:.2f} ms/pair steady (the middle 80% of samples)"
+                if steady
+                else "no steady rate"
+            )
+            + (
+                " (10-50%: {:.2f}, 50-90%: {:.2f})".format(
                     *(1000 / r for r in row["steady_pairs_per_s_halves"])
                 )
                 if row.get("steady_pairs_per_s_halves") and all(row["steady_pairs_per_s_halves"])
@@ -166,8 +170,9 @@ def print_result(result: dict[str, Any], console: Any) -> None:
     if len(rows) >= 2 and all(r.get("steady_seconds_per_pair") for r in rows):
         first, last = rows[0], rows[-1]
         time_change = last["steady_seconds_per_pair"] / first["steady_seconds_per_pair"] - 1
+        with_start = last["seconds_per_pair"] / first["seconds_per_pair"] - 1
         memory_change = last["peak_rss_gb"] / first["peak_rss_gb"] - 1
         console.print(
-            f"scaling {first['pairs']} -> {last['pairs']} pairs: time per pair {time_change:+.1%}, "
-            f"peak memory {memory_change:+.1%}"
+            f"scaling {first['pairs']} -> {last['pairs']} pairs: time per pair {time_change:+.1%} steady "
+            f"({with_start:+.1%} with the start-up), peak memory {memory_change:+.1%}"
         )

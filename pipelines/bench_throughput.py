@@ -213,8 +213,8 @@ class Inputs:
 
 
 def shard_size_for(pairs: int, batch_size: int) -> int:
-    """About ten shards (at most img2dataset-like 1000 pairs each): the job's steady rate is
-    measured between the first and the last finished shard, so it needs several."""
+    """About ten shards (at most img2dataset-like 1000 pairs each), so that several are in flight
+    at once and the job's steady rate is read over many of them."""
     return min(1000, max(2 * batch_size, pairs // 10))
 
 
@@ -492,13 +492,13 @@ def run_job(
         )
     wall = time.perf_counter() - start
     first = summary.timings.get("first_shard_s", 0.0)
-    # Steady state: samples finished after the first shard over the time they took.
+    # Steady state: the rate while the middle 80% of the samples were scored (progress counts them
+    # batch by batch as they leave the filter), so neither the start-up and the pipeline's filling
+    # nor its draining at the end counts. A job whose cost per pair grew with its length (state
+    # piling up) would show it in the two halves of that window.
     moved = [(t, n) for t, n in done if n > 0]
-    steady = _rate(moved)
-    # The same rate over the first and the second half of the shards after the first: a job whose
-    # cost per pair grew with its length (state piling up) would show it here.
-    half = len(moved) // 2
-    halves = [_rate(moved[: half + 1]), _rate(moved[half:])] if len(moved) >= 5 else None
+    steady = _window_rate(moved, 0.1, 0.9)
+    halves = [_window_rate(moved, 0.1, 0.5), _window_rate(moved, 0.5, 0.9)]
     return {
         "pairs": summary.run_samples,
         "wall_s": wall,
@@ -506,16 +506,22 @@ def run_job(
         "web_s": summary.timings.get("web_s"),
         "first_shard_s": first,
         "steady_pairs_per_s": steady,
-        "steady_pairs_per_s_halves": halves,
+        "steady_pairs_per_s_halves": halves if None not in halves else None,
         "peak_rss_gb": memory.peak / 1e9,
     }
 
 
-def _rate(moved: list[tuple[float, int]]) -> float | None:
-    """Samples per second between the first and the last of (seconds, samples finished) points."""
-    if len(moved) < 2 or moved[-1][0] <= moved[0][0]:
+def _window_rate(moved: list[tuple[float, int]], lo: float, hi: float) -> float | None:
+    """Samples per second between the moments the `lo` and the `hi` share of all samples had been
+    scored, from (seconds, samples scored so far) points; None when the points cannot tell."""
+    if not moved or moved[-1][1] <= 0:
         return None
-    return (moved[-1][1] - moved[0][1]) / (moved[-1][0] - moved[0][0])
+    total = moved[-1][1]
+    a = next(p for p in moved if p[1] >= lo * total)
+    b = next(p for p in moved if p[1] >= hi * total)
+    if b[0] <= a[0] or b[1] <= a[1]:
+        return None
+    return (b[1] - a[1]) / (b[0] - a[0])
 
 
 # ----------------------------------------------------------------------------- the bench

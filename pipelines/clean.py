@@ -64,7 +64,9 @@ from .clean_output import (
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, int], None]  # (shards_done, shards_total, samples_done)
+# (shards written, shards in the job, samples scored: counted as each batch leaves the filter, and
+# on a resumed job starting from the finished shards' samples)
+ProgressFn = Callable[[int, int, int], None]
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -193,10 +195,16 @@ def _shards(entries: list[str], option: str, first_id: int, kind: str) -> list[S
 
 
 def _score(
-    config: CleanConfig, shards: list[Shard], captioner: _Model, filt: _Model, threshold: float
+    config: CleanConfig,
+    shards: list[Shard],
+    captioner: _Model,
+    filt: _Model,
+    threshold: float,
+    on_rows: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[Shard, list[dict[str, Any]]]]:
     """Run the Ray Data pipeline over `shards`; yields each shard with its ledger rows as soon
-    as its last row arrives (shards in completion order)."""
+    as its last row arrives (shards in completion order). `on_rows(n)` hears of every batch of n
+    rows as it leaves the filter, so progress moves within a shard, not only at its end."""
     import ray
 
     from .clean_stages import CaptionStage, FilterStage, decode_batch, read_shard
@@ -255,6 +263,8 @@ def _score(
     )
     pending: dict[int, list[dict[str, Any]]] = {}
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if on_rows is not None:
+            on_rows(block.num_rows)
         for row in block.to_pylist():
             shard_id, expected = row.pop("shard_id"), row.pop("shard_rows")
             rows = pending.setdefault(shard_id, [])
@@ -325,12 +335,13 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
         if config.keep_fraction is None:
             threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
             # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
-            with contextlib.closing(_score(config, pending, cap, filt, threshold)) as scored:
+            scoring = _score(config, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n))
+            with contextlib.closing(scoring) as scored:
                 for shard, rows in scored:
                     timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
                     write_web_shard(out, shard, rows)
                     run_samples += len(rows)
-                    advance(1, len(rows))
+                    advance(1, 0)
         else:
             threshold, run_samples = _keep_fraction(config, out, pending, cap, filt, advance)
         timings["web_s"] = time.perf_counter() - t0
@@ -374,11 +385,11 @@ def _keep_fraction(
     scored.mkdir(exist_ok=True)
     to_score = [s for s in pending if not (scored / f"{s.name}.parquet").is_file()]
     run_samples = 0
-    with contextlib.closing(_score(config, to_score, cap, filt, DEFAULT_THRESHOLD)) as batches:
+    scoring = _score(config, to_score, cap, filt, DEFAULT_THRESHOLD, on_rows=lambda n: advance(0, n))
+    with contextlib.closing(scoring) as batches:
         for shard, rows in batches:
             write_parquet(scored / f"{shard.name}.parquet", table(rows))
             run_samples += len(rows)
-            advance(0, len(rows))
     saved = out / "threshold.json"
     if saved.is_file():  # a resumed job: shards already written used this one
         threshold = float(json.loads(saved.read_text())["threshold"])

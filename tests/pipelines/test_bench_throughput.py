@@ -71,11 +71,17 @@ def test_bench_runs_the_clean_job_and_the_scaling_run(ray_cluster) -> None:
     assert row["pairs"] == 6 and row["seconds_per_pair"] == pytest.approx(row["wall_s"] / 6)
 
 
-def test_steady_rate_and_its_halves_come_from_the_shard_finish_times() -> None:
-    from capfilt.pipelines.bench_throughput import _rate
+def test_steady_rate_is_read_between_shares_of_the_samples_scored() -> None:
+    from capfilt.pipelines.bench_throughput import _window_rate
 
-    assert _rate([(2.0, 100)]) is None and _rate([(2.0, 100), (2.0, 200)]) is None
-    assert _rate([(2.0, 100), (3.0, 200), (6.0, 500)]) == pytest.approx(100.0)
+    # (seconds, samples scored so far): a slow start (fill), 100 samples/s, then a slow drain
+    points = [(5.0, 10), (6.0, 100), (7.0, 200), (8.0, 300), (9.0, 400), (10.0, 500), (11.0, 600)]
+    points += [(12.0, 700), (13.0, 800), (14.0, 900), (20.0, 1000)]
+    assert _window_rate(points, 0.1, 0.9) == pytest.approx(100.0)
+    assert _window_rate(points, 0.0, 1.0) == pytest.approx(990 / 15)
+    assert _window_rate([(2.0, 100)], 0.1, 0.9) is None  # one point tells no rate
+    assert _window_rate([(2.0, 100), (2.0, 200)], 0.1, 0.9) is None
+    assert _window_rate([], 0.1, 0.9) is None
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -90,6 +91,10 @@ def whole(inputs, world, our_captioner_dir, our_filter_dir, tmp_path_factory, ra
     seen: list[tuple[int, int, int]] = []
     summary = clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir), lambda *a: seen.append(a))
     assert seen[0] == (0, 6, 0) and seen[-1] == (6, 6, 44)
+    # Samples are counted as batches of 8 leave the filter: they move within a shard, never back.
+    steps = list(itertools.pairwise(seen))
+    assert all(b[0] >= a[0] and b[2] >= a[2] for a, b in steps)
+    assert any(b[0] == a[0] and b[2] > a[2] for a, b in steps)
     log.info("clean: %.1f samples/s, %s", summary.samples_per_s, summary.timings)
     return summary
 
