@@ -76,10 +76,17 @@ class FilterReport:
         }
 
     def to_markdown(self) -> str:
-        """A summary line and the per-type table, for docs/results.md."""
+        """A summary line and the per-type table, for docs/results.md. A ratio with nothing to
+        divide by reads "n/a" here (0.0 in `to_dict`): no noisy texts, or none rejected."""
+
+        def ratio(value: float, defined: bool) -> str:
+            return f"{value:.3f}" if defined else "n/a"
+
         lines = [
-            f"Web-text rejections: precision {self.precision:.3f}, recall {self.recall:.3f}, "
-            f"F1 {self.f1:.3f} ({self.rejected} of {self.texts} texts rejected, {self.noisy} noisy).",
+            f"Web-text rejections: precision {ratio(self.precision, self.rejected > 0)}, "
+            f"recall {ratio(self.recall, self.noisy > 0)}, "
+            f"F1 {ratio(self.f1, self.rejected > 0 and self.noisy > 0)} "
+            f"({self.rejected} of {self.texts} texts rejected, {self.noisy} noisy).",
             "",
             "| text type | texts | rejected | rate |",
             "|---|---:|---:|---:|",

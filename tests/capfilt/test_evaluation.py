@@ -347,6 +347,15 @@ def test_filter_report_precision_recall_and_per_type_numbers():
     assert json.loads(json.dumps(report.to_dict()))["f1"] == pytest.approx(report.f1)
 
 
+def test_filter_report_says_n_a_where_a_ratio_has_no_denominator():
+    clean_world = [{"split": "web", "key": k, "noisy": False, "noise_type": None} for k in "abc"]
+    report = filter_report(clean_world, {"a": False, "b": True, "c": True})  # no noisy text at all
+    assert (report.precision, report.recall, report.false_rejection_rate) == (0.0, 0.0, pytest.approx(1 / 3))
+    assert "precision 0.000, recall n/a, F1 n/a (1 of 3 texts rejected, 0 noisy)" in report.to_markdown()
+    nothing_rejected = filter_report(clean_world, {"a": True, "b": True, "c": True})
+    assert "precision n/a, recall n/a, F1 n/a (0 of 3 texts rejected" in nothing_rejected.to_markdown()
+
+
 def test_filter_report_reads_arrow_tables_and_rejects_unknown_keys():
     import pyarrow as pa
 
