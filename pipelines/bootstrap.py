@@ -363,6 +363,9 @@ def second_generation(
     image encoder's init (the first generation's: BLIP starts both models from the same ImageNet ViT)."""
     root, out = Path(cfg.data), Path(cfg.out) / f"variant_{variant}"
     human = str(root / "human")
+    saved = out / "results.json"
+    if saved.is_file():  # evaluated earlier: its checkpoints are final, so are its figures
+        return json.loads(saved.read_text())
     counts = times.run(f"{variant}/dprime", lambda: build_dprime(cfg, variant, decisions, out / "dprime"))
     new = times.run(
         f"{variant}/pretrain",
@@ -384,8 +387,11 @@ def second_generation(
         f"{variant}/captioner",
         lambda: _train(cfg, "captioner", [human], out / "captioner", new, cfg.finetune_epochs),
     )
-    results = times.run(f"{variant}/evaluate", lambda: evaluate(cfg, fil, cap))
-    return {"dprime": counts, **results}
+    results = {"dprime": counts, **times.run(f"{variant}/evaluate", lambda: evaluate(cfg, fil, cap))}
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(saved)  # last: a row that has it is finished
+    return results
 
 
 def run_bootstrap(cfg: BootstrapConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -425,11 +431,17 @@ def run_ablation(
 ) -> dict[str, Any]:
     """The paper's Table 1 rows (plus BLIP-2's variant) over several seeds, each row pre-trained
     for the same number of steps (the budget of the first pre-training on web + human pairs).
-    Writes `out/ablation.json` and `out/ablation.md`."""
+    Writes `out/ablation.json` and `out/ablation.md` after every seed (over the seeds finished so
+    far), so a run of hours shows its table as it goes; each row keeps its figures in
+    `variant_*/results.json`, so a rerun continues where it stopped."""
     cfg.validate()
+    if not seeds:
+        raise CapfiltError("the ablation needs at least one seed")
     root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, dict[str, Any]] = {}
     times = StageTimes()
+    result: dict[str, Any] = {}
     for i, seed in enumerate(seeds):
         scfg = dataclasses.replace(cfg, seed=seed, out=str(root / f"seed_{seed}"))
         first = first_generation(scfg, times)
@@ -446,16 +458,35 @@ def run_ablation(
             "rows": rows,
             "filter": filter_quality(scfg, first["decisions"]),
         }
+        result = _write_ablation(root, cfg, seeds, per_seed, variants, times)
+    return result
+
+
+def _write_ablation(
+    root: Path,
+    cfg: BootstrapConfig,
+    seeds: list[int],
+    per_seed: dict[int, dict[str, Any]],
+    variants: tuple[str, ...],
+    times: StageTimes,
+) -> dict[str, Any]:
+    done = list(per_seed)
     table = ablation_table(per_seed, variants)
     result = {
         "config": dataclasses.asdict(cfg),
-        "seeds": seeds,
+        "seeds": done,
+        "seeds_asked": seeds,
         "table": table,
         "per_seed": per_seed,
         "stage_seconds": times.seconds,
     }
-    (root / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (root / "ablation.md").write_text(ablation_markdown(table, seeds))
+    for name, text in (
+        ("ablation.json", json.dumps(result, indent=2) + "\n"),
+        ("ablation.md", ablation_markdown(table, done, seeds)),
+    ):
+        tmp = root / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(root / name)
     return result
 
 
@@ -480,10 +511,14 @@ def ablation_table(
     return table
 
 
-def ablation_markdown(table: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
+def ablation_markdown(
+    table: dict[str, dict[str, list[float]]], seeds: list[int], asked: list[int] | None = None
+) -> str:
     names = list(ABLATION_METRICS)
+    todo = [s for s in asked or [] if s not in seeds]
     lines = [
-        f"Mean ± half-range over seeds {seeds}.",
+        f"Mean ± half-range over seeds {seeds}"
+        + (f" (seeds {todo} not finished yet: rerun the same command to continue)." if todo else "."),
         "",
         "| D' | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),

@@ -151,33 +151,32 @@ def test_variant_texts_are_the_papers_rows(variant, web_itm, expected):
 
 
 def test_ablation_runs_every_row_with_one_budget(world, tmp_path, capsys):
-    code = main(
-        [
-            "eval",
-            "ablation",
-            "--data",
-            str(world),
-            "--out",
-            str(tmp_path / "abl"),
-            "--size",
-            "tiny",
-            "--seeds",
-            "0",
-            "1",
-            "--pretrain-epochs",
-            "1",
-            "--finetune-epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--num-captions",
-            "3",
-            "--max-steps",
-            "2",
-            "--vit-steps",
-            "0",
-        ]
-    )
+    argv = [
+        "eval",
+        "ablation",
+        "--data",
+        str(world),
+        "--out",
+        str(tmp_path / "abl"),
+        "--size",
+        "tiny",
+        "--seeds",
+        "0",
+        "1",
+        "--pretrain-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--num-captions",
+        "3",
+        "--max-steps",
+        "2",
+        "--vit-steps",
+        "0",
+    ]
+    code = main(argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
@@ -197,3 +196,22 @@ def test_ablation_runs_every_row_with_one_budget(world, tmp_path, capsys):
         }
         assert steps == {min(run["budget_steps"], 2)}  # the same budget for every row
     assert "± " in (tmp_path / "abl" / "ablation.md").read_text()
+    # Every row kept its figures: a rerun reads them back instead of evaluating again.
+    row = tmp_path / "abl" / "seed_1" / "variant_capfilt" / "results.json"
+    assert json.loads(row.read_text())["retrieval"] == result["per_seed"]["1"]["rows"]["capfilt"]["retrieval"]
+    stamp = row.stat().st_mtime_ns
+    assert main(argv) == 0
+    assert row.stat().st_mtime_ns == stamp
+    again = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert again["table"] == result["table"] and not any("evaluate" in k for k in again["stage_seconds"])
+
+
+def test_ablation_table_names_the_seeds_still_to_run():
+    from capfilt.pipelines.bootstrap import ablation_markdown
+
+    table = {
+        "none": {"R@1 (mean TR/IR)": [37.6, 0.0], "CIDEr-D": [2.9, 0.0], "attribute accuracy": [0.8, 0.0]}
+    }
+    partial = ablation_markdown(table, [0], [0, 1, 2])
+    assert "seeds [0] (seeds [1, 2] not finished yet" in partial and "| none | 37.600 ± 0.000 |" in partial
+    assert "not finished" not in ablation_markdown(table, [0, 1, 2], [0, 1, 2])
