@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
     _add_vit_init_args(p)
+    _add_gpu_arg(p)
 
     p = sub.add_parser(
         "eval", help="evaluate checkpoints (retrieval, captioning, filter) or run the bootstrap ablation"
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
     _add_vit_init_args(p)
+    _add_gpu_arg(p)
     p = eval_sub.add_parser(
         "retrieval", help="TR/IR R@1/5/10: ITC ranking, top-k re-ranked by ITM (BLIP's protocol)"
     )
@@ -492,6 +494,16 @@ def _add_vit_init_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_gpu_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu",
+        dest="use_gpu",
+        action="store_true",
+        help="train, caption, score and evaluate on this machine's CUDA device (default: CPU); with "
+        "--workers N, one GPU per Ray Train worker",
+    )
+
+
 def _bootstrap_config(args: argparse.Namespace) -> Any:  # -> BootstrapConfig
     from capfilt.pipelines.bootstrap import BootstrapConfig
 
@@ -507,6 +519,7 @@ def _bootstrap_config(args: argparse.Namespace) -> Any:  # -> BootstrapConfig
         "max_steps",
         "vit_steps",
         "vit_stem",
+        "use_gpu",
     )
     own = ("seed", "threshold", "variant")  # bootstrap only; the ablation sets them per row
     return BootstrapConfig(**{k: getattr(args, k) for k in (*shared, *own) if hasattr(args, k)})

@@ -67,6 +67,11 @@ class BootstrapConfig:
     # The conv stem and a constant rate are what carried shape into the MED (docs/results.md).
     vit_steps: int = 2000
     vit_stem: str = "conv"
+    use_gpu: bool = False  # train, caption, score and evaluate on this machine's CUDA device
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
 
     def validate(self) -> None:
         root = Path(self.data)
@@ -85,6 +90,11 @@ class BootstrapConfig:
             raise CapfiltError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.num_captions < 1:
             raise CapfiltError(f"num_captions must be at least 1, got {self.num_captions}")
+        if self.use_gpu:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise CapfiltError("--gpu asked for, but torch sees no CUDA device here: leave --gpu out")
 
 
 @dataclass
@@ -124,6 +134,7 @@ def _train(
         workers=cfg.workers,
         seed=cfg.seed,
         max_steps=cfg.max_steps,
+        use_gpu=cfg.use_gpu,
     )
     return train(tc).checkpoint
 
@@ -144,6 +155,7 @@ def _train_vit(cfg: BootstrapConfig, out: Path) -> Path | None:
         stem=cfg.vit_stem,
         steps=steps,
         seed=cfg.seed,
+        use_gpu=cfg.use_gpu,
     )
     return train_vit(vc).out
 
@@ -166,7 +178,8 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
     gen = dataclasses.replace(
         CAPFILT_SAMPLING, num_captions=cfg.num_captions, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
     )
-    captioner, filt = Captioner(captioner_ckpt), Filter(filter_ckpt)
+    captioner = Captioner(captioner_ckpt, device=cfg.device)
+    filt = Filter(filter_ckpt, device=cfg.device)
     rule = variant_rule("capfilt", cfg.threshold)
     rows: list[dict[str, Any]] = []
     batch: list[Sample] = []
@@ -287,10 +300,10 @@ def evaluate(cfg: BootstrapConfig, filter_ckpt: Path, captioner_ckpt: Path) -> d
     """Retrieval (TR/IR R@1/5/10 with ITM re-ranking) and captioning (BLEU-4, CIDEr-D with beam
     search; attribute accuracy of beam and of nucleus captions) on the test split."""
     test, truth = Path(cfg.data) / "test", _truth_path(cfg)
-    retrieval = eval_retrieval(filter_ckpt, test, k=cfg.eval_k)
-    captions = eval_caption(captioner_ckpt, test, truth, "beam")
+    retrieval = eval_retrieval(filter_ckpt, test, k=cfg.eval_k, device=cfg.device)
+    captions = eval_caption(captioner_ckpt, test, truth, "beam", device=cfg.device)
     if truth is not None:
-        nucleus = eval_caption(captioner_ckpt, test, truth, "nucleus", seed=cfg.seed)
+        nucleus = eval_caption(captioner_ckpt, test, truth, "nucleus", seed=cfg.seed, device=cfg.device)
         captions["attribute_accuracy_nucleus"] = nucleus["attribute_accuracy"]
     return {"retrieval": retrieval, "captioning": captions}
 

@@ -26,9 +26,9 @@ from capfilt.model.generate import GenerationConfig
 PathsLike = str | Path | list[str] | list[Path]
 
 
-def _checkpoint(path: str | Path, task: str):  # -> Checkpoint
+def _checkpoint(path: str | Path, task: str, device: str = "cpu"):  # -> Checkpoint
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, device=device)
         ckpt.require(task, path)
     except CheckpointError as err:
         raise CapfiltError(str(err)) from err
@@ -49,11 +49,13 @@ def read_truth(path: str | Path | None, split: str) -> dict[str, dict[str, Any]]
     return {r["key"]: r for r in pq.read_table(p).to_pylist() if r["split"] == split}
 
 
-def eval_retrieval(filter_ckpt: str | Path, data: PathsLike, k: int = 16) -> dict[str, float]:
+def eval_retrieval(
+    filter_ckpt: str | Path, data: PathsLike, k: int = 16, device: str = "cpu"
+) -> dict[str, float]:
     """TR/IR recall at 1/5/10 (percent) and their means, after ITM re-ranking of the ITC top-k."""
     from capfilt.evaluation import retrieval_scores
 
-    ckpt = _checkpoint(filter_ckpt, "score")
+    ckpt = _checkpoint(filter_ckpt, "score", device)
     samples = list(iter_samples(data))
     images = [open_image(s.image, name=s.key) for s in samples]
     texts, owner = [], []
@@ -71,6 +73,7 @@ def eval_caption(
     truth: str | Path | None = None,
     method: str = "beam",
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """BLEU-4, CIDEr-D (and attribute accuracy with `truth`) of one caption per test image.
 
@@ -85,7 +88,8 @@ def eval_caption(
         raise CapfiltError(f"unknown caption method {method!r}; use beam or nucleus")
     samples = list(iter_samples(data))
     images = [open_image(s.image, name=s.key) for s in samples]
-    captions = [c[0] for c in Captioner(_checkpoint(captioner_ckpt, "caption")).caption(images, gen)]
+    captioner = Captioner(_checkpoint(captioner_ckpt, "caption", device), device=device)
+    captions = [c[0] for c in captioner.caption(images, gen)]
     refs = [sample_captions(s) for s in samples]
     rows = read_truth(truth, "test")
     contents = [rows[s.key]["content"] for s in samples] if rows else None

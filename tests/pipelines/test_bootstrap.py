@@ -117,6 +117,52 @@ def test_bootstrap_without_a_labelled_split_says_what_to_do(tmp_path, capsys):
     assert "no labelled/ folder" in err and "--vit-steps 0" in err
 
 
+@pytest.mark.parametrize("command", [["bootstrap"], ["eval", "ablation"]])
+def test_gpu_without_cuda_is_refused_before_any_training(world, tmp_path, capsys, monkeypatch, command):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main([*command, "--data", str(world), "--out", str(tmp_path / "run"), "--gpu"])
+    assert code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--gpu asked for, but torch sees no CUDA device" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+
+
+def test_gpu_flag_reaches_the_training_and_inference_stages(world, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from capfilt.cli import _bootstrap_config, build_parser
+    from capfilt.pipelines import bootstrap, train_vit
+
+    parser = build_parser()
+    for command in (["bootstrap"], ["eval", "ablation"]):
+        args = parser.parse_args([*command, "--data", str(world), "--out", str(tmp_path), "--gpu"])
+        cfg = _bootstrap_config(args)
+        assert cfg.use_gpu and cfg.device == "cuda"
+        assert not _bootstrap_config(parser.parse_args([*command, "--data", "w", "--out", "r"])).use_gpu
+    seen = {}
+    monkeypatch.setattr(
+        bootstrap, "train", lambda tc: seen.setdefault("train", tc) and SimpleNamespace(checkpoint=1)
+    )
+    monkeypatch.setattr(
+        train_vit, "train_vit", lambda vc: seen.setdefault("vit", vc) and SimpleNamespace(out=1)
+    )
+    bootstrap._train(cfg, "pretrain", [str(world / "web")], tmp_path / "pre", None, 1)
+    bootstrap._train_vit(cfg, tmp_path / "vit")
+    assert seen["train"].use_gpu and seen["vit"].use_gpu
+
+    class Hosted:
+        def __init__(self, checkpoint, device="cpu", **_):
+            seen.setdefault("devices", []).append(device)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bootstrap, "Captioner", Hosted)
+    with pytest.raises(RuntimeError, match="stop here"):
+        bootstrap.capfilt_web(cfg, tmp_path / "cap", tmp_path / "filt", tmp_path / "curation")
+    assert seen["devices"] == ["cuda"]
+
+
 ROW = {
     "key": "k",
     "status": "ok",
