@@ -67,11 +67,15 @@ class BootstrapConfig:
     # The conv stem and a constant rate are what carried shape into the MED (docs/results.md).
     vit_steps: int = 2000
     vit_stem: str = "conv"
-    use_gpu: bool = False  # train, caption, score and evaluate on this machine's CUDA device
+    use_gpu: bool = False  # train, caption, score and evaluate on CUDA devices
 
     @property
     def device(self) -> str:
-        return "cuda" if self.use_gpu else "cpu"
+        """Where CapFilt and evaluation run: this process's GPU when asked for and present (with
+        --workers N the training runs on the workers' GPUs, wherever Ray places them)."""
+        import torch
+
+        return "cuda" if self.use_gpu and torch.cuda.is_available() else "cpu"
 
     def validate(self) -> None:
         root = Path(self.data)
@@ -90,11 +94,16 @@ class BootstrapConfig:
             raise CapfiltError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.num_captions < 1:
             raise CapfiltError(f"num_captions must be at least 1, got {self.num_captions}")
-        if self.use_gpu:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise CapfiltError("--gpu asked for, but torch sees no CUDA device here: leave --gpu out")
+        if self.use_gpu and self.device == "cpu":
+            if not self.workers:
+                raise CapfiltError(
+                    "--gpu asked for, but torch sees no CUDA device here: leave --gpu out, or train "
+                    "on Ray workers with GPUs (--workers N)"
+                )
+            log.warning(
+                "no CUDA device in this process: training runs on the Ray workers' GPUs, "
+                "CapFilt and evaluation on this process's CPU"
+            )
 
 
 @dataclass

@@ -125,12 +125,16 @@ def test_gpu_without_cuda_is_refused_before_any_training(world, tmp_path, capsys
     code = main([*command, "--data", str(world), "--out", str(tmp_path / "run"), "--gpu"])
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "--gpu asked for, but torch sees no CUDA device" in err
+    assert "--gpu asked for, but torch sees no CUDA device" in err and "--workers N" in err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
 
 
 def test_gpu_flag_reaches_the_training_and_inference_stages(world, tmp_path, monkeypatch):
     from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
 
     from capfilt.cli import _bootstrap_config, build_parser
     from capfilt.pipelines import bootstrap, train_vit
@@ -261,3 +265,14 @@ def test_ablation_table_names_the_seeds_still_to_run():
     partial = ablation_markdown(table, [0], [0, 1, 2])
     assert "seeds [0] (seeds [1, 2] not finished yet" in partial and "| none | 37.600 ± 0.000 |" in partial
     assert "not finished" not in ablation_markdown(table, [0, 1, 2], [0, 1, 2])
+
+
+def test_gpu_with_ray_workers_trains_on_theirs_and_infers_here(world, monkeypatch, caplog):
+    import torch
+
+    from capfilt.pipelines.bootstrap import BootstrapConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver without a GPU
+    cfg = BootstrapConfig(data=str(world), out="unused", use_gpu=True, workers=2)
+    cfg.validate()
+    assert cfg.device == "cpu" and "Ray workers' GPUs" in caplog.text
