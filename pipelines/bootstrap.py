@@ -268,6 +268,15 @@ def variant_texts(row: dict[str, Any], variant: str, threshold: float) -> list[t
     return [(origin, text) for origin, text, _ in decision.kept_texts]
 
 
+def dprime_counts(cfg: BootstrapConfig, variant: str, decisions: Path) -> dict[str, int]:
+    """Texts of each origin the web part of D' for `variant` holds, without writing it."""
+    counts = {"web": 0, "synthetic": 0}
+    for line in decisions.read_text().splitlines():
+        for origin, _ in variant_texts(json.loads(line), variant, cfg.threshold):
+            counts[origin] += 1
+    return counts
+
+
 def build_dprime(cfg: BootstrapConfig, variant: str, decisions: Path, out: Path) -> dict[str, int]:
     """Write the web part of D' for `variant` as shards in `out` (original image bytes; keys
     `{web key}_{j}`); human pairs are added at training time. Returns counts by origin."""
@@ -345,9 +354,14 @@ def _steps_trained(run: Path) -> int:
 
 
 def first_generation(
-    cfg: BootstrapConfig, times: StageTimes, progress: Progress | None = None
+    cfg: BootstrapConfig,
+    times: StageTimes,
+    progress: Progress | None = None,
+    vit_out: Path | None = None,
 ) -> dict[str, Path]:
-    """Pre-train on web + human, fine-tune captioner and filter from it, CapFilt the web split."""
+    """Pre-train on web + human, fine-tune captioner and filter from it, CapFilt the web split.
+    The image encoder's init is trained in `vit_out` (default `out/vit`), or read from it when
+    finished there earlier."""
     root, out = Path(cfg.data), Path(cfg.out)
     web, human = str(root / "web"), str(root / "human")
     names = ["vit", "pretrain", "captioner", "filter", "capfilt"]
@@ -357,7 +371,7 @@ def first_generation(
             progress(name, names.index(name), len(names) + 3)
         return times.run(name, fn)
 
-    vit = stage("vit", lambda: _train_vit(cfg, out / "vit"))
+    vit = stage("vit", lambda: _train_vit(cfg, vit_out or out / "vit"))
     pre = stage(
         "pretrain",
         lambda: _train(
@@ -379,15 +393,29 @@ def second_generation(
     times: StageTimes,
     steps: int | None = None,
     vit: Path | None = None,
+    first: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Build D' for `variant`, pre-train a new MED on it (plus human pairs), fine-tune its filter and
     captioner on human pairs, and evaluate them. `steps` fixes the pre-training budget; `vit` is the
-    image encoder's init (the first generation's: BLIP starts both models from the same ImageNet ViT)."""
+    image encoder's init (the first generation's: BLIP starts both models from the same ImageNet ViT).
+
+    With `first` (the first generation's checkpoints, pre-trained for `steps` on web + human pairs),
+    the no-bootstrap row is that generation: its D' is the whole web split plus the human pairs and
+    its budget is the same, so training it again would only repeat the same run."""
     root, out = Path(cfg.data), Path(cfg.out) / f"variant_{variant}"
     human = str(root / "human")
     saved = out / "results.json"
     if saved.is_file():  # evaluated earlier: its checkpoints are final, so are its figures
         return json.loads(saved.read_text())
+    if variant == "none" and first is not None:
+        counts = dprime_counts(cfg, "none", decisions)
+        results = {
+            "dprime": counts,
+            "checkpoints": "first generation",
+            **times.run("none/evaluate", lambda: evaluate(cfg, first["filter"], first["captioner"])),
+        }
+        _save_json(saved, results)
+        return results
     counts = times.run(f"{variant}/dprime", lambda: build_dprime(cfg, variant, decisions, out / "dprime"))
     new = times.run(
         f"{variant}/pretrain",
@@ -410,10 +438,16 @@ def second_generation(
         lambda: _train(cfg, "captioner", [human], out / "captioner", new, cfg.finetune_epochs),
     )
     results = {"dprime": counts, **times.run(f"{variant}/evaluate", lambda: evaluate(cfg, fil, cap))}
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(saved)  # last: a row that has it is finished
+    _save_json(saved, results)
     return results
+
+
+def _save_json(path: Path, value: Any) -> None:
+    """Write `value` to `path` whole or not at all (last: a row that has it is finished)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def run_bootstrap(cfg: BootstrapConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -452,8 +486,10 @@ def run_ablation(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The paper's Table 1 rows (plus BLIP-2's variant) over several seeds, each row pre-trained
-    for the same number of steps (the budget of the first pre-training on web + human pairs).
-    Writes `out/ablation.json` and `out/ablation.md` after every seed (over the seeds finished so
+    for the same number of steps (the budget of the first pre-training on web + human pairs; that
+    pre-training is the no-bootstrap row). The image encoder's init is trained once, in
+    `out/vit`, and every seed starts from it, as every BLIP model starts from one ImageNet ViT;
+    the seeds vary the rest: the MED's init, the data order, the sampling. Writes `out/ablation.json` and `out/ablation.md` after every seed (over the seeds finished so
     far), so a run of hours shows its table as it goes; each row keeps its figures in
     `variant_*/results.json`, so a rerun continues where it stopped."""
     cfg.validate()
@@ -466,14 +502,14 @@ def run_ablation(
     result: dict[str, Any] = {}
     for i, seed in enumerate(seeds):
         scfg = dataclasses.replace(cfg, seed=seed, out=str(root / f"seed_{seed}"))
-        first = first_generation(scfg, times)
+        first = first_generation(scfg, times, vit_out=root / "vit")
         budget = _steps_trained(first["pretrain"])
         rows = {}
         for j, variant in enumerate(variants):
             if progress:
                 progress(f"seed {seed}: {variant}", i * len(variants) + j, len(seeds) * len(variants))
             rows[variant] = second_generation(
-                scfg, variant, first["decisions"], times, steps=budget, vit=first["vit"]
+                scfg, variant, first["decisions"], times, steps=budget, vit=first["vit"], first=first
             )
         per_seed[seed] = {
             "budget_steps": budget,

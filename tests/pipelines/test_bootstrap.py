@@ -224,7 +224,7 @@ def test_ablation_runs_every_row_with_one_budget(world, tmp_path, capsys):
         "--max-steps",
         "2",
         "--vit-steps",
-        "0",
+        "2",
     ]
     code = main(argv)
     captured = capsys.readouterr()
@@ -234,17 +234,21 @@ def test_ablation_runs_every_row_with_one_budget(world, tmp_path, capsys):
     for metrics in result["table"].values():
         assert set(metrics) == {"R@1 (mean TR/IR)", "CIDEr-D", "attribute accuracy"}
         assert all(len(v) == 2 for v in metrics.values())
+
+    def last_step(run):
+        return json.loads((run / "pretrain" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+
     for seed in ("0", "1"):
         run = result["per_seed"][seed]
-        steps = {
-            json.loads(
-                (tmp_path / "abl" / f"seed_{seed}" / f"variant_{v}" / "pretrain" / "metrics.jsonl")
-                .read_text()
-                .splitlines()[-1]
-            )["step"]
-            for v in result["table"]
-        }
-        assert steps == {min(run["budget_steps"], 2)}  # the same budget for every row
+        root = tmp_path / "abl" / f"seed_{seed}"
+        steps = {last_step(root / f"variant_{v}") for v in result["table"] if v != "none"}
+        assert steps == {last_step(root)} == {min(run["budget_steps"], 2)}  # one budget for every row
+        # No bootstrap is the first generation itself: the whole web split plus human pairs, that budget.
+        none = run["rows"]["none"]
+        assert none["checkpoints"] == "first generation" and not (root / "variant_none" / "pretrain").exists()
+        assert none["dprime"] == {"web": 32, "synthetic": 0}
+        assert not (root / "vit").exists()  # one image-encoder init, shared by every seed
+    assert (tmp_path / "abl" / "vit" / "vit.json").is_file()
     assert "± " in (tmp_path / "abl" / "ablation.md").read_text()
     # Every row kept its figures: a rerun reads them back instead of evaluating again.
     row = tmp_path / "abl" / "seed_1" / "variant_capfilt" / "results.json"
