@@ -19,27 +19,12 @@ def world(tmp_path_factory):
     return out
 
 
+# The tiny MED, one epoch of each training stage, small batches: a whole loop in seconds.
+TINY = ["--size", "tiny", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8"]
+
+
 def _bootstrap(world, out, capsys, *extra):
-    code = main(
-        [
-            "bootstrap",
-            "--data",
-            str(world),
-            "--out",
-            str(out),
-            "--size",
-            "tiny",
-            "--pretrain-epochs",
-            "1",
-            "--finetune-epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--vit-steps",
-            "3",
-            *extra,
-        ]
-    )
+    code = main(["bootstrap", "--data", str(world), "--out", str(out), *TINY, "--vit-steps", "3", *extra])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return json.loads(captured.out.strip().splitlines()[-1])
@@ -208,17 +193,10 @@ def test_ablation_runs_every_row_with_one_budget(world, tmp_path, capsys):
         str(world),
         "--out",
         str(tmp_path / "abl"),
-        "--size",
-        "tiny",
+        *TINY,
         "--seeds",
         "0",
         "1",
-        "--pretrain-epochs",
-        "1",
-        "--finetune-epochs",
-        "1",
-        "--batch-size",
-        "8",
         "--num-captions",
         "3",
         "--max-steps",
