@@ -13,6 +13,7 @@ Our checkpoint is a directory:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -91,6 +92,18 @@ def new_checkpoint(
     config = med_config(size, image_size=image_size, stem=stem, **tokenizer.ids.as_text_config())
     prov = {"created_from": f"random init, size {size}", **(provenance or {})}
     return Checkpoint(MED(config), tokenizer, role, prov, FORMAT)
+
+
+def for_role(ckpt: Checkpoint, role: str) -> Checkpoint:
+    """`ckpt` with only the text branch `role` runs: a captioner keeps the decoder's self-attention,
+    a filter the encoder's (everything else is shared): what a deployed model of that role runs."""
+    if role not in ("captioner", "filter"):
+        raise ValueError(f"role must be captioner or filter, got {role!r}")
+    keep = dataclasses.replace(ckpt.config, has_encoder=role == "filter", has_decoder=role == "captioner")
+    med = MED(keep)
+    own = med.state_dict()
+    med.load_state_dict({k: v for k, v in ckpt.med.state_dict().items() if k in own}, strict=True)
+    return dataclasses.replace(ckpt, med=med.eval(), role=role)
 
 
 # ----------------------------------------------------------------------------- saving

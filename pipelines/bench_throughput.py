@@ -42,7 +42,7 @@ from capfilt.decision import Rule
 from capfilt.errors import CapfiltError
 from capfilt.images import open_image, preprocess
 from capfilt.inference import CAPFILT_SAMPLING, Captioner, Filter
-from capfilt.model.checkpoint import Checkpoint, export_transformers, load_checkpoint, new_checkpoint
+from capfilt.model.checkpoint import export_transformers, for_role, load_checkpoint, new_checkpoint
 from capfilt.model.config import FINETUNE_IMAGE_SIZE, SIZES, MEDConfig
 from capfilt.model.generate import GenerationConfig
 from capfilt.model.tokenizer import CaptionTokenizer, train_tokenizer
@@ -273,21 +273,8 @@ def make_checkpoints(config: ThroughputConfig, image_size: int, out: Path) -> tu
             continue
         torch.manual_seed(config.seed + i)
         ckpt = new_checkpoint(config.size, tokenizer, role="pretrain", image_size=image_size)
-        ckpt.med = _only(ckpt, role)
-        ckpt.role = role
-        paths.append(save_checkpoint(ckpt, out / role))
+        paths.append(save_checkpoint(for_role(ckpt, role), out / role))
     return paths[0], paths[1]
-
-
-def _only(ckpt: Checkpoint, role: str) -> Any:
-    """The MED with only the captioner's (decoder) or the filter's (encoder) text branch."""
-    from capfilt.model.med import MED
-
-    keep = dataclasses.replace(ckpt.config, has_encoder=role == "filter", has_decoder=role == "captioner")
-    med = MED(keep)
-    own = med.state_dict()
-    med.load_state_dict({k: v for k, v in ckpt.med.state_dict().items() if k in own}, strict=True)
-    return med
 
 
 # ----------------------------------------------------------------------------- (a) transformers

@@ -1,16 +1,19 @@
 """`capfilt demo`: the product on one machine, from nothing, in minutes.
 
     world  ── the built-in web world (`capfilt data synth`, default arguments)
-    models ── a small MED pre-trained on web + human pairs, then a captioner (LM) and a filter
-              (ITC+ITM) fine-tuned from it on human pairs; cached by recipe and world, so a second
-              demo reuses them
+    models ── the small captioner and filter shipped with CapFilt (`capfilt/weights/small`:
+              the first generation of this project's own `capfilt bootstrap` on that world,
+              checked against their manifest's digests); with `--train`, a short recipe trains
+              the demo's own instead (pre-training on web + human pairs, then captioner and filter
+              fine-tuned on human pairs), cached by recipe and world, so a second demo reuses them
     clean  ── `capfilt clean` of the web split (+ human pairs into D') on a local Ray with the
               dashboard up
     report ── kept and rejected counts by reason, the filter's precision and recall against the
               world's truth, pairs per second, where D', the ledger and the report are
 
-The recipe is short on purpose: it is the demo's budget on a 2-core laptop, not the paper's
-schedule (`capfilt bootstrap` runs that).
+The shipped checkpoints took about 45 minutes of training on 2 cores (the bootstrap's recipe:
+the image encoder's init, 10 epochs of pre-training, 5 of each fine-tuning); the `--train` recipe
+fits in about 5 minutes and gives a weaker filter (docs/results.md, "the demo's budget").
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class DemoConfig:
     threshold: float = 0.5  # BLIP's
     batch_size: int = 32  # images per model batch in the clean job
     dashboard: bool = True
+    train: bool = False  # train the recipe's checkpoints instead of using the shipped ones
+    shipped: str | None = None  # shipped checkpoints' directory; None: capfilt/weights/small
 
     def cache_root(self) -> Path:
         if self.cache:
@@ -83,7 +88,7 @@ class DemoConfig:
 class DemoResult:
     world: Path
     checkpoints: dict[str, Path]
-    reused_checkpoints: bool
+    checkpoints_from: str  # "shipped", "cache" (trained by an earlier demo) or "trained" (now)
     clean: dict[str, Any]  # the clean job's summary, as `capfilt clean --json` prints it
     filter_quality: dict[str, Any]  # precision / recall / F1 of web-text rejections, by noise type
     dashboard_url: str | None
@@ -93,7 +98,7 @@ class DemoResult:
         return {
             "world": str(self.world),
             "checkpoints": {k: str(v) for k, v in self.checkpoints.items()},
-            "reused_checkpoints": self.reused_checkpoints,
+            "checkpoints_from": self.checkpoints_from,
             "clean": self.clean,
             "filter_quality": self.filter_quality,
             "dashboard_url": self.dashboard_url,
@@ -123,6 +128,78 @@ def build_world(cfg: DemoConfig) -> Path:
             return path
     synthesize(path, **args)
     return path
+
+
+SHIPPED_ROLES = ("captioner", "filter")
+
+
+def shipped_root() -> Path:
+    import capfilt
+
+    return Path(capfilt.__file__).resolve().parent / "weights" / "small"
+
+
+def shipped_checkpoints(root: Path | None = None) -> dict[str, Path]:
+    """The captioner and filter shipped with CapFilt, each file checked against the digest its
+    MANIFEST.json records; a missing or changed file is an error that says how to recover."""
+    from capfilt.model.checkpoint import file_digest
+
+    root = root or shipped_root()
+    manifest_path = root / "MANIFEST.json"
+    recover = (
+        "restore them (`git checkout -- capfilt/weights`) or train the demo's own with `capfilt demo --train`"
+    )
+    if not manifest_path.is_file():
+        raise CapfiltError(f"no shipped checkpoints in {root} (MANIFEST.json is missing): {recover}")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CapfiltError(f"{manifest_path} is not a checkpoint manifest ({err}): {recover}") from err
+    for role in SHIPPED_ROLES:
+        if not any(name.startswith(f"{role}/") for name in files):
+            raise CapfiltError(f"{manifest_path} lists no {role} files: {recover}")
+    for name, digest in sorted(files.items()):
+        path = root / name
+        if not path.is_file():
+            raise CapfiltError(f"shipped checkpoint file {path} is missing: {recover}")
+        if file_digest(path) != digest:
+            raise CapfiltError(
+                f"shipped checkpoint file {path} does not match its digest in {manifest_path} "
+                f"(changed or truncated): {recover}"
+            )
+    return {role: root / role for role in SHIPPED_ROLES}
+
+
+def ship_checkpoints(run: Path, dest: Path, note: str = "") -> dict[str, Any]:
+    """Write a bootstrap run's first-generation captioner and filter (RUN/captioner, RUN/filter) into
+    `dest` as the shipped checkpoints: each keeps only the text branch its role runs, with its
+    training metrics, and MANIFEST.json records every file's digest and where they came from."""
+    from capfilt.model.checkpoint import file_digest, for_role, load_checkpoint, save_checkpoint
+
+    for role in SHIPPED_ROLES:
+        if not (run / role / "config.json").is_file():
+            raise CapfiltError(
+                f"{run / role} is not a finished checkpoint: pass a `capfilt bootstrap --out RUN` directory "
+                "whose first generation has finished (RUN/captioner and RUN/filter)"
+            )
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for role in SHIPPED_ROLES:
+        save_checkpoint(for_role(load_checkpoint(run / role), role), staging / role)
+        if (run / role / "metrics.jsonl").is_file():
+            shutil.copyfile(run / role / "metrics.jsonl", staging / role / "metrics.jsonl")
+    files = {str(f.relative_to(staging)): file_digest(f) for f in sorted(staging.rglob("*")) if f.is_file()}
+    manifest = {
+        "about": "CapFilt's shipped small captioner and filter: the first generation of `capfilt bootstrap` "
+        "on the built-in world's defaults, trained on this project's machines; no outside weights",
+        "source_run": str(run),
+        "note": note,
+        "files": files,
+    }
+    (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.replace(dest)
+    return manifest
 
 
 def train_checkpoints(cfg: DemoConfig, world: Path, step: Step) -> tuple[dict[str, Path], bool]:
@@ -263,7 +340,17 @@ def run_demo(cfg: DemoConfig, step: Step | None = None) -> DemoResult:
     seconds["world"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    checkpoints, reused = train_checkpoints(cfg, world, announce)
+    if cfg.train:
+        checkpoints, reused = train_checkpoints(cfg, world, announce)
+        source = "cache" if reused else "trained"
+    else:
+        root = Path(cfg.shipped) if cfg.shipped else shipped_root()
+        checkpoints = shipped_checkpoints(root)
+        source = "shipped"
+        announce(
+            f"checkpoints: the shipped small captioner and filter in {root} (this project's own "
+            "bootstrap; `capfilt demo --train` trains the demo's own)"
+        )
     seconds["checkpoints"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
@@ -303,7 +390,7 @@ def run_demo(cfg: DemoConfig, step: Step | None = None) -> DemoResult:
     return DemoResult(
         world=world,
         checkpoints={k: checkpoints[k] for k in ("captioner", "filter")},
-        reused_checkpoints=reused,
+        checkpoints_from=source,
         clean=json.loads(json.dumps(dataclasses.asdict(summary), default=str)),  # paths as text
         filter_quality=quality,
         dashboard_url=url,

@@ -26,6 +26,7 @@ def _config(tmp: Path, **changes) -> DemoConfig:
         batch_size=8,
         threshold=0.0222,  # the tiny filter's p(match) sits near 0.02: keep some, reject some
         dashboard=False,
+        train=True,  # the tiny recipe; the shipped small checkpoints are tested below
     )
     return DemoConfig(**{**base, **changes})
 
@@ -39,7 +40,7 @@ def first(tmp_path_factory: pytest.TempPathFactory, ray_cluster):
 
 def test_demo_trains_cleans_and_scores_the_filter_against_the_truth(first) -> None:
     tmp, result, steps = first
-    assert not result.reused_checkpoints
+    assert result.checkpoints_from == "trained"
     assert any(s.startswith("pretrain: training 12 steps") for s in steps)
     assert all((tmp / "cache").glob("demo/tiny-*/filter/config.json"))
     ledger = pq.read_table(Path(result.clean["output"]) / "ledger").to_pylist()
@@ -63,7 +64,7 @@ def test_a_second_demo_reuses_the_cached_checkpoints(first) -> None:
     tmp, result, _ = first
     steps: list[str] = []
     again = run_demo(_config(tmp), steps.append)
-    assert again.reused_checkpoints and again.checkpoints == result.checkpoints
+    assert again.checkpoints_from == "cache" and again.checkpoints == result.checkpoints
     assert not any("training" in s for s in steps)
     assert again.stage_seconds["checkpoints"] < result.stage_seconds["checkpoints"]
     assert again.filter_quality["precision"] == result.filter_quality["precision"]  # same seed, same result
