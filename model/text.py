@@ -112,16 +112,8 @@ class Attention(nn.Module):
         """x (B, T, D); kv: keys and values (B, nh, S, hs); mask additive, broadcast to (B, nh, T, S)."""
         q = self.split_heads(self.self.query(x))  # (B, nh, T, hs)
         k, v = kv
-        if x.shape[1] == 1 and x.device.type == "cpu" and not self.training:
-            # A decoding step: one query per row. CPU SDPA kernels tile for long queries and cost
-            # several times two small batched matmuls here (BERT's own eager attention).
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-            if mask is not None:
-                scores = scores + mask
-            y = torch.matmul(scores.softmax(dim=-1), v)
-        else:
-            dropout = self.dropout_p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        dropout = self.dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(x.shape)  # (B, T, D)
         return self.output(y, x)
 
