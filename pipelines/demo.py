@@ -11,7 +11,7 @@
     report ── kept and rejected counts by reason, the filter's precision and recall against the
               world's truth, pairs per second, where D', the ledger and the report are
 
-The shipped checkpoints took about 45 minutes of training on 2 cores (the bootstrap's recipe:
+The shipped checkpoints took 53 minutes of training on 2 cores (the bootstrap's recipe:
 the image encoder's init, 10 epochs of pre-training, 5 of each fine-tuning); the `--train` recipe
 fits in about 5 minutes and gives a weaker filter (docs/results.md, "the demo's budget").
 """
@@ -160,6 +160,8 @@ def shipped_checkpoints(root: Path | None = None) -> dict[str, Path]:
             raise CapfiltError(f"{manifest_path} lists no {role} files: {recover}")
     for name, digest in sorted(files.items()):
         path = root / name
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise CapfiltError(f"{manifest_path} names {name!r}, outside {root}: {recover}")
         if not path.is_file():
             raise CapfiltError(f"shipped checkpoint file {path} is missing: {recover}")
         if file_digest(path) != digest:

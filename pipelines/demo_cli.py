@@ -34,7 +34,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--train",
         action="store_true",
         help="train the demo's own small captioner and filter (about 5 minutes on 2 cores, cached) instead "
-        "of using the shipped ones, which took the bootstrap's 45 minutes and filter better",
+        "of using the shipped ones, which took the bootstrap's 53 minutes and filter better",
     )
     p.add_argument(
         "--ship-from",
