@@ -131,6 +131,7 @@ def generate(
                 return _beam_search(med, logits, cache, prompt, config, text.sep_token_id)
             K = config.num_captions
             logits, cache = _prefill(med, image_embeds, prompt, K)
+            cache.reserve(P + config.max_tokens)  # each step writes its keys and values in place
             if config.method != "nucleus":
                 choose = _argmax
             else:

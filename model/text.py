@@ -27,10 +27,15 @@ Mode = Literal["text", "encoder", "decoder"]
 @dataclass
 class KVCache:
     """Keys and values kept between decoding steps, per layer: the causal self-attention's
-    (growing by one token a step) and the cross-attention's (computed once from the image)."""
+    (growing by one token a step) and the cross-attention's (computed once from the image).
+
+    After `reserve(n)`, the self-attention's keys and values live in buffers of n positions that
+    each step writes into, instead of being concatenated into new tensors every step."""
 
     self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    capacity: int = 0  # positions in the reserved buffers; 0: not reserved
+    filled: int = 0  # positions held, when reserved
 
     @classmethod
     def empty(cls, depth: int) -> KVCache:
@@ -38,13 +43,56 @@ class KVCache:
 
     @property
     def length(self) -> int:
+        if self.capacity:
+            return self.filled
         first = self.self_kv[0] if self.self_kv else None
         return 0 if first is None else first[0].shape[2]
+
+    def reserve(self, capacity: int) -> None:
+        """Move the self-attention keys and values (after the prompt) into buffers of `capacity`
+        positions, so that each later step writes its token in place."""
+        if self.capacity or any(kv is None for kv in self.self_kv):
+            raise ValueError("reserve() needs a cache filled by the prompt, and reserves once")
+        filled = self.length
+        if capacity < filled:
+            raise ValueError(f"cannot reserve {capacity} positions for a cache holding {filled}")
+        for i, (k, v) in enumerate(self.self_kv):  # type: ignore[misc]
+            R, H, _, D = k.shape
+            kb, vb = k.new_empty(R, H, capacity, D), v.new_empty(R, H, capacity, D)
+            kb[:, :, :filled], vb[:, :, :filled] = k, v
+            self.self_kv[i] = (kb, vb)
+        self.capacity, self.filled = capacity, filled
+
+    def append(
+        self, index: int, k: torch.Tensor, v: torch.Tensor, past: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add layer `index`'s new keys and values (B, nh, T, hs) after `past` positions; -> all of
+        them so far. A reserved cache counts them once `advance` is called after the last layer."""
+        held = self.self_kv[index]
+        if held is None:
+            self.self_kv[index] = (k, v)
+            return k, v
+        if not self.capacity:
+            k, v = torch.cat([held[0], k], dim=2), torch.cat([held[1], v], dim=2)
+            self.self_kv[index] = (k, v)
+            return k, v
+        stop = past + k.shape[2]
+        if stop > self.capacity:
+            raise ValueError(f"the decoding cache holds {self.capacity} positions; position {stop} was asked")
+        kb, vb = held
+        kb[:, :, past:stop], vb[:, :, past:stop] = k, v
+        return kb[:, :, :stop], vb[:, :, :stop]
+
+    def advance(self, tokens: int) -> None:
+        if self.capacity:
+            self.filled += tokens
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """Keep (and reorder) batch rows, e.g. after beam search picks its parents."""
         pick = lambda kv: None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))  # noqa: E731
-        return KVCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv])
+        return KVCache(
+            [pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv], self.capacity, self.filled
+        )
 
 
 class Embeddings(nn.Module):
@@ -112,10 +160,25 @@ class Attention(nn.Module):
         """x (B, T, D); kv: keys and values (B, nh, S, hs); mask additive, broadcast to (B, nh, T, S)."""
         q = self.split_heads(self.self.query(x))  # (B, nh, T, hs)
         k, v = kv
-        dropout = self.dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if q.shape[2] == 1 and q.device.type == "cpu" and not self.training:
+            y = _attend_one(q, k, v, mask)
+        else:
+            dropout = self.dropout_p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(x.shape)  # (B, T, D)
         return self.output(y, x)
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention for one query per row (a decoding step) as two batched matmuls: on a CPU, SDPA's
+    kernel costs more than the arithmetic for a single query. q (B, nh, 1, hs), k and v (B, nh, S, hs)
+    (views of the decoding cache: batch and heads merge without a copy). -> (B, nh, 1, hs)."""
+    B, H, _, D = q.shape
+    S = k.shape[2]
+    scores = torch.bmm(q.reshape(B * H, 1, D), k.reshape(B * H, S, D).transpose(1, 2)).mul_(D**-0.5)
+    if mask is not None:
+        scores = (scores.view(B, H, 1, S) + mask).view(B * H, 1, S)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, S, D)).view(B, H, 1, D)
 
 
 class TextLayer(nn.Module):
@@ -142,14 +205,12 @@ class TextLayer(nn.Module):
         index: int,
         image_index: torch.Tensor | None = None,
         texts_per_image: int = 1,
+        past: int = 0,
     ) -> torch.Tensor:
         sa = self.causal_attention if mode == "decoder" else self.attention
         k, v = sa.kv(x)
         if cache is not None:
-            past = cache.self_kv[index]
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            cache.self_kv[index] = (k, v)
+            k, v = cache.append(index, k, v, past)
         x = sa(x, self_mask, (k, v))
         if mode != "text":
             if cache is not None and cache.cross_kv[index] is not None:
@@ -162,7 +223,8 @@ class TextLayer(nn.Module):
                         cross_kv[0].index_select(0, image_index),
                         cross_kv[1].index_select(0, image_index),
                     )
-                if cache is not None:
+                if cache is not None:  # contiguous, so each step's attention reads it without a copy
+                    cross_kv = (cross_kv[0].contiguous(), cross_kv[1].contiguous())
                     cache.cross_kv[index] = cross_kv
             if texts_per_image > 1:
                 # Cross-attention keeps no state between queries, so the texts of one image can be
@@ -228,7 +290,9 @@ class TextTransformer(nn.Module):
                     layer, x, mode, mask, image, None, i, image_index, texts_per_image, use_reentrant=False
                 )
             else:
-                x = layer(x, mode, mask, image, cache, i, image_index, texts_per_image)
+                x = layer(x, mode, mask, image, cache, i, image_index, texts_per_image, past)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
         return x
 
 

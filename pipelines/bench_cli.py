@@ -50,6 +50,12 @@ def add_bench_throughput_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved rounds of the timed paths; each path's time is its median round (default: 3)",
+    )
+    p.add_argument(
         "--scaling",
         type=int,
         nargs="*",
@@ -80,6 +86,7 @@ def run_bench_throughput_cli(args: argparse.Namespace) -> int:
         check_images=args.check_images,
         threads=args.threads,
         seed=args.seed,
+        repeats=args.repeats,
         scaling=tuple(args.scaling),
         workdir=args.workdir,
     )
@@ -119,6 +126,28 @@ def print_result(result: dict[str, Any], console: Any) -> None:
     console.print(table)
     for name, value in result.get("ratios", {}).items():
         console.print(f"{name}: {value:.2f}x")
+    if result.get("round_ratios"):
+        console.print(
+            "exact_over_transformers by round: " + ", ".join(f"{r:.2f}x" for r in result["round_ratios"])
+        )
+    if "stages" in result:
+        st = result["stages"]
+        stages = Table(box=box.SIMPLE, title="where the time goes (ms per pair, each stage timed alone)")
+        for column in ("path", "image encodings", "caption decoding", "text scoring", "total"):
+            stages.add_column(column, justify="left" if column == "path" else "right")
+        for key, name in (("a", "(a) transformers"), ("b", "(b) exact")):
+            row = st[key]
+            stages.add_row(
+                name,
+                *(f"{row[k]:.2f}" for k in ("images", "decoding", "scoring")),
+                f"{sum(row.values()):.2f}",
+            )
+        console.print(stages)
+        b = st["bounds"]
+        console.print(
+            f"stages: (b)/(a) {b['exact_over_transformers']:.2f}x; with our caption decoding taking no time "
+            f"at all, {b['without_our_decoding']:.2f}x"
+        )
     for key in ("vit", "vit_fast"):
         if key in result:
             v = result[key]

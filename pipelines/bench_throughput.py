@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class ThroughputConfig:
     check_images: int = 16  # images of the exactness checks (greedy captions, ITM)
     threads: int | None = None  # torch threads for (a) and (b); default: torch's
     seed: int = 0
+    repeats: int = 3  # interleaved rounds of the timed paths; each path's time is its median round
     scaling: tuple[int, ...] = ()  # pair counts for the cleaning job's scaling run (e.g. 1000 10000)
     workdir: str | None = None  # default: a temporary directory, removed afterwards
 
@@ -92,6 +94,8 @@ class ThroughputConfig:
             raise bad("device", f"must be auto, cpu or cuda; got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise bad("device", "cuda: no GPU is visible to torch here")
+        if self.repeats < 1:
+            raise bad("repeats", f"must be >= 1; got {self.repeats}")
         if self.max_tokens < 5:
             raise bad("max-tokens", f"must be >= 5 (BLIP's minimum caption length); got {self.max_tokens}")
         if any(n < 1 for n in self.scaling):
@@ -597,32 +601,58 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
         warm = _subset(inputs, min(config.batch_size, config.pairs))
         run_ours(captioner, filt, warm, config.batch_size, gen, config.seed)
 
-        exact_rows: list[Any] = []
+        # The timed paths run in interleaved rounds ((b) exact, (b) fast, (a), then again), and
+        # each path's time is its median round: a machine whose speed drifts during the run moves
+        # every path alike instead of the one that happened to run then.
+        timed: dict[str, Callable[[], Any]] = {}
         if "exact" in config.paths:
-            say("(b) exact: our Captioner + Filter, fp32")
-            exact_rows, seconds = _timed(
-                lambda: run_ours(captioner, filt, inputs, config.batch_size, gen, config.seed), device
-            )
-            record("exact", seconds, caption_lengths(captioner, exact_rows, gen), "fp32")
-            result["vit"] = _vit_stage(captioner, inputs, config.batch_size, result["matmul_tflops"]["fp32"])
-        elif "fast" in config.paths:  # fast alone: exact mode's decisions on a sample, untimed
-            sample = _subset(inputs, min(config.pairs, 4 * config.batch_size))
-            exact_rows = run_ours(captioner, filt, sample, config.batch_size, gen, config.seed)
-
+            timed["exact"] = lambda: run_ours(captioner, filt, inputs, config.batch_size, gen, config.seed)
+        fcap = ffilt = hf = None
         if "fast" in config.paths:
-            say(f"(b) fast: {'bf16' if device.type == 'cuda' else 'int8 dynamic quantisation'}")
             fcap = Captioner(
                 cap_path, device=device, batch_size=config.batch_size, generation=gen, precision="fast"
             )
             ffilt = Filter(filt_path, device=device, batch_size=config.batch_size, precision="fast")
             run_ours(fcap, ffilt, warm, config.batch_size, gen, config.seed)
-            fast_rows, seconds = _timed(
-                lambda: run_ours(fcap, ffilt, inputs, config.batch_size, gen, config.seed), device
+            timed["fast"] = lambda: run_ours(fcap, ffilt, inputs, config.batch_size, gen, config.seed)
+        if "transformers" in config.paths:
+            hf = TransformersLoop(cap_path, filt_path, work, device, exact_dtype)
+            hf.run(warm, config.batch_size, gen, config.seed)
+            timed["transformers"] = lambda: hf.run(inputs, config.batch_size, gen, config.seed)
+        rounds: dict[str, list[float]] = {name: [] for name in timed}
+        outputs: dict[str, Any] = {}
+        for r in range(config.repeats if timed else 0):
+            for name, fn in timed.items():
+                say(f"round {r + 1}/{config.repeats}: {PATH_TITLES[name]}")
+                out, seconds = _timed(fn, device)
+                rounds[name].append(seconds)
+                outputs.setdefault(name, out)
+
+        exact_rows: list[Any] = outputs.get("exact", [])
+        if "exact" in timed:
+            record(
+                "exact",
+                _median(rounds["exact"]),
+                caption_lengths(captioner, exact_rows, gen),
+                "fp32",
+                round_seconds=rounds["exact"],
             )
-            lengths = caption_lengths(fcap, fast_rows, gen)
+            result["vit"] = _vit_stage(captioner, inputs, config.batch_size, result["matmul_tflops"]["fp32"])
+        elif "fast" in timed:  # fast alone: exact mode's decisions on a sample, untimed
+            sample = _subset(inputs, min(config.pairs, 4 * config.batch_size))
+            exact_rows = run_ours(captioner, filt, sample, config.batch_size, gen, config.seed)
+        if fcap is not None and ffilt is not None:
+            fast_rows = outputs["fast"]
             compared = _subset(inputs, len(exact_rows))
             agreement = _agreement(exact_rows, fast_rows[: len(exact_rows)], ffilt, compared)
-            record("fast", seconds, lengths, "bf16" if device.type == "cuda" else "fp32", **agreement)
+            record(
+                "fast",
+                _median(rounds["fast"]),
+                caption_lengths(fcap, fast_rows, gen),
+                "bf16" if device.type == "cuda" else "fp32",
+                round_seconds=rounds["fast"],
+                **agreement,
+            )
             result["vit_fast"] = _vit_stage(
                 fcap,
                 inputs,
@@ -630,14 +660,21 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
                 result["matmul_tflops"]["bf16" if device.type == "cuda" else "fp32"],
             )
             del fcap, ffilt
-
-        if "transformers" in config.paths:
-            say("(a) transformers: BlipForConditionalGeneration.generate + BlipForImageTextRetrieval")
-            hf = TransformersLoop(cap_path, filt_path, work, device, exact_dtype)
-            hf.run(warm, config.batch_size, gen, config.seed)
-            lengths, seconds = _timed(lambda: hf.run(inputs, config.batch_size, gen, config.seed), device)
-            record("transformers", seconds, lengths, "fp32")
+        if hf is not None:
+            record(
+                "transformers",
+                _median(rounds["transformers"]),
+                outputs["transformers"],
+                "fp32",
+                round_seconds=rounds["transformers"],
+            )
             result["exactness"] = _exactness(hf, captioner, filt, _subset(inputs, config.check_images), gen)
+            if "exact" in timed:
+                result["round_ratios"] = [a / b for a, b in zip(rounds["transformers"], rounds["exact"])]
+                stage_inputs = _subset(inputs, min(config.pairs, 4 * config.batch_size))
+                result["stages"] = _stages(
+                    hf, captioner, filt, stage_inputs, config.batch_size, gen, config.seed
+                )
             del hf
 
         if "job" in config.paths or config.scaling:
@@ -658,6 +695,70 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
         result["paths"] = {name: dataclasses.asdict(p) for name, p in paths.items()}
         result["ratios"] = _ratios(paths)
     return result
+
+
+PATH_TITLES = {
+    "exact": "(b) exact: our Captioner + Filter, fp32",
+    "fast": "(b) fast: bf16 on a GPU, int8 dynamic quantisation on a CPU",
+    "transformers": "(a) transformers: BlipForConditionalGeneration.generate + BlipForImageTextRetrieval",
+}
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(values))
+
+
+def _stages(
+    hf: TransformersLoop,
+    captioner: Captioner,
+    filt: Filter,
+    inputs: Inputs,
+    batch_size: int,
+    gen: GenerationConfig,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """Where each path's time goes, per pair (ms), each stage timed alone over the same batches:
+    image encodings, caption decoding (generate, less its image encoding), and text scoring
+    (ITM, and ITC in ours, less the image encoding). Also the bound this puts on (b) / (a):
+    their ratio if our decoding took no time at all."""
+    device = captioner.device
+    t = {
+        "a": dict.fromkeys(("images", "decoding", "scoring"), 0.0),
+        "b": dict.fromkeys(("images", "decoding", "scoring"), 0.0),
+    }
+    with torch.inference_mode():
+        for start in range(0, len(inputs.images), batch_size):
+            sl = slice(start, start + batch_size)
+            images = inputs.images[sl]
+            # (a): the three calls a user makes, and one image encoding alone
+            px = hf.pixels(images, hf.config)
+            _, vision = _timed(partial(hf.cap.vision_model, pixel_values=px), device)
+            ids, caption = _timed(partial(hf.caption, px, gen, seed + start), device)
+            captions = [c.strip() for c in hf.tok.batch_decode(ids, skip_special_tokens=True)]
+            _, itm_web = _timed(partial(hf.itm, px, inputs.web_texts[sl]), device)
+            _, itm_syn = _timed(partial(hf.itm, px, captions), device)
+            t["a"]["images"] += 3 * vision
+            t["a"]["decoding"] += caption - vision
+            t["a"]["scoring"] += itm_web + itm_syn - 2 * vision
+            # (b): what `curate` runs, stage by stage
+            stacked = captioner.stack(images)
+            pixels = captioner.pixels(stacked)
+            _, vit_cap = _timed(partial(captioner.med.encode_image, pixels), device)
+            _, vit_filt = _timed(partial(filt.med.encode_image, pixels), device)
+            ours, caption = _timed(partial(captioner.caption, stacked, gen), device)
+            texts = [[w, c[0]] for w, c in zip(inputs.web_texts[sl], ours)]
+            _, score = _timed(partial(filt.score, stacked, texts), device)
+            t["b"]["images"] += vit_cap + vit_filt
+            t["b"]["decoding"] += caption - vit_cap
+            t["b"]["scoring"] += score - vit_filt
+    n = len(inputs.images)
+    out = {path: {k: 1000 * v / n for k, v in stages.items()} for path, stages in t.items()}
+    total_a, total_b = sum(out["a"].values()), sum(out["b"].values())
+    out["bounds"] = {
+        "exact_over_transformers": total_a / total_b,
+        "without_our_decoding": total_a / (total_b - out["b"]["decoding"]),
+    }
+    return out
 
 
 def _subset(inputs: Inputs, n: int) -> Inputs:

@@ -501,3 +501,40 @@ def test_sampler_at_the_top_of_the_cdf_picks_the_last_token_with_mass() -> None:
     picked = _nucleus_chooser(torch.ones(1, 1, dtype=torch.float64), config)(scores, torch.arange(1), 0)
     assert kept[picked].all()
     assert int(picked) == int(kept.nonzero().max())
+
+
+# ----------------------------------------------------------------------------- decoding cache
+
+
+def test_reserved_cache_steps_equal_concatenating_ones(med: MED, images: torch.Tensor) -> None:
+    B = images.shape[0]
+    prompt = PROMPT.expand(B, -1)
+    with torch.inference_mode():
+        grown, reserved = med.new_cache(), med.new_cache()
+        med.lm_logits(images, prompt, cache=grown)
+        med.lm_logits(images, prompt, cache=reserved)
+        reserved.reserve(P + 4)
+        tokens = torch.arange(7, 7 + B)[:, None]
+        for step in range(3):
+            a = med.lm_logits(None, tokens + step, cache=grown)
+            b = med.lm_logits(None, tokens + step, cache=reserved)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            assert grown.length == reserved.length == P + step + 1
+        kept = torch.tensor([4, 1])  # finished rows leave, the others keep their keys and values
+        grown, reserved = grown.select(kept), reserved.select(kept)
+        a = med.lm_logits(None, tokens[:2], cache=grown)
+        b = med.lm_logits(None, tokens[:2], cache=reserved)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="holds 8 positions"):
+            med.lm_logits(None, tokens[:2], cache=reserved)  # every reserved position is used
+
+
+def test_one_query_attention_equals_sdpa() -> None:
+    from capfilt.model.text import _attend_one
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    mask = torch.zeros(3, 1, 1, 5).masked_fill(torch.tensor([0, 0, 1, 1, 0], dtype=torch.bool), -1e30)
+    for m in (None, mask):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        torch.testing.assert_close(_attend_one(q, k, v, m), expected, rtol=0, atol=1e-6)

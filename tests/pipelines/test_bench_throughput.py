@@ -36,7 +36,7 @@ def test_bench_compares_paths_on_identical_weights(capsys) -> None:
     code = main(
         [
             "bench", "throughput", "--size", "tiny", "--pairs", "8", "--batch-size", "4",
-            "--check-images", "4", "--paths", "transformers", "exact", "fast", "--json",
+            "--check-images", "4", "--paths", "transformers", "exact", "fast", "--repeats", "2", "--json",
         ]
     )  # fmt: skip
     assert code == 0
@@ -46,6 +46,8 @@ def test_bench_compares_paths_on_identical_weights(capsys) -> None:
     for p in paths.values():
         assert p["pairs"] == 8 and p["seconds"] > 0
         assert p["pairs_per_s"] == pytest.approx(8 / p["seconds"])
+        rounds = p["notes"]["round_seconds"]  # interleaved rounds; the path's time is their median
+        assert len(rounds) == 2 and p["seconds"] == pytest.approx(sum(rounds) / 2)
         assert 0 < p["mfu"] == pytest.approx(p["model_tflops"] / result["matmul_tflops"]["fp32"])
     assert result["ratios"]["exact_over_transformers"] == pytest.approx(
         paths["exact"]["pairs_per_s"] / paths["transformers"]["pairs_per_s"]
@@ -57,6 +59,21 @@ def test_bench_compares_paths_on_identical_weights(capsys) -> None:
     assert 0.0 <= fast["decision_agreement"] <= 1.0
     assert 0.0 < fast["web_itm_max_abs_diff"] < 0.1  # int8 changes the scores, a little
     assert result["vit"]["images_per_s"] > 0 and result["vit"]["mfu"] > 0
+    assert result["round_ratios"] == pytest.approx(
+        [
+            a / b
+            for a, b in zip(
+                paths["transformers"]["notes"]["round_seconds"], paths["exact"]["notes"]["round_seconds"]
+            )
+        ]
+    )
+    stages = result["stages"]
+    for path in ("a", "b"):
+        assert set(stages[path]) == {"images", "decoding", "scoring"}
+        assert all(v > 0 for v in stages[path].values())
+    a, b = sum(stages["a"].values()), sum(stages["b"].values())
+    assert stages["bounds"]["exact_over_transformers"] == pytest.approx(a / b)
+    assert stages["bounds"]["without_our_decoding"] == pytest.approx(a / (b - stages["b"]["decoding"]))
 
 
 def test_bench_runs_the_clean_job_and_the_scaling_run(ray_cluster) -> None:
@@ -93,6 +110,7 @@ def test_steady_rate_is_read_between_shares_of_the_samples_scored() -> None:
         ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
         ({"captioner": "/nonexistent/ckpt"}, "--captioner /nonexistent/ckpt: checkpoint not found"),
         ({"scaling": (0,)}, "--scaling pair counts must be >= 1"),
+        ({"repeats": 0}, "--repeats must be >= 1"),
     ],
 )
 def test_options_are_checked_by_name(changes: dict, message: str) -> None:
