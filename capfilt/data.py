@@ -15,7 +15,9 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import lzma
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -191,15 +193,17 @@ def read_tar(
                 handle = tar.extractfile(member)
                 assert handle is not None
                 groups.setdefault(key, {})[ext] = handle.read()
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as err:
         return groups, f"cannot read shard {path}: {err}"
     return groups, None
 
 
 def _read_shard(path: Path) -> dict[str, dict[str, bytes]]:
+    """A shard's samples; a damaged tar gives those read before the damage (logged), not an error:
+    one bad shard does not stop training on the others."""
     groups, error = read_tar(path)
     if error:
-        raise CapfiltError(error)
+        log.warning("%s; training on the %d samples read before it", error, len(groups))
     return groups
 
 

@@ -8,6 +8,7 @@ applied and transparent images are laid on white, so what the model sees is what
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import warnings
@@ -32,6 +33,18 @@ class ImageError(CapfiltError):
         self.reason = reason
 
 
+# The raster formats of the web that images are decoded from. Pillow would otherwise try every
+# plugin it has, EPS among them, which runs Ghostscript on untrusted bytes where it is installed.
+WEB_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+
+
+@functools.cache
+def _web_formats() -> tuple[str, ...]:
+    """WEB_FORMATS this Pillow can open (its build may lack AVIF, say)."""
+    Image.init()
+    return tuple(f for f in WEB_FORMATS if f in Image.OPEN)
+
+
 def open_image(
     source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
 ) -> Image.Image:
@@ -49,7 +62,7 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_web_formats())
             if img.width * img.height > max_pixels:
                 raise ImageError(
                     f"{label}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}",
@@ -60,7 +73,12 @@ def open_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{label}: refused as a decompression bomb ({err})", "image_too_large") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+    except UnidentifiedImageError as err:
+        raise ImageError(
+            f"{label}: not a readable image in any of {', '.join(_web_formats())} ({err})",
+            "image_undecodable",
+        ) from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{label}: not a readable image ({err})", "image_undecodable") from err
     return to_rgb(img)
 

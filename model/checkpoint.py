@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from . import convert
 from .config import ROLES, MEDConfig
 from .med import MED
-from .tokenizer import CaptionTokenizer
+from .tokenizer import DEC, ENC, CaptionTokenizer
 from .vit import resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def load_checkpoint(
         RuntimeError,
         KeyError,
         OSError,
-        json.JSONDecodeError,
+        ValueError,  # json.JSONDecodeError too; the loaders above say more where they can
     ) as err:
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
     if image_size and image_size != ckpt.config.vision.image_size:
@@ -297,7 +297,13 @@ def _transformers_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Pat
 def _load_transformers(path: Path) -> Checkpoint:
     hf_cfg = _read_json(path / "config.json")
     state, files = _transformers_weights(path)
-    conv = convert.from_transformers(state)
+    try:
+        conv = convert.from_transformers(state)
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path} is not a BLIP model CapFilt can load: {err}. Pass a BlipForImageTextRetrieval "
+            "directory (a filter) or a BlipForConditionalGeneration one (a captioner)"
+        ) from err
     for note in conv.notes:
         log.warning("%s: %s", path, note)
     try:
@@ -368,6 +374,46 @@ def _med_config_facts(path: Path) -> dict[str, Any]:
     return {ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg}
 
 
+def _pth_tokenizer(
+    path: Path, tok_dir: Path, words: torch.Tensor | None, facts: dict[str, Any]
+) -> CaptionTokenizer:
+    """The tokenizer for an original `.pth`, which has none. BLIP's is bert-base-uncased with [DEC]
+    added as bos and [ENC] as an additional special token (blip.py `init_tokenizer`): ids 30522 and
+    30523. A stock bert-base-uncased lacks both; when the word embeddings (`words`, (V, D)) have
+    exactly two rows more than it, they are added the same way."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"no tokenizer for {path}: an original BLIP .pth has none. Put bert-base-uncased tokenizer files "
+            f"(vocab.txt or tokenizer.json) beside it or pass --tokenizer DIR ({err})"
+        ) from err
+    dec_id, enc_id = facts.get("dec_token_id"), facts.get("enc_token_id")
+    vocab = hf.get_vocab()
+    missing = [t for t, given in ((DEC, dec_id), (ENC, enc_id)) if given is None and t not in vocab]
+    rows = None if words is None else words.shape[0]
+    if missing == [DEC, ENC] and rows == len(hf) + 2:
+        hf.add_special_tokens({"bos_token": DEC})
+        hf.add_special_tokens({"additional_special_tokens": [ENC]})
+        ids = hf.convert_tokens_to_ids([DEC, ENC])
+        log.info("%s: the tokenizer has no [DEC], [ENC]; added them as BLIP does (ids %s)", path, ids)
+    elif missing:
+        if len(missing) == 1:
+            why = "it has only one of the two"
+        elif rows is None:
+            why = f"{path} has no word embeddings"
+        else:
+            why = f"{path}'s word embeddings have {rows} rows, not {len(hf)} + 2"
+        raise CheckpointError(
+            f"the tokenizer in {tok_dir} lacks BLIP's {' and '.join(missing)} and cannot be completed as "
+            f"BLIP's: {why}. Pass the tokenizer the model was trained with (BLIP's is bert-base-uncased "
+            "plus [DEC] and [ENC]) with --tokenizer DIR"
+        )
+    return CaptionTokenizer(hf, dec_id=dec_id, enc_id=enc_id)
+
+
 def _load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str, Any]) -> Checkpoint:
     raw = _safe_torch_load(path)
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
@@ -386,18 +432,18 @@ def _load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str
     facts = _med_config_facts(path.parent / "med_config.json")
     facts.update(overrides)
     train_cfg = raw.get("config") if isinstance(raw, dict) else None
-    tok_dir = Path(tokenizer) if tokenizer else path.parent
-    try:
-        tok = CaptionTokenizer.load(
-            tok_dir, dec_id=facts.get("dec_token_id"), enc_id=facts.get("enc_token_id")
-        )
-    except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"no tokenizer for {path}: an original BLIP .pth has none. Put bert-base-uncased tokenizer files "
-            f"(vocab.txt or tokenizer.json, with [DEC] and [ENC] added) beside it or pass --tokenizer DIR ({err})"
-        ) from err
+    words = conv.state_dict.get("text.embeddings.word_embeddings.weight")
+    tok = _pth_tokenizer(path, Path(tokenizer) if tokenizer else path.parent, words, facts)
     facts.update({f"{k}_token_id": getattr(tok.ids, k) for k in ("pad", "sep", "dec", "enc", "cls")})
-    config = convert.config_from_blip_state(state, conv, facts)
+    try:
+        config = convert.config_from_blip_state(state, conv, facts)
+    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as err:
+        why = f"it has no {err.args[0]} weight" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(
+            f"cannot rebuild the architecture of {path} from its weights: {why}. Pass an original BLIP "
+            "pre-training, captioning or retrieval checkpoint; head counts come from med_config.json "
+            "beside it (num_attention_heads, vision_heads) or --text-heads / --vision-heads"
+        ) from err
     if isinstance(train_cfg, dict) and isinstance(train_cfg.get("prompt"), str):
         config.prompt = train_cfg["prompt"]
     med = _build(config, conv.state_dict, str(path))

@@ -120,7 +120,8 @@ def from_transformers(sd: dict[str, torch.Tensor]) -> Conversion:
     """State dict of `BlipForConditionalGeneration` and/or `BlipForImageTextRetrieval` -> ours.
 
     transformers keeps BERT's text names and renames only the vision side, so the vision keys are
-    renamed to BLIP's and the rest is BLIP's layout.
+    renamed to BLIP's and the rest is BLIP's layout. ValueError for a text encoder without the ITM
+    head and ITC projections (BlipForQuestionAnswering): CapFilt has no use for it.
     """
     blip: dict[str, torch.Tensor] = {}
     unknown = 0
@@ -137,8 +138,12 @@ def from_transformers(sd: dict[str, torch.Tensor]) -> Conversion:
     conv = from_blip(blip)
     if unknown:
         conv.skipped["unknown vision keys"] += unknown
-    if conv.has_encoder and "itm_head.weight" not in conv.state_dict:
-        raise ValueError("the checkpoint has a text encoder but no ITM head / projections")
+    heads = ("itm_head.weight", "vision_proj.weight", "text_proj.weight")
+    if conv.has_encoder and not all(k in conv.state_dict for k in heads):
+        raise ValueError(
+            "it has a text encoder but no ITM head or ITC projections (itm_head, vision_proj, text_proj), "
+            "as BlipForQuestionAnswering has"
+        )
     return conv
 
 
@@ -190,16 +195,25 @@ def from_blip(sd: dict[str, torch.Tensor]) -> Conversion:
     return conv
 
 
+def _depth(s: dict[str, torch.Tensor], prefix: str, what: str) -> int:
+    """Number of layers under `prefix` ("visual_encoder.blocks." -> 1 + the highest block index)."""
+    layers = {int(k.split(".")[2]) for k in s if k.startswith(prefix)}
+    if not layers:
+        raise ValueError(f"it has no {what}")
+    return 1 + max(layers)
+
+
 def config_from_blip_state(
     sd: dict[str, torch.Tensor], conv: Conversion, overrides: dict[str, Any]
 ) -> MEDConfig:
     """Rebuild the architecture from tensor shapes. Head counts are not in the shapes: BLIP uses
-    64-wide heads, so heads = width // 64 unless `overrides` ("vision_heads", "text_heads") say."""
+    64-wide heads, so heads = width // 64 unless `overrides` ("vision_heads", "text_heads") say.
+    Weights this needs are missing: KeyError or ValueError; an unusable architecture: ValueError."""
     s = conv.state_dict
     width = s["visual_encoder.cls_token"].shape[-1]
     patch = s["visual_encoder.patch_embed.proj.weight"].shape[-1]
     grid = round((s["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
-    depth = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("visual_encoder.blocks."))
+    depth = _depth(s, "visual_encoder.blocks.", "ViT blocks (visual_encoder.blocks.N.*)")
     hidden = s["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0]
     vision = VisionConfig(
         image_size=grid * patch,
@@ -215,7 +229,11 @@ def config_from_blip_state(
     text = TextConfig(
         vocab_size=emb.shape[0],
         width=t_width,
-        depth=1 + max(int(k.split(".")[2]) for k in s if k.startswith("text.layer.")),
+        depth=_depth(
+            s,
+            "text.layer.",
+            "BERT layers (text_encoder.encoder.layer.N.* or text_decoder.bert.encoder.layer.N.*)",
+        ),
         heads=int(overrides.get("text_heads", max(1, t_width // 64))),
         intermediate=s["text.layer.0.intermediate.dense.weight"].shape[0],
         max_positions=s["text.embeddings.position_embeddings.weight"].shape[0],

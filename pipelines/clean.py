@@ -50,7 +50,7 @@ from capfilt.inference import CAPFILT_SAMPLING, PRECISIONS
 from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
 from capfilt.model.generate import GenerationConfig
 
-from .clean_inputs import image_table_columns
+from .clean_inputs import table_columns, table_schema
 from .clean_output import (
     Shard,
     prepare,
@@ -183,14 +183,29 @@ def _inspect(path: str, task: str, option: str) -> _Model:
 
 
 def _shards(entries: list[str], option: str, first_id: int, kind: str) -> list[Shard]:
-    """The input shards, each once; a parquet that is no image table fails here, before any work."""
+    """The input shards, each once.
+
+    A readable parquet that is no image table fails the job here, before any work: a wrong kind
+    of input is the user's mistake (a wrong path or glob). A parquet whose footer cannot be read is
+    damage, like a damaged tar: it is logged and the job records it as that shard's read error,
+    unless no input is readable at all."""
     try:
         sources = list(dict.fromkeys(input_files(entries)))  # a shard named twice is cleaned once
+        unreadable = {}
         for source in sources:
             if input_format(source) == PARQUET:
-                image_table_columns(source)
+                try:
+                    schema = table_schema(source)
+                except CapfiltError as err:
+                    unreadable[source] = err
+                    continue
+                table_columns(schema, source)
+        if unreadable and len(unreadable) == len(sources):
+            raise next(iter(unreadable.values()))
     except CapfiltError as err:
         raise CapfiltError(f"--{option}: {err}") from err
+    for err in unreadable.values():
+        log.warning("--%s: %s; the job goes on and records it as that shard's read error", option, err)
     return [Shard(first_id + i, source, kind) for i, source in enumerate(sources)]
 
 

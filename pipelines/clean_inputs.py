@@ -16,9 +16,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import lzma
+import os
 import posixpath
 import re
 import tarfile
+import zlib
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +45,9 @@ FETCH_THREADS = 16  # image files of a parquet table read at once (remote stores
 # Parquet image tables: the first column present of each kind is used.
 BYTES_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes")  # binary, or a struct with `bytes` (HF Image)
 PATH_COLUMNS = ("image_path", "path", "file")  # relative paths are relative to the parquet's directory
+# Set (os.pathsep-separated directories): a table's image paths are read only under these; URLs and
+# paths outside them are refused per sample. The REST service sets it for the jobs it submits.
+IMAGE_ROOTS_ENV = "CAPFILT_IMAGE_ROOTS"
 TEXT_COLUMNS = ("caption", "text", "txt")
 # statuses of samples with unusable keys: a key met again (tables and tars), a dotted one (tables)
 DUPLICATE_KEY, INVALID_KEY = "duplicate_key", "invalid_key"
@@ -81,11 +87,10 @@ def read_input(source: str, keys: Collection[str] | None = None) -> tuple[list[I
     that cut a tar short (what was read before it is kept), if any.
 
     `source` is a shard as `capfilt.data.input_files` names it (the ledger's `shard` column). With
-    `keys`, only those samples (a table's image files are then read for those alone). Raises
-    CapfiltError only when a parquet table cannot be read at all: unlike a tar, it has no sidecar
-    to account for its samples."""
+    `keys`, only those samples (a table's image files are then read for those alone). Never raises:
+    a shard that cannot be read at all gives no samples and the reason."""
     if input_format(source) == PARQUET:
-        return read_image_table(source, keys), None
+        return read_image_table(source, keys)
     return read_webdataset(source, keys)
 
 
@@ -93,11 +98,9 @@ def original_images(source: str, keys: Collection[str]) -> dict[str, bytes]:
     """The original image bytes of `keys` in one input shard of any format (`source` as the ledger's
     `shard` column names it), by key. A key without an image (failed download, missing file) is
     left out; an input that cannot be read at all gives {} (logged), never an error."""
-    try:
-        samples, _ = read_input(source, set(keys))
-    except CapfiltError as err:
-        log.warning("no images from %s: %s", source, err)
-        return {}
+    samples, error = read_input(source, set(keys))
+    if error:
+        log.warning("images from %s: %s", source, error)
     found: dict[str, bytes] = {}
     for s in samples:
         if s.status == OK and s.image is not None:
@@ -166,7 +169,7 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
                 assert handle is not None
                 reading.files[ext] = handle.read()
             error = _end_of_archive(tar)
-    except (tarfile.TarError, OSError, EOFError, ValueError, CapfiltError) as err:
+    except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, CapfiltError) as err:
         error = str(err)
     if error:
         error = f"cannot read shard {path}: {error}"
@@ -282,7 +285,7 @@ class TableColumns:
 
     image: str
     image_kind: str  # "bytes", "struct" (a `bytes` field, and maybe `path`) or "path"
-    text: str
+    text: str | None  # None: images alone (the captioner still writes synthetic texts for them)
     key: str | None
     url: str | None
     status: str | None  # img2dataset's status and error_message (parquet output format)
@@ -306,13 +309,13 @@ def table_columns(schema: pa.Schema, source: str) -> TableColumns:
     if image is None:
         image, kind = first(PATH_COLUMNS, string), "path"
     text = first(TEXT_COLUMNS, string)
-    if image is None or text is None:
+    if image is None:
         found = ", ".join(f"{f.name} ({f.type})" for f in schema) or "none"
         raise CapfiltError(
             f"{source} is neither an image table nor an img2dataset sidecar beside its tar: it has "
             f"columns {found}; an image table needs image bytes ({', '.join(BYTES_COLUMNS)}: binary, or a "
-            f"struct with a `bytes` field) or an image path ({', '.join(PATH_COLUMNS)}: string), and a "
-            f"text ({', '.join(TEXT_COLUMNS)}: string); optional: key, url, status, error_message"
+            f"struct with a `bytes` field) or an image path ({', '.join(PATH_COLUMNS)}: string); "
+            f"optional: a text ({', '.join(TEXT_COLUMNS)}: string), key, url, status, error_message"
         )
     return TableColumns(
         image,
@@ -325,53 +328,88 @@ def table_columns(schema: pa.Schema, source: str) -> TableColumns:
     )
 
 
-def image_table_columns(source: str) -> TableColumns:
-    """Read a parquet's footer and check that it is an image table (`table_columns`)."""
+def table_schema(source: str) -> pa.Schema:
+    """A parquet's schema, from its footer; CapfiltError naming the file when it cannot be read."""
     try:
         with fsspec.open(source, "rb") as f:
-            schema = pq.read_schema(f)
+            return pq.read_schema(f)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise CapfiltError(f"{source}: not a readable parquet file ({err})") from err
-    return table_columns(schema, source)
 
 
-def read_image_table(source: str, keys: Collection[str] | None = None) -> list[InputSample]:
+def image_table_columns(source: str) -> TableColumns:
+    """Read a parquet's footer and check that it is an image table (`table_columns`)."""
+    return table_columns(table_schema(source), source)
+
+
+def read_image_table(
+    source: str, keys: Collection[str] | None = None
+) -> tuple[list[InputSample], str | None]:
     """One sample per row of a parquet image table: the image from its bytes or the file its path
-    names, the key from `key` (else `{file stem}_{row index}`), img2dataset's status if given.
+    names, the key from `key` (else `{file stem}_{row index}`), img2dataset's status if given; and
+    the error that cut the read short, if any (the rows read before it are kept, as in a tar).
 
     A row without an image or with an unreadable image file gets MISSING_IMAGE and a message; a
     key already used earlier in the table DUPLICATE_KEY, a key with a "." (webdataset would read
-    the rest as an extension) INVALID_KEY."""
+    the rest as an extension) INVALID_KEY. Text that is not UTF-8 is read with U+FFFD in place of
+    the bad bytes. A file that is no image table, or no parquet, gives no samples and the reason."""
     stem = re.sub(r"[^0-9A-Za-z_-]", "_", posixpath.basename(source).removesuffix(".parquet"))
     base = posixpath.dirname(source)
     out: list[InputSample] = []
     to_fetch: list[tuple[InputSample, str]] = []
     seen: set[str] = set()
+    error, index, rows = None, 0, None
     try:
         with fsspec.open(source, "rb") as f:
             table = pq.ParquetFile(f)
+            rows = table.metadata.num_rows
             cols = table_columns(table.schema_arrow, source)
-            index = 0
-            for batch in table.iter_batches(batch_size=READ_BATCH):
-                for row in batch.to_pylist():
-                    sample, path = _table_sample(row, index, cols, stem, source, seen)
-                    index += 1
-                    if keys is not None and (sample.key not in keys or sample.status == DUPLICATE_KEY):
-                        continue
-                    out.append(sample)
-                    if path is not None:
-                        to_fetch.append((sample, _resolve(path, base)))
-    except CapfiltError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise CapfiltError(f"cannot read image table {source}: {err}") from err
+            for group in range(table.num_row_groups):  # by row group: damage in one keeps the ones before
+                for batch in table.iter_batches(batch_size=READ_BATCH, row_groups=[group]):
+                    for row in _rows(batch):
+                        sample, path = _table_sample(row, index, cols, stem, source, seen)
+                        index += 1
+                        if keys is not None and (sample.key not in keys or sample.status == DUPLICATE_KEY):
+                            continue
+                        out.append(sample)
+                        if path is not None:
+                            url = _resolve(path, base)
+                            refused = _outside_image_roots(url)
+                            if refused:
+                                sample.status, sample.error_message = MISSING_IMAGE, refused
+                            else:
+                                to_fetch.append((sample, url))
+    except CapfiltError as err:
+        error = str(err)
+    except Exception as err:  # pyarrow's, fsspec's or a filesystem's: this shard's problem, not the job's
+        error = f"cannot read image table {source}: {err}"
+        if rows is not None and index < rows:
+            error += f" (rows {index} to {rows - 1} of {rows} are lost)"
+    if error:
+        log.warning("%s; keeping the %d rows read before it", error, index)
     with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
         fetched = pool.map(_fetch, [url for _, url in to_fetch])
-        for (sample, _), (data, error) in zip(to_fetch, fetched):
+        for (sample, _), (data, message) in zip(to_fetch, fetched):
             if data is None:
-                sample.status, sample.error_message = MISSING_IMAGE, error
+                sample.status, sample.error_message = MISSING_IMAGE, message
             sample.image = data
-    return out
+    return out, error
+
+
+def _rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A batch's rows as dicts; strings that are not valid UTF-8 (web text often is not) get U+FFFD
+    for their bad bytes instead of failing the whole batch."""
+    strings = [f.name for f in batch.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    table = pa.Table.from_batches([batch])
+    for name in strings:
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, table.column(i).cast(pa.large_binary()))
+    rows = table.to_pylist()
+    for row in rows:
+        for name in strings:
+            if row[name] is not None:
+                row[name] = row[name].decode("utf-8", errors="replace")
+    return rows
 
 
 def _table_sample(
@@ -403,9 +441,37 @@ def _table_sample(
     meta = {k: v for k, v in row.items() if k != cols.image and isinstance(v, (str, int, float, bool))}
     url = row[cols.url] if cols.url else None
     sample = InputSample(
-        key, data if status == OK else None, row[cols.text], url, meta, status, message, hint
+        key,
+        data if status == OK else None,
+        row[cols.text] if cols.text else None,
+        url,
+        meta,
+        status,
+        message,
+        hint,
     )
     return sample, (path if status == OK and data is None else None)
+
+
+def image_roots() -> list[Path]:
+    """The directories a table's image paths must lie under (IMAGE_ROOTS_ENV, os.pathsep-separated);
+    [] when it is unset: any path or URL a table names is read."""
+    value = os.environ.get(IMAGE_ROOTS_ENV, "")
+    return [Path(r).resolve() for r in value.split(os.pathsep) if r]
+
+
+def _outside_image_roots(url: str) -> str | None:
+    """Why a table's image path may not be read under the image roots, or None when it may."""
+    roots = image_roots()
+    if not roots:
+        return None
+    if "://" in url and not url.startswith("file://"):
+        return f"image path {url}: only local files under the allowed roots are read"
+    resolved = Path(url.removeprefix("file://")).resolve()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        return f"image path {url} resolves to {resolved}, outside the allowed roots ({allowed})"
+    return None
 
 
 def _resolve(path: str, base: str) -> str:

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from capfilt.errors import CapfiltError
-from capfilt.ledger import DPRIME_INDEX_SCHEMA, OK, kept_pairs, table
+from capfilt.ledger import DPRIME_INDEX_SCHEMA, MISSING_IMAGE, OK, kept_pairs, table
 
 from .clean_inputs import InputSample, read_input
 
@@ -222,12 +222,33 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
     samples: dict[str, InputSample] = {}
     for s in found:
         samples.setdefault(s.key, s)  # a key repeated in the input: its first sample is the scored one
+    missing = {k for k in wanted if k not in samples or samples[k].image is None}
+    if missing:  # read once more: a remote store or a network may have failed for a moment
+        again, error_again = read_input(shard.source, missing)
+        for s in again:
+            if s.image is not None and (s.key not in samples or samples[s.key].image is None):
+                samples[s.key] = s
+        error = error or error_again
     records, index = [], []
-    for row in rows:
+    for i, row in enumerate(rows):
+        sample = samples.get(row["key"])
+        if kept_pairs(row) and (sample is None or sample.image is None):
+            # Scored and kept, but its image is gone now: the ledger says so, and D' holds nothing
+            # the ledger does not. Its scores stay as evidence.
+            why = (
+                f"its image could not be read again to copy it into D' ({error or 'no longer in the shard'})"
+            )
+            log.warning("%s: %s %s", shard.source, row["key"], why)
+            rows[i] = row = {
+                **row,
+                "status": MISSING_IMAGE,
+                "reason": MISSING_IMAGE,
+                "error_message": why,
+                "web_kept": False,
+                "synthetic_kept": [],
+            }
         for key, origin, text, itm in kept_pairs(row):
-            sample = samples.get(row["key"])
-            if sample is None or sample.image is None:
-                raise CapfiltError(f"{shard.source} changed while the job ran: {row['key']} has no image now")
+            assert sample is not None and sample.image is not None
             records.append(_record(sample, key, text, {"origin": origin, "itm": itm}))
             index.append(
                 {

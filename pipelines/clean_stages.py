@@ -63,7 +63,7 @@ def read_shard(batch: pa.Table) -> Iterator[pa.Table]:
     for (`read_input`): a tar's samples and its sidecar's failed ones, or a table's rows."""
     for item in batch.to_pylist():
         source, shard_id = item["source"], item["shard_id"]
-        samples, _ = read_input(source)
+        samples, _ = read_input(source)  # never raises: what cannot be read is the shard's read_error
         rows = [
             {
                 "key": s.key,

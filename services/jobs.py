@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 from capfilt.data import input_files
 from capfilt.errors import CapfiltError
+from capfilt.pipelines.clean_inputs import IMAGE_ROOTS_ENV
 
 from .config import ServeConfig
 from .errors import ClientError, ServiceUnavailable
@@ -245,11 +247,17 @@ class JobManager:
         job_id = f"capfilt_clean_{uuid.uuid4().hex[:16]}"
         output = argv[argv.index("--output") + 1]
         metadata = {"capfilt": "clean", "output": output}
+        # The input tables' image paths are confined too: the job reads them only under the roots.
+        runtime_env = {
+            "env_vars": {IMAGE_ROOTS_ENV: os.pathsep.join(str(r) for r in self.config.input_roots)}
+        }
         client = self.client
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
-                client.submit_job(entrypoint=entrypoint, submission_id=job_id, metadata=metadata)
+                client.submit_job(
+                    entrypoint=entrypoint, submission_id=job_id, metadata=metadata, runtime_env=runtime_env
+                )
                 break
             except RuntimeError as err:  # a fresh cluster's job agent registers a few seconds late
                 if "No available agent" not in str(err) or time.monotonic() > deadline:

@@ -87,6 +87,12 @@ def body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
                 data = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise HTTPException(400, f"the request body is not valid JSON: {err}") from err
+            except RecursionError as err:  # json's parser recurses once per nested array or object
+                raise HTTPException(
+                    400,
+                    "the request body's JSON is nested too deeply to parse: send an object with the "
+                    f"fields of {model.__name__}",
+                ) from err
         else:
             raise HTTPException(415, f"unsupported Content-Type {media!r}: send {JSON} or {MULTIPART}")
         if not isinstance(data, dict):

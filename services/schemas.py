@@ -17,17 +17,22 @@ from capfilt.model.generate import GenerationConfig
 MAX_SEED = 2**63 - 1  # the ledger stores seeds as int64
 MAX_TEXTS = 64  # texts per /v1/score request
 MAX_TEXT_CHARS = 10_000  # the filter reads 35 tokens of a text; web texts can be long, not this long
-_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+_DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)  # media type and parameters: any but a comma
+_WHITESPACE = re.compile(r"\s+", re.ASCII)  # the line breaks `base64` and MIME encoders put every 76 chars
 
 
 def _image_bytes(value: Any) -> Any:
-    """JSON carries the image as base64 (a data: URL prefix is allowed); multipart as the file."""
+    """JSON carries the image as base64 (line breaks and a data: URL prefix are allowed); multipart as
+    the file."""
     if isinstance(value, str):
-        text = _DATA_URL.sub("", value.strip(), count=1)
+        text = _DATA_URL.sub("", _WHITESPACE.sub("", value), count=1)
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as err:
-            raise ValueError(f"image is not valid base64 ({err})") from err
+            raise ValueError(
+                f"image is not valid base64 ({err}): send the image file base64-encoded, "
+                "optionally as a data:<type>;base64, URL"
+            ) from err
     return value
 
 

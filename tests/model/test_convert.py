@@ -3,11 +3,16 @@ give transformers' own outputs (ITM, ITC within 1e-4; greedy and beam captions t
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
+from capfilt.cli import main
 from capfilt.model.checkpoint import CheckpointError, export_transformers, load_checkpoint, save_checkpoint
 from capfilt.model.generate import GenerationConfig, generate
 
@@ -222,3 +227,135 @@ def test_missing_and_non_checkpoint_directories(tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=r"without config\.json"):
         load_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------------- layouts we cannot load
+
+
+def _blip_pth(directory: Path, base: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of the original-layout `.pth` at `base` (and its tokenizer), its state dict changed."""
+    shutil.copytree(base.parent, directory)
+    path = directory / base.name
+    raw = torch.load(path, weights_only=True)
+    change(raw["model"])
+    torch.save(raw, path)
+    return path
+
+
+def test_a_transformers_question_answering_directory_is_a_checkpoint_error(
+    tmp_path, tokenizer, image_files, capsys
+):
+    """BlipForQuestionAnswering has a text encoder and decoder but no ITM head or ITC projections."""
+    from transformers import BlipForQuestionAnswering
+
+    from ..conftest import tiny_blip_config
+
+    directory = tmp_path / "hf_vqa"
+    BlipForQuestionAnswering(tiny_blip_config(tokenizer)).save_pretrained(directory)
+    tokenizer.save(directory)
+    with pytest.raises(CheckpointError, match=r"no ITM head.*BlipForImageTextRetrieval") as err:
+        load_checkpoint(directory)
+    assert str(directory) in str(err.value)
+    assert isinstance(err.value.__cause__, ValueError)
+    argv = ["score", "--model", str(directory), "--image", str(image_files[0]), "--text", "a dog"]
+    assert main(argv) == 2
+    assert "no ITM head" in capsys.readouterr().err
+
+
+def _drop_text_layers(state: dict[str, torch.Tensor]) -> None:
+    for key in [k for k in state if k.startswith("text_encoder.encoder.layer.")]:
+        del state[key]
+
+
+def _drop_vision_blocks(state: dict[str, torch.Tensor]) -> None:
+    for key in [k for k in state if k.startswith("visual_encoder.blocks.")]:
+        del state[key]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        pytest.param(
+            _drop_text_layers, r"no BERT layers \(text_encoder\.encoder\.layer", id="no-text-layers"
+        ),
+        pytest.param(_drop_vision_blocks, r"no ViT blocks \(visual_encoder\.blocks", id="no-vision-blocks"),
+    ],
+)
+def test_a_pth_without_the_layers_it_needs_is_a_checkpoint_error(tmp_path, blip_filter_pth, change, says):
+    path = _blip_pth(tmp_path / "pth", blip_filter_pth, change)
+    with pytest.raises(CheckpointError, match=says) as err:
+        load_checkpoint(path)
+    assert f"architecture of {path}" in str(err.value) and "original BLIP" in str(err.value)
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_a_pth_whose_head_count_does_not_divide_the_width_is_a_checkpoint_error(tmp_path, blip_filter_pth):
+    """`MEDConfig.validate` refuses the architecture; the message says where head counts come from."""
+    path = _blip_pth(tmp_path / "pth", blip_filter_pth, lambda state: None)
+    (path.parent / "med_config.json").write_text(json.dumps({"num_attention_heads": 3, "vision_heads": 2}))
+    with pytest.raises(CheckpointError, match=r"multiples of the heads.*med_config\.json") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_the_cli_reports_a_pth_it_cannot_rebuild_with_exit_code_2(tmp_path, blip_filter_pth, capsys):
+    path = _blip_pth(tmp_path / "pth", blip_filter_pth, _drop_text_layers)
+    out = tmp_path / "converted"
+    assert main(["convert", "--input", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no BERT layers" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- a stock BERT tokenizer
+
+
+def _stock_bert_tokenizer(directory: Path, tokenizer, drop: int = 2) -> Path:
+    """`tokenizer`'s vocabulary without its last `drop` tokens ([DEC], [ENC] for 2), saved the way a
+    stock bert-base-uncased is: a plain BertTokenizer that knows nothing of BLIP."""
+    from transformers import BertTokenizer
+
+    vocab = tokenizer.hf.get_vocab()
+    words = sorted(vocab, key=vocab.get)
+    assert words[-2:] == ["[DEC]", "[ENC]"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words[:-drop])}).save_pretrained(directory)
+    return directory
+
+
+def test_a_stock_bert_tokenizer_gets_dec_and_enc_added_as_blip_does(
+    tmp_path, blip_captioner_pth, tokenizer, caplog
+):
+    """BLIP adds [DEC] (bos) and [ENC] to bert-base-uncased: the embeddings have len(tokenizer) + 2
+    rows, so a stock tokenizer is completed with ids len and len + 1, as the model was trained with."""
+    stock = _stock_bert_tokenizer(tmp_path / "bert", tokenizer)
+    with caplog.at_level(logging.INFO, logger="capfilt.model.checkpoint"):
+        ckpt = load_checkpoint(blip_captioner_pth, tokenizer=stock)
+    n = tokenizer.ids.vocab_size - 2
+    assert (ckpt.tokenizer.ids.dec, ckpt.tokenizer.ids.enc) == (n, n + 1)
+    assert ckpt.tokenizer.ids == tokenizer.ids
+    assert ckpt.tokenizer.hf.bos_token == "[DEC]" and "[ENC]" in ckpt.tokenizer.hf.all_special_tokens
+    assert "added them as BLIP does" in caplog.text
+    for a, b in zip(ckpt.tokenizer(TEXTS, 35), tokenizer(TEXTS, 35)):
+        assert torch.equal(a, b)
+    prompt = ckpt.tokenizer.prompt_ids("a picture of ")
+    assert torch.equal(prompt, tokenizer.prompt_ids("a picture of ")) and prompt[0] == n
+    assert ckpt.tokenizer.decode([n, *prompt[1:].tolist(), n + 1]) == "a picture of"
+
+
+def test_a_completed_stock_tokenizer_is_saved_with_dec_and_enc(tmp_path, blip_filter_pth, tokenizer):
+    stock = _stock_bert_tokenizer(tmp_path / "bert", tokenizer)
+    ckpt = load_checkpoint(blip_filter_pth, tokenizer=stock)
+    again = load_checkpoint(save_checkpoint(ckpt, tmp_path / "ours"))
+    assert again.tokenizer.ids == tokenizer.ids
+
+
+def test_a_tokenizer_without_dec_and_enc_that_does_not_fit_the_embeddings_is_refused(
+    tmp_path, blip_captioner_pth, tokenizer
+):
+    stock = _stock_bert_tokenizer(tmp_path / "bert", tokenizer, drop=3)  # one word short of BLIP's
+    rows = tokenizer.ids.vocab_size
+    with pytest.raises(
+        CheckpointError, match=rf"word embeddings have {rows} rows, not {rows - 3} \+ 2"
+    ) as err:
+        load_checkpoint(blip_captioner_pth, tokenizer=stock)
+    assert str(blip_captioner_pth) in str(err.value) and "--tokenizer" in str(err.value)

@@ -22,7 +22,7 @@ from capfilt.data import iter_samples
 from capfilt.errors import CapfiltError
 from capfilt.ledger import read_ledger
 from capfilt.pipelines.clean import CleanConfig, clean
-from capfilt.pipelines.clean_inputs import original_images, read_input
+from capfilt.pipelines.clean_inputs import original_images, read_input, table_columns
 from capfilt.world.writer import SIDECAR_SCHEMA, Sample, write_shard
 
 SEED = 7
@@ -267,14 +267,9 @@ def test_bad_inputs_fail_before_any_work(tar_dir: Path, our_captioner_dir, our_f
         "image, jpg, png, webp, image_bytes" in message and "image_path, path, file" in message
     )  # what counts
     assert "caption, text, txt" in message
-    pq.write_table(
-        sidecar.drop_columns(["caption"]).append_column("jpg", pa.nulls(9, pa.binary())),
-        tmp_path / "t.parquet",
-    )
-    with pytest.raises(
-        CapfiltError, match=r"t\.parquet is neither an image table .* and a text \(caption, text"
-    ):
-        clean(_config([str(tmp_path / "t.parquet")], out, our_captioner_dir, our_filter_dir))
+    # Images without a text column are an image table (the captioner writes their texts).
+    images_only = sidecar.drop_columns(["caption"]).append_column("jpg", pa.nulls(9, pa.binary()))
+    assert table_columns(images_only.schema, "t.parquet").text is None
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(CapfiltError, match=r"--input: .*junk\.parquet: not a readable parquet file"):
         clean(_config([str(tmp_path / "junk.parquet")], out, our_captioner_dir, our_filter_dir))
@@ -352,3 +347,137 @@ def test_images_under_other_extensions_are_read_as_images(tmp_path: Path, ext: s
     assert error is None and sample.status == "ok" and sample.text == "a red square"
     assert sample.image == buffer.getvalue()
     assert open_image(sample.image).getpixel((0, 0)) == (200, 10, 10)
+
+
+# ── damaged and unusual inputs: each sample still ends kept or rejected, and the job goes on ──────
+
+
+def _table_of(web: list[WebSample], n: int, **columns: Any) -> pa.Table:
+    rows = [{"key": s.key, "jpg": s.image, "caption": s.text} for s in web[:n]]
+    return pa.Table.from_pylist(
+        rows, schema=pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string())])
+    )
+
+
+def _damaged_table(web: list[WebSample], path: Path) -> Path:
+    """12 rows in row groups of 4, the second group's first page header overwritten."""
+    pq.write_table(_table_of(web, 12), path, row_group_size=4)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_table_keeps_the_rows_read_before_the_damage(web: list[WebSample], tmp_path: Path) -> None:
+    path = _damaged_table(web, tmp_path / "damaged.parquet")
+    samples, error = read_input(str(path))
+    assert [s.key for s in samples] == [s.key for s in web[:4]]
+    assert all(s.status == "ok" and s.image for s in samples)
+    assert error is not None and "cannot read image table" in error and "damaged.parquet" in error
+    assert "rows 4 to 11 of 12 are lost" in error
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    samples, error = read_input(str(tmp_path / "junk.parquet"))  # never raises: the shard's error
+    assert samples == [] and error is not None and "junk.parquet" in error
+
+
+def test_text_that_is_not_utf8_and_tables_without_text(web: list[WebSample], tmp_path: Path) -> None:
+    captions = pa.array([b"caf\xe9 \xff on a table", b"fine"], pa.binary()).view(pa.string())
+    table = pa.table({"key": ["a", "b"], "jpg": [web[0].image, web[1].image], "caption": captions})
+    pq.write_table(table, tmp_path / "latin1.parquet")
+    samples, error = read_input(str(tmp_path / "latin1.parquet"))
+    assert error is None
+    assert [(s.key, s.status, s.text) for s in samples] == [
+        ("a", "ok", "caf\ufffd \ufffd on a table"),
+        ("b", "ok", "fine"),
+    ]
+    pq.write_table(pa.table({"jpg": [web[0].image]}), tmp_path / "images_only.parquet")
+    (sample,), error = read_input(str(tmp_path / "images_only.parquet"))
+    assert error is None and sample.status == "ok" and sample.text is None and sample.image == web[0].image
+
+
+@pytest.mark.parametrize("mode", ["xz", "gz"])
+def test_a_corrupt_compressed_tar_is_the_shards_read_error(
+    tar_dir: Path, web: list[WebSample], tmp_path: Path, mode: str
+) -> None:
+    import tarfile
+
+    path = tmp_path / f"00000.tar.{mode}"
+    with tarfile.open(tar_dir / "00000.tar") as source, tarfile.open(path, f"w:{mode}") as tar:
+        for member in source:
+            tar.addfile(member, source.extractfile(member))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+    samples, error = read_input(str(path))  # no exception out of the shard
+    assert error is not None and f"00000.tar.{mode}" in error
+    assert {s.key for s in samples} <= {s.key for s in web[:8]}  # what was read before the damage
+
+
+def test_bad_shards_are_recorded_and_the_job_goes_on(
+    tar_dir: Path, web: list[WebSample], our_captioner_dir, our_filter_dir, tmp_path, ray_cluster, monkeypatch
+) -> None:
+    """A damaged table, a file that is no parquet at all, and kept images that cannot be read
+    again when D' is written: the job finishes, and the ledger and stats say what happened."""
+    from capfilt.pipelines import clean_output
+
+    (tmp_path / "in").mkdir()
+    damaged = _damaged_table(web, tmp_path / "in" / "damaged.parquet")
+    (tmp_path / "in" / "junk.parquet").write_bytes(b"not parquet")
+    real = clean_output.read_input
+
+    def tar_images_gone(source: str, keys: Any = None) -> Any:  # the tar's store fails on the re-read
+        samples, error = real(source, keys)
+        if source.endswith(".tar"):
+            for s in samples:
+                s.image = None
+        return samples, error
+
+    monkeypatch.setattr(clean_output, "read_input", tar_images_gone)
+    inputs = [str(tar_dir / "00000.tar"), str(damaged), str(tmp_path / "in" / "junk.parquet")]
+    summary = clean(_config(inputs, tmp_path / "out", our_captioner_dir, our_filter_dir, threshold=0.0))
+    ledger = read_ledger(summary.output).to_pylist()
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for row in ledger:
+        by_shard.setdefault(Path(row["shard"]).name, []).append(row)
+    assert sorted(by_shard) == ["00000.tar", "damaged.parquet"]  # junk has no samples to account for
+    assert [r["key"] for r in sorted(by_shard["damaged.parquet"], key=lambda r: r["key"])] == sorted(
+        s.key for s in web[:4]
+    )
+    lost = [r for r in by_shard["00000.tar"] if r["status"] == "missing_image" and r["web_itm"] is not None]
+    assert len(lost) == 8  # scored and kept (threshold 0), then their images were gone
+    assert all("could not be read again" in r["error_message"] and not r["web_kept"] for r in lost)
+    assert all(not r["synthetic_kept"] for r in lost)
+    errors = {Path(k).name: v for k, v in summary.read_errors.items()}
+    assert set(errors) == {"damaged.parquet", "junk.parquet"}
+    assert "rows 4 to 11 of 12 are lost" in errors["damaged.parquet"]
+    pairs = _dprime(summary.output)
+    assert {meta["source_key"] for _, meta in pairs.values()} == {s.key for s in web[:4]} - {
+        r["key"] for r in by_shard["damaged.parquet"] if not (r["web_kept"] or r["synthetic_kept"])
+    }
+
+
+def test_image_roots_confine_the_image_paths_a_table_names(
+    web: list[WebSample], tmp_path: Path, server: str, monkeypatch
+) -> None:
+    from capfilt.pipelines.clean_inputs import IMAGE_ROOTS_ENV
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "images").mkdir(parents=True)
+    outside.mkdir()
+    (root / "images" / "in.jpg").write_bytes(web[0].image)
+    (outside / "secret.jpg").write_bytes(web[1].image)
+    (root / "images" / "link.jpg").symlink_to(outside / "secret.jpg")
+    paths = ["images/in.jpg", str(outside / "secret.jpg"), "../outside/secret.jpg", "images/link.jpg"]
+    paths.append(f"{server}/x.jpg")
+    pq.write_table(pa.table({"image_path": paths, "key": list("abcde")}), root / "t.parquet")
+    monkeypatch.setenv(IMAGE_ROOTS_ENV, str(root))
+    samples, error = read_input(str(root / "t.parquet"))
+    assert error is None
+    assert [(s.key, s.status) for s in samples] == [("a", "ok")] + [(k, "missing_image") for k in "bcde"]
+    assert samples[0].image == web[0].image and all(s.image is None for s in samples[1:])
+    assert all("outside the allowed roots" in s.error_message for s in samples[1:4])
+    assert "only local files under the allowed roots are read" in samples[4].error_message
+    monkeypatch.delenv(IMAGE_ROOTS_ENV)  # unset: the command line's user reads what their tables name
+    assert [s.status for s in read_input(str(root / "t.parquet"))[0]][:4] == ["ok"] * 4

@@ -71,3 +71,25 @@ def test_a_non_empty_output_without_resume_is_a_conflict(tmp_path: Path) -> None
     (tmp_path / "out" / "job" / "job.json").write_text("{}")
     with pytest.raises(ClientError, match="not empty"):
         clean_argv(JobRequest(input=[str(tmp_path / "in")], output=str(tmp_path / "out" / "job")), serve)
+
+
+def test_submitted_jobs_read_table_image_paths_only_under_the_input_roots(tmp_path: Path) -> None:
+    """Shards are confined before submission; the image paths inside a table are read by the job,
+    so the job is told the roots (its runtime environment) and refuses paths outside them."""
+    from capfilt.pipelines.clean_inputs import IMAGE_ROOTS_ENV
+    from capfilt.services.jobs import JobManager
+
+    class Submitted(Exception):
+        pass
+
+    class Client:
+        def submit_job(self, **kwargs):
+            raise Submitted(kwargs)
+
+    serve = _serve(tmp_path)
+    jobs = JobManager(serve, "http://127.0.0.1:9")
+    jobs._client = Client()
+    with pytest.raises(Submitted) as sent:
+        jobs.submit(JobRequest(input=[str(tmp_path / "in")], output=str(tmp_path / "out" / "job")))
+    env = sent.value.args[0]["runtime_env"]["env_vars"]
+    assert env == {IMAGE_ROOTS_ENV: str(tmp_path / "in")}
