@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from capfilt.model import packed
 from capfilt.model.checkpoint import Checkpoint, load_checkpoint
 from capfilt.model.generate import GenerationConfig, generate
 from capfilt.model.med import MED
@@ -56,6 +57,9 @@ def _resolve(checkpoint: Checkpoint | str | Path, device: str | torch.device) ->
 
 
 PRECISIONS = ("exact", "fast")
+# Packed decoding weights paid for BERT-base (768 wide: steps 12% faster) and not for the built-in
+# small model (128 wide: within the noise), where the chunking costs what the packing saves.
+PACK_MIN_WIDTH = 512
 
 
 def fast_model(med: MED, device: torch.device, inplace: bool = False) -> MED:
@@ -139,11 +143,27 @@ class Captioner(_Hosted):
         batch_size: int = 32,
         generation: GenerationConfig | None = None,
         precision: str = "exact",
+        pack: bool | None = None,
     ) -> None:
+        """`pack`: decode with MKL's pre-packed weights (`capfilt.model.packed`): steps 12% faster
+        for BLIP's BERT-base on a CPU, for about 430 MB more. Default: where that was measured to
+        pay: a CPU, exact mode, a text width of at least PACK_MIN_WIDTH, and a checkpoint loaded here
+        (a Checkpoint object is the caller's and stays as it is)."""
         super().__init__(checkpoint, device=device, batch_size=batch_size, precision=precision)
         self.generation = generation or CAPFILT_SAMPLING
         self.generation.validate()
         self.prompt_ids = self.ckpt.tokenizer.prompt_ids(self.ckpt.config.prompt).to(self.device)
+        if pack is None:
+            pack = (
+                self.device.type == "cpu"
+                and precision == "exact"
+                and not isinstance(checkpoint, Checkpoint)
+                and self.ckpt.config.text.width >= PACK_MIN_WIDTH
+                and packed.available()
+            )
+        if pack:
+            packed.pack_for_decoding(self.med, rows=batch_size * self.generation.num_captions)
+        self.packed = bool(pack)
 
     @torch.inference_mode()
     def caption(

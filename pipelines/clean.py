@@ -50,7 +50,6 @@ from capfilt.inference import CAPFILT_SAMPLING, PRECISIONS
 from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
 from capfilt.model.generate import GenerationConfig
 
-from .clean_inputs import table_columns, table_schema
 from .clean_output import (
     Shard,
     prepare,
@@ -61,6 +60,7 @@ from .clean_output import (
     write_parquet,
     write_web_shard,
 )
+from .clean_tables import table_columns, table_schema
 
 log = logging.getLogger(__name__)
 

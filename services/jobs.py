@@ -30,7 +30,7 @@ from typing import Any
 
 from capfilt.data import input_files
 from capfilt.errors import CapfiltError
-from capfilt.pipelines.clean_inputs import IMAGE_ROOTS_ENV
+from capfilt.pipelines.clean_tables import IMAGE_ROOTS_ENV
 
 from .config import ServeConfig
 from .errors import ClientError, ServiceUnavailable

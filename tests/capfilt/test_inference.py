@@ -197,3 +197,20 @@ def test_fast_mode_leaves_a_callers_checkpoint_exact(our_filter_dir):
         assert got[0].itm == pytest.approx(want[0].itm, abs=0.05)  # int8: close, not equal
     with pytest.raises(ValueError, match="precision must be one of exact, fast"):
         Filter(our_filter_dir, precision="fp8")
+
+
+def test_packed_decoding_is_used_where_it_pays_and_keeps_captions_per_image(our_captioner_dir):
+    from capfilt.model import packed
+
+    assert not Captioner(our_captioner_dir).packed  # 32 wide: below PACK_MIN_WIDTH, where packing paid
+    if not packed.available():
+        pytest.skip("this torch has no MKL packed matmul")
+    images = _images(4)
+    gen = GenerationConfig(method="nucleus", num_captions=2, max_tokens=10, min_tokens=2)
+    cap = Captioner(our_captioner_dir, batch_size=4, generation=gen, pack=True)
+    plain = Captioner(our_captioner_dir, batch_size=4, generation=gen, pack=False)
+    assert cap.packed and not plain.packed
+    seeds = [5, 6, 7, 8]
+    together = cap.caption(images, seeds=seeds)
+    assert together == [cap.caption([im], seeds=[s])[0] for im, s in zip(images, seeds)]
+    assert together == plain.caption(images, seeds=seeds)

@@ -143,7 +143,7 @@ def test_base_loads_transformers_base_shapes_without_missing_or_unexpected_keys(
 
 
 def test_pth_skips_momentum_and_queues_with_a_summary(blip_filter_pth, caplog):
-    with caplog.at_level(logging.INFO, logger="capfilt.model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="capfilt.model"):
         ckpt = load_checkpoint(blip_filter_pth)
     skipped = ckpt.provenance["skipped"]
     assert skipped["momentum-encoder tensors"] > 10
@@ -328,7 +328,7 @@ def test_a_stock_bert_tokenizer_gets_dec_and_enc_added_as_blip_does(
     """BLIP adds [DEC] (bos) and [ENC] to bert-base-uncased: the embeddings have len(tokenizer) + 2
     rows, so a stock tokenizer is completed with ids len and len + 1, as the model was trained with."""
     stock = _stock_bert_tokenizer(tmp_path / "bert", tokenizer)
-    with caplog.at_level(logging.INFO, logger="capfilt.model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="capfilt.model"):
         ckpt = load_checkpoint(blip_captioner_pth, tokenizer=stock)
     n = tokenizer.ids.vocab_size - 2
     assert (ckpt.tokenizer.ids.dec, ckpt.tokenizer.ids.enc) == (n, n + 1)

@@ -22,7 +22,8 @@ from capfilt.data import iter_samples
 from capfilt.errors import CapfiltError
 from capfilt.ledger import read_ledger
 from capfilt.pipelines.clean import CleanConfig, clean
-from capfilt.pipelines.clean_inputs import original_images, read_input, table_columns
+from capfilt.pipelines.clean_inputs import original_images, read_input
+from capfilt.pipelines.clean_tables import table_columns
 from capfilt.world.writer import SIDECAR_SCHEMA, Sample, write_shard
 
 SEED = 7
@@ -461,7 +462,7 @@ def test_bad_shards_are_recorded_and_the_job_goes_on(
 def test_image_roots_confine_the_image_paths_a_table_names(
     web: list[WebSample], tmp_path: Path, server: str, monkeypatch
 ) -> None:
-    from capfilt.pipelines.clean_inputs import IMAGE_ROOTS_ENV
+    from capfilt.pipelines.clean_tables import IMAGE_ROOTS_ENV
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "images").mkdir(parents=True)

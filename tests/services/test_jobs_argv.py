@@ -76,7 +76,7 @@ def test_a_non_empty_output_without_resume_is_a_conflict(tmp_path: Path) -> None
 def test_submitted_jobs_read_table_image_paths_only_under_the_input_roots(tmp_path: Path) -> None:
     """Shards are confined before submission; the image paths inside a table are read by the job,
     so the job is told the roots (its runtime environment) and refuses paths outside them."""
-    from capfilt.pipelines.clean_inputs import IMAGE_ROOTS_ENV
+    from capfilt.pipelines.clean_tables import IMAGE_ROOTS_ENV
     from capfilt.services.jobs import JobManager
 
     class Submitted(Exception):

@@ -1,0 +1,114 @@
+"""Loading Salesforce BLIP's original `.pth` checkpoints (`model_base.pth`,
+`model_base_capfilt_large.pth`, `model_base_caption_capfilt_large.pth`, `model_base_retrieval_coco.pth`,
+the large ones): the state dict under "model", read with `torch.load(weights_only=True)`; the
+architecture rebuilt from tensor shapes and `med_config.json`; the tokenizer beside it or given,
+completed with BLIP's [DEC] and [ENC] when it is a stock bert-base-uncased.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import convert
+from .checkpoint import Checkpoint, CheckpointError, _build, _read_json, _safe_torch_load, file_digest
+from .tokenizer import DEC, ENC, CaptionTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _med_config_facts(path: Path) -> dict[str, Any]:
+    """Architecture facts from BLIP's `med_config.json` beside a `.pth` (BERT keys), if present.
+    Head counts are the one thing tensor shapes cannot tell; `vision_heads` may be added there."""
+    if not path.is_file():
+        return {}
+    cfg = _read_json(path)
+    names = {
+        "num_attention_heads": "text_heads",
+        "layer_norm_eps": "text_layer_norm_eps",
+        "vision_heads": "vision_heads",
+    }
+    return {ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg}
+
+
+def _pth_tokenizer(
+    path: Path, tok_dir: Path, words: torch.Tensor | None, facts: dict[str, Any]
+) -> CaptionTokenizer:
+    """The tokenizer for an original `.pth`, which has none. BLIP's is bert-base-uncased with [DEC]
+    added as bos and [ENC] as an additional special token (blip.py `init_tokenizer`): ids 30522 and
+    30523. A stock bert-base-uncased lacks both; when the word embeddings (`words`, (V, D)) have
+    exactly two rows more than it, they are added the same way."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"no tokenizer for {path}: an original BLIP .pth has none. Put bert-base-uncased tokenizer files "
+            f"(vocab.txt or tokenizer.json) beside it or pass --tokenizer DIR ({err})"
+        ) from err
+    dec_id, enc_id = facts.get("dec_token_id"), facts.get("enc_token_id")
+    vocab = hf.get_vocab()
+    missing = [t for t, given in ((DEC, dec_id), (ENC, enc_id)) if given is None and t not in vocab]
+    rows = None if words is None else words.shape[0]
+    if missing == [DEC, ENC] and rows == len(hf) + 2:
+        hf.add_special_tokens({"bos_token": DEC})
+        hf.add_special_tokens({"additional_special_tokens": [ENC]})
+        ids = hf.convert_tokens_to_ids([DEC, ENC])
+        log.info("%s: the tokenizer has no [DEC], [ENC]; added them as BLIP does (ids %s)", path, ids)
+    elif missing:
+        if len(missing) == 1:
+            why = "it has only one of the two"
+        elif rows is None:
+            why = f"{path} has no word embeddings"
+        else:
+            why = f"{path}'s word embeddings have {rows} rows, not {len(hf)} + 2"
+        raise CheckpointError(
+            f"the tokenizer in {tok_dir} lacks BLIP's {' and '.join(missing)} and cannot be completed as "
+            f"BLIP's: {why}. Pass the tokenizer the model was trained with (BLIP's is bert-base-uncased "
+            "plus [DEC] and [ENC]) with --tokenizer DIR"
+        )
+    return CaptionTokenizer(hf, dec_id=dec_id, enc_id=enc_id)
+
+
+def load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str, Any]) -> Checkpoint:
+    raw = _safe_torch_load(path)
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        state = raw["model"]
+    elif isinstance(raw, dict) and any(k.startswith("visual_encoder.") for k in raw):
+        state = raw
+    else:
+        raise CheckpointError(f"{path} is not a BLIP checkpoint (no state dict under 'model')")
+    if not any(k.startswith("visual_encoder.") for k in state):
+        raise CheckpointError(f"{path} has no visual_encoder weights; it is not a BLIP model")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    conv = convert.from_blip(state)
+    log.info("%s: %s", path, conv.summary())
+    for note in conv.notes:
+        log.warning("%s: %s", path, note)
+    facts = _med_config_facts(path.parent / "med_config.json")
+    facts.update(overrides)
+    train_cfg = raw.get("config") if isinstance(raw, dict) else None
+    words = conv.state_dict.get("text.embeddings.word_embeddings.weight")
+    tok = _pth_tokenizer(path, Path(tokenizer) if tokenizer else path.parent, words, facts)
+    facts.update({f"{k}_token_id": getattr(tok.ids, k) for k in ("pad", "sep", "dec", "enc", "cls")})
+    try:
+        config = convert.config_from_blip_state(state, conv, facts)
+    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as err:
+        why = f"it has no {err.args[0]} weight" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(
+            f"cannot rebuild the architecture of {path} from its weights: {why}. Pass an original BLIP "
+            "pre-training, captioning or retrieval checkpoint; head counts come from med_config.json "
+            "beside it (num_attention_heads, vision_heads) or --text-heads / --vision-heads"
+        ) from err
+    if isinstance(train_cfg, dict) and isinstance(train_cfg.get("prompt"), str):
+        config.prompt = train_cfg["prompt"]
+    med = _build(config, conv.state_dict, str(path))
+    role = (
+        "pretrain" if conv.has_encoder and conv.has_decoder else "captioner" if conv.has_decoder else "filter"
+    )
+    provenance = {"source": str(path), "source_format": "blip-pth", "skipped": dict(conv.skipped)}
+    return Checkpoint(med, tok, role, provenance, "blip-pth", file_digest(path))

@@ -1,0 +1,243 @@
+"""Parquet image tables as clean job inputs: which columns count (`table_columns`), and one
+`InputSample` per row (`read_image_table`), the image from its bytes or from the file its path
+names (confined to IMAGE_ROOTS_ENV's directories when set).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfilt.data import IMAGE_EXTENSIONS, filesystem
+from capfilt.errors import CapfiltError
+from capfilt.ledger import MISSING_IMAGE, OK
+
+from .clean_inputs import DUPLICATE_KEY, INVALID_KEY, READ_BATCH, InputSample
+
+log = logging.getLogger(__name__)
+
+FETCH_THREADS = 16  # image files of a parquet table read at once (remote stores answer slowly)
+# Parquet image tables: the first column present of each kind is used.
+BYTES_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes")  # binary, or a struct with `bytes` (HF Image)
+PATH_COLUMNS = ("image_path", "path", "file")  # relative paths are relative to the parquet's directory
+# Set (os.pathsep-separated directories): a table's image paths are read only under these; URLs and
+# paths outside them are refused per sample. The REST service sets it for the jobs it submits.
+IMAGE_ROOTS_ENV = "CAPFILT_IMAGE_ROOTS"
+TEXT_COLUMNS = ("caption", "text", "txt")
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """Which columns of a parquet image table hold what; None: the table has no such column."""
+
+    image: str
+    image_kind: str  # "bytes", "struct" (a `bytes` field, and maybe `path`) or "path"
+    text: str | None  # None: images alone (the captioner still writes synthetic texts for them)
+    key: str | None
+    url: str | None
+    status: str | None  # img2dataset's status and error_message (parquet output format)
+    error_message: str | None
+
+
+def table_columns(schema: pa.Schema, source: str) -> TableColumns:
+    """The columns of an image table, or CapfiltError naming the file, what it has and what counts."""
+
+    def first(names: tuple[str, ...], fits: Any) -> str | None:
+        return next((n for n in names if n in schema.names and fits(schema.field(n).type)), None)
+
+    def struct_with_bytes(t: pa.DataType) -> bool:
+        return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+
+    binary = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
+    string = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+    image, kind = first(BYTES_COLUMNS, binary), "bytes"
+    if image is None:
+        image, kind = first(BYTES_COLUMNS, struct_with_bytes), "struct"
+    if image is None:
+        image, kind = first(PATH_COLUMNS, string), "path"
+    text = first(TEXT_COLUMNS, string)
+    if image is None:
+        found = ", ".join(f"{f.name} ({f.type})" for f in schema) or "none"
+        raise CapfiltError(
+            f"{source} is neither an image table nor an img2dataset sidecar beside its tar: it has "
+            f"columns {found}; an image table needs image bytes ({', '.join(BYTES_COLUMNS)}: binary, or a "
+            f"struct with a `bytes` field) or an image path ({', '.join(PATH_COLUMNS)}: string); "
+            f"optional: a text ({', '.join(TEXT_COLUMNS)}: string), key, url, status, error_message"
+        )
+    return TableColumns(
+        image,
+        kind,
+        text,
+        key="key" if "key" in schema.names else None,
+        url=first(("url",), string),
+        status=first(("status",), string),
+        error_message=first(("error_message",), string),
+    )
+
+
+def table_schema(source: str) -> pa.Schema:
+    """A parquet's schema, from its footer; CapfiltError naming the file when it cannot be read."""
+    try:
+        with fsspec.open(source, "rb") as f:
+            return pq.read_schema(f)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CapfiltError(f"{source}: not a readable parquet file ({err})") from err
+
+
+def read_image_table(
+    source: str, keys: Collection[str] | None = None
+) -> tuple[list[InputSample], str | None]:
+    """One sample per row of a parquet image table: the image from its bytes or the file its path
+    names, the key from `key` (else `{file stem}_{row index}`), img2dataset's status if given; and
+    the error that cut the read short, if any (the rows read before it are kept, as in a tar).
+
+    A row without an image or with an unreadable image file gets MISSING_IMAGE and a message; a
+    key already used earlier in the table DUPLICATE_KEY, a key with a "." (webdataset would read
+    the rest as an extension) INVALID_KEY. Text that is not UTF-8 is read with U+FFFD in place of
+    the bad bytes. A file that is no image table, or no parquet, gives no samples and the reason."""
+    stem = re.sub(r"[^0-9A-Za-z_-]", "_", posixpath.basename(source).removesuffix(".parquet"))
+    base = posixpath.dirname(source)
+    out: list[InputSample] = []
+    to_fetch: list[tuple[InputSample, str]] = []
+    seen: set[str] = set()
+    error, index, rows = None, 0, None
+    try:
+        with fsspec.open(source, "rb") as f:
+            table = pq.ParquetFile(f)
+            rows = table.metadata.num_rows
+            cols = table_columns(table.schema_arrow, source)
+            for group in range(table.num_row_groups):  # by row group: damage in one keeps the ones before
+                for batch in table.iter_batches(batch_size=READ_BATCH, row_groups=[group]):
+                    for row in _rows(batch):
+                        sample, path = _table_sample(row, index, cols, stem, source, seen)
+                        index += 1
+                        if keys is not None and (sample.key not in keys or sample.status == DUPLICATE_KEY):
+                            continue
+                        out.append(sample)
+                        if path is not None:
+                            url = _resolve(path, base)
+                            refused = _outside_image_roots(url)
+                            if refused:
+                                sample.status, sample.error_message = MISSING_IMAGE, refused
+                            else:
+                                to_fetch.append((sample, url))
+    except CapfiltError as err:
+        error = str(err)
+    except Exception as err:  # pyarrow's, fsspec's or a filesystem's: this shard's problem, not the job's
+        error = f"cannot read image table {source}: {err}"
+        if rows is not None and index < rows:
+            error += f" (rows {index} to {rows - 1} of {rows} are lost)"
+    if error:
+        log.warning("%s; keeping the %d rows read before it", error, index)
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+        fetched = pool.map(_fetch, [url for _, url in to_fetch])
+        for (sample, _), (data, message) in zip(to_fetch, fetched):
+            if data is None:
+                sample.status, sample.error_message = MISSING_IMAGE, message
+            sample.image = data
+    return out, error
+
+
+def _rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A batch's rows as dicts; strings that are not valid UTF-8 (web text often is not) get U+FFFD
+    for their bad bytes instead of failing the whole batch."""
+    strings = [f.name for f in batch.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    table = pa.Table.from_batches([batch])
+    for name in strings:
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, table.column(i).cast(pa.large_binary()))
+    rows = table.to_pylist()
+    for row in rows:
+        for name in strings:
+            if row[name] is not None:
+                row[name] = row[name].decode("utf-8", errors="replace")
+    return rows
+
+
+def _table_sample(
+    row: dict[str, Any], index: int, cols: TableColumns, stem: str, source: str, seen: set[str]
+) -> tuple[InputSample, str | None]:
+    """A table row's sample, and the path of its image file still to read (None: nothing to read)."""
+    raw_key = row[cols.key] if cols.key else None
+    key = str(raw_key) if raw_key not in (None, "") else f"{stem}_{index:09d}"
+    value = row[cols.image]
+    if cols.image_kind == "struct":  # Hugging Face's Image feature: the bytes, else the file
+        data, path = (value.get("bytes"), value.get("path")) if value else (None, None)
+    else:
+        data, path = (value, None) if cols.image_kind == "bytes" else (None, value)
+    suffix = posixpath.splitext(path or "")[1].lower()[1:]
+    hint = suffix if data is None and suffix in IMAGE_EXTENSIONS else None
+    hint = hint or (cols.image if cols.image in IMAGE_EXTENSIONS else None)
+    given = row[cols.status] if cols.status else None
+    if key in seen:
+        status, message = DUPLICATE_KEY, f"row {index}: key {key} is used by an earlier row"
+    elif "." in key:
+        status, message = INVALID_KEY, f"row {index}: key {key!r} has a '.', read as an extension in D'"
+    elif given not in (None, "success"):  # img2dataset could not download or resize it
+        status, message = given, row[cols.error_message] if cols.error_message else None
+    elif data is None and not path:
+        status, message = MISSING_IMAGE, f"row {index} of {source} has no image ({cols.image} is null)"
+    else:
+        status, message = OK, None
+    seen.add(key)
+    meta = {k: v for k, v in row.items() if k != cols.image and isinstance(v, (str, int, float, bool))}
+    url = row[cols.url] if cols.url else None
+    sample = InputSample(
+        key,
+        data if status == OK else None,
+        row[cols.text] if cols.text else None,
+        url,
+        meta,
+        status,
+        message,
+        hint,
+    )
+    return sample, (path if status == OK and data is None else None)
+
+
+def image_roots() -> list[Path]:
+    """The directories a table's image paths must lie under (IMAGE_ROOTS_ENV, os.pathsep-separated);
+    [] when it is unset: any path or URL a table names is read."""
+    value = os.environ.get(IMAGE_ROOTS_ENV, "")
+    return [Path(r).resolve() for r in value.split(os.pathsep) if r]
+
+
+def _outside_image_roots(url: str) -> str | None:
+    """Why a table's image path may not be read under the image roots, or None when it may."""
+    roots = image_roots()
+    if not roots:
+        return None
+    if "://" in url and not url.startswith("file://"):
+        return f"image path {url}: only local files under the allowed roots are read"
+    resolved = Path(url.removeprefix("file://")).resolve()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        return f"image path {url} resolves to {resolved}, outside the allowed roots ({allowed})"
+    return None
+
+
+def _resolve(path: str, base: str) -> str:
+    """An image path of a table: relative ones against the table's directory, others as they are."""
+    return path if "://" in path or path.startswith("/") else posixpath.join(base, path)
+
+
+def _fetch(url: str) -> tuple[bytes | None, str | None]:
+    """One image file's bytes, or why it cannot be read: a sample's problem, never the job's."""
+    try:
+        fs, path = filesystem(url)
+        return fs.cat_file(path), None
+    except FileNotFoundError:
+        return None, f"image file not found: {url}"
+    except Exception as err:  # any filesystem's error (network, permission, missing package) is per sample
+        return None, f"cannot read image file {url}: {err}"
