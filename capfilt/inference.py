@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ PRECISIONS = ("exact", "fast")
 # Packed decoding weights paid for BERT-base (768 wide: steps 12% faster) and not for the built-in
 # small model (128 wide: within the noise), where the chunking costs what the packing saves.
 PACK_MIN_WIDTH = 512
+PACKED_WEIGHTS_ENV = "CAPFILT_PACKED_WEIGHTS"  # "0": never pack by default (memory over speed)
 
 
 def fast_model(med: MED, device: torch.device, inplace: bool = False) -> MED:
@@ -148,20 +150,23 @@ class Captioner(_Hosted):
         """`pack`: decode with MKL's pre-packed weights (`capfilt.model.packed`): steps 12% faster
         for BLIP's BERT-base on a CPU, for about 430 MB more. Default: where that was measured to
         pay: a CPU, exact mode, a text width of at least PACK_MIN_WIDTH, and a checkpoint loaded here
-        (a Checkpoint object is the caller's and stays as it is)."""
+        (a Checkpoint object is the caller's and stays as it is); PACKED_WEIGHTS_ENV=0 turns it off."""
         super().__init__(checkpoint, device=device, batch_size=batch_size, precision=precision)
         self.generation = generation or CAPFILT_SAMPLING
         self.generation.validate()
         self.prompt_ids = self.ckpt.tokenizer.prompt_ids(self.ckpt.config.prompt).to(self.device)
         if pack is None:
             pack = (
-                self.device.type == "cpu"
+                os.environ.get(PACKED_WEIGHTS_ENV, "1") != "0"
+                and self.device.type == "cpu"
                 and precision == "exact"
                 and not isinstance(checkpoint, Checkpoint)
                 and self.ckpt.config.text.width >= PACK_MIN_WIDTH
                 and packed.available()
             )
         if pack:
+            if not packed.available() or self.device.type != "cpu" or precision != "exact":
+                raise ValueError("pack=True is for exact mode on a CPU with a torch built with MKL (x86)")
             packed.pack_for_decoding(self.med, rows=batch_size * self.generation.num_captions)
         self.packed = bool(pack)
 

@@ -214,3 +214,18 @@ def test_packed_decoding_is_used_where_it_pays_and_keeps_captions_per_image(our_
     together = cap.caption(images, seeds=seeds)
     assert together == [cap.caption([im], seeds=[s])[0] for im, s in zip(images, seeds)]
     assert together == plain.caption(images, seeds=seeds)
+
+
+def test_packing_by_default_follows_the_width_and_the_environment(our_captioner_dir, monkeypatch):
+    from capfilt import inference
+    from capfilt.model import packed
+
+    if not packed.available():
+        pytest.skip("this torch has no MKL packed matmul")
+    monkeypatch.setattr(inference, "PACK_MIN_WIDTH", 16)  # the tiny test model is 32 wide
+    assert Captioner(our_captioner_dir).packed
+    assert not Captioner(our_captioner_dir, precision="fast").packed  # int8 layers are not packed
+    monkeypatch.setenv(inference.PACKED_WEIGHTS_ENV, "0")
+    assert not Captioner(our_captioner_dir).packed
+    with pytest.raises(ValueError, match="pack=True is for exact mode on a CPU"):
+        Captioner(our_captioner_dir, precision="fast", pack=True)
