@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .med import MED
+from .step import DecodeStep
 from .text import KVCache
 
 Method = Literal["greedy", "beam", "nucleus"]
@@ -126,9 +127,10 @@ def generate(
             prompt[0] = text.dec_token_id  # what the decoder sees, so what repetition penalty sees
             # transformers decodes greedily when num_beams == 1; so do we (with a repetition
             # penalty the two differ: beam search penalises log-probs, greedy penalises logits).
+            step = DecodeStep(med)
             if config.method == "beam" and config.num_beams > 1:
                 logits, cache = _prefill(med, image_embeds, prompt, config.num_beams)
-                return _beam_search(med, logits, cache, prompt, config, text.sep_token_id)
+                return _beam_search(step, logits, cache, prompt, config, text.sep_token_id)
             K = config.num_captions
             logits, cache = _prefill(med, image_embeds, prompt, K)
             cache.reserve(P + config.max_tokens)  # each step writes its keys and values in place
@@ -137,7 +139,7 @@ def generate(
             else:
                 uniforms = _row_uniforms(seeds, K, config.max_tokens).to(image_embeds.device)
                 choose = _nucleus_chooser(uniforms, config)
-            rows = _decode_rows(med, logits, cache, prompt, config, text.sep_token_id, choose)
+            rows = _decode_rows(step, logits, cache, prompt, config, text.sep_token_id, choose)
             return [rows[i * K : (i + 1) * K] for i in range(B)]
     finally:
         for module, training in modes:
@@ -161,11 +163,6 @@ def _prefill(
         repeat = torch.arange(B, device=logits.device).repeat_interleave(rows)  # (B * rows,)
         logits, cache = logits[repeat], cache.select(repeat)
     return logits, cache
-
-
-def _step(med: MED, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed one new token per row (R,); the cache holds the prefix and image K/V. -> (R, V) float32."""
-    return med.lm_logits(None, tokens[:, None], cache=cache)[:, -1].float()
 
 
 # ----------------------------------------------------------------------------- logits processors
@@ -314,7 +311,7 @@ def _sample_among_top_k(scores: torch.Tensor, u: torch.Tensor, k: int, top_p: fl
 
 
 def _decode_rows(
-    med: MED,
+    step: DecodeStep,
     logits: torch.Tensor,
     cache: KVCache,
     prompt: torch.Tensor,
@@ -354,7 +351,7 @@ def _decode_rows(
                 active, tokens, seqs, cache = active[keep], tokens[keep], seqs[keep], cache.select(keep)
                 finished = finished[keep]
         seqs = torch.cat([seqs, tokens[:, None]], dim=1)
-        logits = _step(med, tokens, cache)
+        logits = step(tokens, cache)
     return [_cut(row, sep) for row in out.tolist()]
 
 
@@ -373,7 +370,12 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _beam_search(
-    med: MED, logits: torch.Tensor, cache: KVCache, prompt: torch.Tensor, config: GenerationConfig, sep: int
+    step: DecodeStep,
+    logits: torch.Tensor,
+    cache: KVCache,
+    prompt: torch.Tensor,
+    config: GenerationConfig,
+    sep: int,
 ) -> list[list[list[int]]]:
     """transformers' `_beam_search` with early_stopping=False, one [SEP] eos, no sampling.
 
@@ -440,7 +442,7 @@ def _beam_search(
         if not bool(improvable.any()) or bool(ends.all()):
             break
         cache = cache.select(rows)
-        logits = _step(med, running[:, :, cur_len].flatten(), cache)
+        logits = step(running[:, :, cur_len].flatten(), cache)
 
     K = config.num_captions
     out = finished[:, :K, P:].tolist()  # (B, K, max_tokens), best first

@@ -538,3 +538,47 @@ def test_one_query_attention_equals_sdpa() -> None:
     for m in (None, mask):
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
         torch.testing.assert_close(_attend_one(q, k, v, m), expected, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the decoding step
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_decode_step_computes_what_lm_logits_computes(
+    med: MED, images: torch.Tensor, transpose: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capfilt.model import step as S
+
+    monkeypatch.setattr(S, "TRANSPOSE_MAX_WIDTH", 10_000 if transpose else 0)
+    B = images.shape[0]
+    with torch.inference_mode():
+        slow, fast = med.new_cache(), med.new_cache()
+        med.lm_logits(images, PROMPT.expand(B, -1), cache=slow)
+        med.lm_logits(images, PROMPT.expand(B, -1), cache=fast)
+        fast.reserve(P + 3)  # as generate() runs it: the step writes its keys in place
+        decode = S.DecodeStep(med)
+        tokens = torch.arange(5, 5 + B)
+        for t in range(3):
+            expected = med.lm_logits(None, (tokens + t)[:, None], cache=slow)[:, -1]
+            got = decode(tokens + t, fast)
+            assert got.dtype == torch.float32 and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+            assert fast.length == slow.length == P + t + 1
+
+
+def test_decode_step_runs_a_quantised_decoder_through_its_own_linears(med: MED, images: torch.Tensor) -> None:
+    import copy
+
+    from capfilt.model.step import DecodeStep
+
+    quantised = torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(med), {torch.nn.Linear}, dtype=torch.qint8
+    )
+    B = images.shape[0]
+    with torch.inference_mode():
+        slow, fast = quantised.new_cache(), quantised.new_cache()
+        quantised.lm_logits(images, PROMPT.expand(B, -1), cache=slow)
+        quantised.lm_logits(images, PROMPT.expand(B, -1), cache=fast)
+        tokens = torch.arange(5, 5 + B)
+        expected = quantised.lm_logits(None, tokens[:, None], cache=slow)[:, -1]
+        torch.testing.assert_close(DecodeStep(quantised)(tokens, fast), expected, rtol=0, atol=1e-4)
