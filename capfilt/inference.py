@@ -250,8 +250,9 @@ class Filter(_Hosted):
             ids, mask = ids.to(self.device), mask.to(self.device)
             if n > 1:  # image-major groups of n: each image's keys and values serve its n texts
                 logits = med.itm_logits(embeds[start // n : stop // n], ids, mask, texts_per_image=n)
-            else:
-                logits = med.itm_logits(embeds, ids, mask, image_index=rows)
+            else:  # only the images this chunk's texts belong to (texts are image-major)
+                first, last = owner[start], owner[stop - 1]
+                logits = med.itm_logits(embeds[first : last + 1], ids, mask, image_index=rows - first)
             itm.append(logits.float().softmax(-1)[:, 1])
             itc.append((image_feat.index_select(0, rows) * med.text_feature(ids, mask)).sum(-1).float())
         p_match, cosine = torch.cat(itm).tolist(), torch.cat(itc).tolist()
