@@ -127,12 +127,12 @@ def generate(
             prompt[0] = text.dec_token_id  # what the decoder sees, so what repetition penalty sees
             # transformers decodes greedily when num_beams == 1; so do we (with a repetition
             # penalty the two differ: beam search penalises log-probs, greedy penalises logits).
-            step = DecodeStep(med)
             if config.method == "beam" and config.num_beams > 1:
                 logits, cache = _prefill(med, image_embeds, prompt, config.num_beams)
-                return _beam_search(step, logits, cache, prompt, config, text.sep_token_id)
+                return _beam_search(DecodeStep(med), logits, cache, prompt, config, text.sep_token_id)
             K = config.num_captions
-            logits, cache = _prefill(med, image_embeds, prompt, K)
+            logits, cache = _prefill(med, image_embeds, prompt, K)  # refuses a MED without a decoder
+            step = DecodeStep(med)
             cache.reserve(P + config.max_tokens)  # each step writes its keys and values in place
             if config.method != "nucleus":
                 choose = _argmax

@@ -582,3 +582,13 @@ def test_decode_step_runs_a_quantised_decoder_through_its_own_linears(med: MED, 
         tokens = torch.arange(5, 5 + B)
         expected = quantised.lm_logits(None, tokens[:, None], cache=slow)[:, -1]
         torch.testing.assert_close(DecodeStep(quantised)(tokens, fast), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["nucleus", "greedy", "beam"])
+def test_a_med_without_a_decoder_is_refused_by_name(method: str) -> None:
+    config = med_config("tiny", **TOKENS)
+    config.has_decoder = False
+    filter_only = MED(config).eval()
+    images = filter_only.encode_image(torch.randn(2, 3, 32, 32)).detach()
+    with pytest.raises(ValueError, match="no text decoder"):
+        generate(filter_only, images, PROMPT, GenerationConfig(method=method, num_beams=2))
