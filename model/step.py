@@ -7,13 +7,11 @@ same order of operations, with that overhead cut:
 - no module calls, no (B, 1, D) reshapes or head transposes: with one query per row the heads of
   a (R, D) row are already laid out as (R, nh, 1, hs);
 - dropout is not called at all (generation runs the model in eval mode);
-- on a CPU, for decoders narrower than PACK_MIN_WIDTH, each Linear runs as `mm` on a transposed
-  contiguous copy of its weight plus an in-place bias add: on the 2-core Xeon of
-  `docs/benchmarks.md`, 20-32% faster per call than `linear` at 32 rows, for a copy of the
-  decoder's weights (about 5 MB for the built-in small model);
-- packed (`capfilt.model.packed`) and quantised Linears run through their own forward.
-Measured there on the small bench model (32 captions of 30 tokens, sampling included): 2.60 ->
-2.22 ms per caption, tokens unchanged.
+- plain Linears are `F.linear` on their own weights; packed (`capfilt.model.packed`) and
+  quantised ones run through their own forward.
+Measured on the 2-core Xeon of `docs/benchmarks.md`, small bench model, 32 captions of 30 tokens,
+sampling included: 2.46-2.53 -> 2.08-2.14 ms per caption, tokens unchanged. (Transposed
+contiguous weight copies, faster per call in isolation, made the whole decode 1-5% slower there.)
 """
 
 from __future__ import annotations
@@ -31,24 +29,13 @@ from .text import KVCache, _attend_one
 Affine = Callable[[torch.Tensor], torch.Tensor]
 LayerNormArgs = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, float]
 
-# Below this width a step's matmuls are small enough for the transposed weight copies to pay
-# (and cost little memory); above it, the weights are large and packing serves them instead.
-TRANSPOSE_MAX_WIDTH = 512
 
-
-def _mm_add(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = torch.mm(x, weight_t)
-    return y if bias is None else y.add_(bias)
-
-
-def _affine(module: nn.Module, transpose: bool) -> Affine:
+def _affine(module: nn.Module) -> Affine:
     """x (R, in) -> (R, out), as `module(x)` computes it."""
     if type(module) is not nn.Linear:
         return module  # PackedLinear, quantised Linear: their own forward
-    weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-    if transpose and weight.device.type == "cpu":
-        return partial(_mm_add, weight_t=weight.t().contiguous(), bias=bias)
-    return partial(F.linear, weight=weight, bias=bias)
+    bias = None if module.bias is None else module.bias.detach()
+    return partial(F.linear, weight=module.weight.detach(), bias=bias)
 
 
 def _norm(module: nn.LayerNorm) -> LayerNormArgs:
@@ -59,12 +46,10 @@ class DecodeStep:
     """`step(tokens, cache)`: next-token logits (R, V) float32 after feeding `tokens` (R,) to rows
     whose prefix and image keys/values `cache` holds (the cache grows by one position).
 
-    Built from a MED in eval mode and used while its weights stay as they are (one `generate`
-    call): it holds references to them, and for narrow decoders on a CPU, transposed copies."""
+    Built from a MED in eval mode for one `generate` call: it holds references to its weights."""
 
     def __init__(self, med: MED) -> None:
         text, config = med.text, med.config.text
-        transpose = config.width < TRANSPOSE_MAX_WIDTH
         self.heads = config.heads
         self.word = text.embeddings.word_embeddings.weight.detach()
         self.position = text.embeddings.position_embeddings.weight.detach()
@@ -74,23 +59,23 @@ class DecodeStep:
             sa, ca = layer.causal_attention, layer.crossattention
             self.layers.append(
                 (
-                    _affine(sa.self.query, transpose),
-                    _affine(sa.self.key, transpose),
-                    _affine(sa.self.value, transpose),
-                    _affine(sa.output.dense, transpose),
+                    _affine(sa.self.query),
+                    _affine(sa.self.key),
+                    _affine(sa.self.value),
+                    _affine(sa.output.dense),
                     _norm(sa.output.LayerNorm),
-                    _affine(ca.self.query, transpose),
-                    _affine(ca.output.dense, transpose),
+                    _affine(ca.self.query),
+                    _affine(ca.output.dense),
                     _norm(ca.output.LayerNorm),
-                    _affine(layer.intermediate.dense, transpose),
-                    _affine(layer.output.dense, transpose),
+                    _affine(layer.intermediate.dense),
+                    _affine(layer.output.dense),
                     _norm(layer.output.LayerNorm),
                 )
             )
         head = med.lm_head
-        self.head_dense = _affine(head.transform.dense, transpose)
+        self.head_dense = _affine(head.transform.dense)
         self.head_norm = _norm(head.transform.LayerNorm)
-        self.head_decoder = _affine(head.decoder, transpose)
+        self.head_decoder = _affine(head.decoder)
         self.head_bias = head.bias.detach()
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
