@@ -95,22 +95,29 @@ _FUSED_LAYER = getattr(torch, "_transformer_encoder_layer_fwd", None)
 def _fused_layer_args(block: nn.Module) -> tuple | None:
     """The fused encoder layer's arguments after (x, width, heads) for a plain timm pre-norm block
     (x + attn(norm1(x)), then x + mlp(norm2(x)) with exact GELU, biases everywhere, nothing else);
-    None for anything else (quantised Linears, layer scale, q/k norms, a gate), which runs as is."""
-    attn, mlp = block.attn, block.mlp
-    linears = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
+    None for anything else (quantised Linears, layer scale, q/k norms, a gate, a timm whose block
+    is laid out otherwise), which runs as is."""
+    try:
+        attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+        linears = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
+        extras = (attn.q_norm, attn.k_norm, block.ls1, block.ls2, block.drop_path1, block.drop_path2)
+        act = mlp.act
+    except AttributeError:
+        return None
+    extras += (getattr(attn, "norm", None), getattr(mlp, "norm", None))
     if any(type(m) is not nn.Linear or m.bias is None for m in linears):
         return None
-    extras = (attn.q_norm, attn.k_norm, getattr(attn, "norm", None), block.ls1, block.ls2)
-    extras += (block.drop_path1, block.drop_path2, getattr(mlp, "norm", None))
     if (
         any(m is not None and type(m) is not nn.Identity for m in extras)
         or getattr(attn, "gate", None) is not None
     ):
         return None
-    n1, n2 = block.norm1, block.norm2
-    if not (isinstance(n1, nn.LayerNorm) and isinstance(n2, nn.LayerNorm) and n1.eps == n2.eps):
+    norms_plain = all(
+        isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in (n1, n2)
+    )
+    if not norms_plain or n1.eps != n2.eps:
         return None
-    if type(mlp.act) is not nn.GELU or mlp.act.approximate != "none":
+    if type(act) is not nn.GELU or act.approximate != "none":
         return None
     return (
         attn.qkv.weight,

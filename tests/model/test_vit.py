@@ -63,3 +63,6 @@ def test_training_autograd_and_quantised_blocks_run_through_timm(monkeypatch: py
         layer_scaled.blocks[0].ls1 = LayerScale(layer_scaled.config.width)
         layer_scaled(pixels)
         assert len(calls) == len(encoder.blocks) - 1  # the block with layer scale runs as it is
+        calls.clear()
+        del layer_scaled.blocks[1].drop_path1  # a block laid out otherwise (another timm): as it is
+        assert V._fused_layer_args(layer_scaled.blocks[1]) is None
