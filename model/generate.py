@@ -158,7 +158,9 @@ def _prefill(
     """
     B = image_embeds.shape[0]
     cache = med.new_cache()
-    logits = med.lm_logits(image_embeds, prompt.expand(B, -1), cache=cache)[:, -1].float()  # (B, V)
+    logits = med.lm_logits(image_embeds, prompt.expand(B, -1), cache=cache, keep=slice(-1, None))[
+        :, -1
+    ].float()
     if rows > 1:
         repeat = torch.arange(B, device=logits.device).repeat_interleave(rows)  # (B * rows,)
         logits, cache = logits[repeat], cache.select(repeat)

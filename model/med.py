@@ -92,7 +92,7 @@ class MED(nn.Module):
     def text_feature(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unimodal text feature for ITC from `[CLS]`, (B, embed_dim), normalised."""
         ids = self._with_mode_token(input_ids, self.config.text.cls_token_id)
-        hidden = self.text(ids, attention_mask, mode="text")
+        hidden = self.text(ids, attention_mask, mode="text", keep=slice(0, 1))
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     def itm_logits(
@@ -116,6 +116,7 @@ class MED(nn.Module):
             image=image_embeds,
             image_index=image_index,
             texts_per_image=texts_per_image,
+            keep=slice(0, 1),
         )
         return self.itm_head(hidden[:, 0])
 
@@ -125,15 +126,19 @@ class MED(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        keep: slice | None = None,
     ) -> torch.Tensor:
-        """Image-grounded decoder -> (B, T, vocab) next-token logits.
+        """Image-grounded decoder -> (B, T, vocab) next-token logits; with `keep`, only those
+        positions' (a prompt's last, to start a caption).
 
         Without a cache, position 0 is overwritten with `[DEC]`; with one, `input_ids` are the
         new tokens only (the cache already holds the prefix and the image's keys and values).
         """
         if cache is None or cache.length == 0:
             input_ids = self._with_mode_token(input_ids, self.config.text.dec_token_id)
-        hidden = self.text(input_ids, attention_mask, mode="decoder", image=image_embeds, cache=cache)
+        hidden = self.text(
+            input_ids, attention_mask, mode="decoder", image=image_embeds, cache=cache, keep=keep
+        )
         return self.lm_head(hidden)
 
     def new_cache(self) -> KVCache:

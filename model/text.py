@@ -206,11 +206,19 @@ class TextLayer(nn.Module):
         image_index: torch.Tensor | None = None,
         texts_per_image: int = 1,
         past: int = 0,
+        keep: slice | None = None,
     ) -> torch.Tensor:
+        """`keep`: the only positions whose outputs are needed (a last layer's); every position
+        still gives its keys and values, but queries, cross-attention and feed-forward run on
+        these alone."""
         sa = self.causal_attention if mode == "decoder" else self.attention
         k, v = sa.kv(x)
         if cache is not None:
             k, v = cache.append(index, k, v, past)
+        if keep is not None:
+            x = x[:, keep]
+            if self_mask is not None and self_mask.shape[2] > 1:
+                self_mask = self_mask[:, :, keep]
         x = sa(x, self_mask, (k, v))
         if mode != "text":
             if cache is not None and cache.cross_kv[index] is not None:
@@ -261,12 +269,15 @@ class TextTransformer(nn.Module):
         cache: KVCache | None = None,
         image_index: torch.Tensor | None = None,
         texts_per_image: int = 1,
+        keep: slice | None = None,
     ) -> torch.Tensor:
         """attention_mask (B, T) of 1/0 over the keys given now (cached keys are always visible).
 
         image (B, N, Dv), one per text row; or (B_img, N, Dv) shared by several rows, each image's
         cross-attention keys and values computed once: with `image_index` (B,) row i attends to
-        image `image_index[i]`; with `texts_per_image` n, rows n*j .. n*j + n - 1 attend to image j."""
+        image `image_index[i]`; with `texts_per_image` n, rows n*j .. n*j + n - 1 attend to image j.
+        `keep`: return only these positions, (B, len, width); the last layer computes no others
+        (ITM and ITC read position 0 alone, a caption's first step the last position)."""
         if (
             texts_per_image > 1
             and image is not None
@@ -284,13 +295,26 @@ class TextTransformer(nn.Module):
         mask = self_attention_mask(
             attention_mask, x.shape[1], past, causal=mode == "decoder", dtype=x.dtype, device=x.device
         )
+        last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
+            only = keep if i == last else None
             if self.grad_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, mode, mask, image, None, i, image_index, texts_per_image, use_reentrant=False
+                    layer,
+                    x,
+                    mode,
+                    mask,
+                    image,
+                    None,
+                    i,
+                    image_index,
+                    texts_per_image,
+                    0,
+                    only,
+                    use_reentrant=False,
                 )
             else:
-                x = layer(x, mode, mask, image, cache, i, image_index, texts_per_image, past)
+                x = layer(x, mode, mask, image, cache, i, image_index, texts_per_image, past, only)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return x
