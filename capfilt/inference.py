@@ -64,15 +64,64 @@ PACK_MIN_WIDTH = 512
 PACKED_WEIGHTS_ENV = "CAPFILT_PACKED_WEIGHTS"  # "0": never pack by default (memory over speed)
 
 
+FAST_CPU_ENV = "CAPFILT_FAST_CPU"  # fast mode on a CPU: "bf16", "int8", or unset (bf16 where AMX)
+FAST_CPU_KINDS = ("bf16", "int8")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bf16 matrices in AMX tiles (Intel Sapphire Rapids and later):
+    there a bf16 matmul ran 6.5-7x the fp32 one (2.6-3.0 against 0.40 TFLOP/s on the 2-core Xeon of
+    `docs/benchmarks.md`). torch's own probe, else the kernel's CPU flags."""
+    probe = getattr(torch._C._cpu, "_init_amx", None)  # enables the tiles for this process (Linux)
+    try:
+        if probe is not None:
+            return bool(probe())
+    except RuntimeError:
+        return False
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def fast_cpu_kind() -> str:
+    """How fast mode runs on this CPU: `FAST_CPU_ENV` when set, else bf16 where AMX is, int8
+    elsewhere (without AMX, bf16 matmuls are no faster than fp32 ones)."""
+    kind = os.environ.get(FAST_CPU_ENV, "").strip().lower()
+    if kind and kind not in FAST_CPU_KINDS:
+        raise ValueError(
+            f"{FAST_CPU_ENV}={kind!r}: choose one of {', '.join(FAST_CPU_KINDS)} (or leave it unset)"
+        )
+    return kind or ("bf16" if cpu_has_amx() else "int8")
+
+
+# On a CPU, bf16 pays for the text side from BERT-base's width: a narrow decoder's steps are too
+# small for bf16 kernels (the built-in small model, 128 wide, all in bf16: 185 pairs/s against
+# exact mode's 238), so there only the image encoder runs in bf16.
+BF16_TEXT_MIN_WIDTH = 512
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The dtype fast mode's activations (and pixels) take on `device`."""
+    if device.type == "cuda" or fast_cpu_kind() == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
 def fast_model(med: MED, device: torch.device, inplace: bool = False) -> MED:
-    """The MED for fast mode: bf16 weights on a GPU; int8 dynamic quantisation of every Linear
-    on a CPU (weights int8 per output channel, activations quantised per batch; attention stays
-    fp32). Per channel rather than per tensor: on random base weights the filter's ITM moved by
-    0.007 on average instead of 0.035, and 48/48 web decisions matched exact mode instead of 42/48,
-    at the same speed. Without `inplace`, `med` is left as it was (a caller's checkpoint keeps its
-    fp32 weights)."""
-    if device.type == "cuda":
-        return (med if inplace else copy.deepcopy(med)).to(torch.bfloat16)
+    """The MED for fast mode: bf16 weights on a GPU and on a CPU with AMX; elsewhere on a CPU,
+    int8 dynamic quantisation of every Linear (weights int8 per output channel, activations
+    quantised per batch; attention stays fp32). `FAST_CPU_ENV` picks for a CPU. Per channel
+    rather than per tensor: on random base weights the filter's ITM moved by 0.007 on average
+    instead of 0.035, and 48/48 web decisions matched exact mode instead of 42/48, at the same
+    speed. Without `inplace`, `med` is left as it was (a caller's checkpoint keeps its fp32
+    weights)."""
+    if fast_dtype(device) == torch.bfloat16:
+        med = med if inplace else copy.deepcopy(med)
+        if device.type == "cuda" or med.config.text.width >= BF16_TEXT_MIN_WIDTH:
+            return med.to(torch.bfloat16)
+        med.visual_encoder.to(torch.bfloat16)  # a narrow text side stays fp32 (see BF16_TEXT_MIN_WIDTH)
+        return med
     with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
@@ -83,7 +132,8 @@ class _Hosted:
     """A checkpoint held for inference, with its preprocessing.
 
     precision "exact": fp32, the same outputs as transformers on the same weights; "fast":
-    `fast_model` (bf16 on a GPU, int8 on a CPU), for throughput at a measured cost in agreement.
+    `fast_model` (bf16 on a GPU and on a CPU with AMX, int8 on other CPUs), for throughput at a
+    measured cost in agreement.
     """
 
     task = ""
@@ -107,7 +157,7 @@ class _Hosted:
         if precision == "fast":  # in place only when the checkpoint is ours (loaded from a path)
             self.med = fast_model(self.med, self.device, inplace=not isinstance(checkpoint, Checkpoint))
         self.precision = precision
-        self.dtype = torch.bfloat16 if precision == "fast" and self.device.type == "cuda" else torch.float32
+        self.dtype = fast_dtype(self.device) if precision == "fast" else torch.float32
         self.batch_size = batch_size
 
     @property

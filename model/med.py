@@ -76,8 +76,9 @@ class MED(nn.Module):
 
     # ------------------------------------------------------------------ image
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, 1 + N, vision width) image tokens."""
-        return self.visual_encoder(pixels)
+        """(B, 3, H, W) normalised pixels -> (B, 1 + N, vision width) image tokens, in the text
+        side's dtype (fast mode may run the image encoder alone in bf16)."""
+        return self.visual_encoder(pixels).to(self.text.embeddings.word_embeddings.weight.dtype)
 
     def image_feature(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Unimodal image feature for ITC: normalised projection of the image `[CLS]`, (B, embed_dim)."""

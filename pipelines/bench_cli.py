@@ -20,8 +20,8 @@ def add_bench_throughput_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Time CapFilt (one nucleus caption per image, ITM on the web text and the caption) over the same "
             "decoded pairs and identical weights: (a) transformers' BLIP classes as a user would call them, "
-            "(b) our Captioner + Filter in exact (fp32) and fast (int8 on CPU, bf16 on GPU) mode, (c) the whole "
-            "`capfilt clean` job on a local Ray. Prints pairs/s, the ratios, the exactness checks and the model "
+            "(b) our Captioner + Filter in exact (fp32) and fast (bf16 on GPU and AMX CPUs, int8 on other CPUs) "
+            "mode, (c) the whole `capfilt clean` job on a local Ray. Prints pairs/s, the ratios, the exactness checks and the model "
             "FLOP utilisation against a dense matmul measured in the same run."
         ),
     )
@@ -163,7 +163,7 @@ def print_result(result: dict[str, Any], console: Any) -> None:
     fast = result.get("paths", {}).get("fast", {}).get("notes")
     if fast:
         console.print(
-            f"fast vs exact: decisions equal {fast['decision_agreement']:.2%} "
+            f"fast ({fast.get('kind', '?')}) vs exact: decisions equal {fast['decision_agreement']:.2%} "
             f"(web {fast['web_decision_agreement']:.2%}, synthetic {fast['synthetic_decision_agreement']:.2%}), "
             f"identical captions {fast['identical_captions']:.2%}, web ITM max |diff| {fast['web_itm_max_abs_diff']:.2e}"
         )

@@ -9,7 +9,8 @@ of a named size unless given), and exports both to transformers' BLIP classes. T
                        and on (image, synthetic caption); every call encodes the image again.
     (b) exact / fast   our `curate` (Captioner + Filter, as the cleaning job runs them): one image
                        encoding per model, KV cache with the image's cross-attention keys and values,
-                       finished rows leave the batch; "fast" is bf16 on a GPU, int8 on a CPU.
+                       finished rows leave the batch; "fast" is bf16 on a GPU or an AMX CPU, int8
+                       on other CPUs.
     (c) job            the whole `capfilt clean` job on a local Ray over the same pairs.
 
 and checks what makes the comparison fair: greedy captions identical to transformers', ITM
@@ -42,7 +43,7 @@ from capfilt.curate import curate
 from capfilt.decision import Rule
 from capfilt.errors import CapfiltError
 from capfilt.images import open_image, preprocess
-from capfilt.inference import CAPFILT_SAMPLING, Captioner, Filter
+from capfilt.inference import CAPFILT_SAMPLING, Captioner, Filter, fast_cpu_kind, fast_dtype
 from capfilt.model.checkpoint import export_transformers, for_role, load_checkpoint, new_checkpoint
 from capfilt.model.config import FINETUNE_IMAGE_SIZE, SIZES, MEDConfig
 from capfilt.model.generate import GenerationConfig
@@ -577,7 +578,9 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
         }
         exact_dtype = torch.float32
         result["matmul_tflops"] = {"fp32": matmul_tflops(device, torch.float32)}
-        if device.type == "cuda":
+        # fast mode's MFU is against the matmul of its dtype: bf16 on a GPU or an AMX CPU
+        fast_key = "bf16" if "fast" in config.paths and fast_dtype(device) == torch.bfloat16 else "fp32"
+        if device.type == "cuda" or fast_key == "bf16":
             result["matmul_tflops"]["bf16"] = matmul_tflops(device, torch.bfloat16)
         gen = dataclasses.replace(CAPFILT_SAMPLING, max_tokens=config.max_tokens, seed=config.seed)
         paths: dict[str, PathResult] = {}
@@ -649,15 +652,16 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
                 "fast",
                 _median(rounds["fast"]),
                 caption_lengths(fcap, fast_rows, gen),
-                "bf16" if device.type == "cuda" else "fp32",
+                fast_key,
                 round_seconds=rounds["fast"],
+                kind="bf16" if device.type == "cuda" else fast_cpu_kind(),
                 **agreement,
             )
             result["vit_fast"] = _vit_stage(
                 fcap,
                 inputs,
                 config.batch_size,
-                result["matmul_tflops"]["bf16" if device.type == "cuda" else "fp32"],
+                result["matmul_tflops"][fast_key],
             )
             del fcap, ffilt
         if hf is not None:
@@ -699,7 +703,7 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
 
 PATH_TITLES = {
     "exact": "(b) exact: our Captioner + Filter, fp32",
-    "fast": "(b) fast: bf16 on a GPU, int8 dynamic quantisation on a CPU",
+    "fast": "(b) fast: bf16 on a GPU or an AMX CPU, int8 dynamic quantisation on other CPUs",
     "transformers": "(a) transformers: BlipForConditionalGeneration.generate + BlipForImageTextRetrieval",
 }
 

@@ -215,7 +215,8 @@ class JobRequest(_Request):
     resume: bool = Field(False, description="continue the job in `output`, skipping finished shards")
     seed: Seed = 0
     precision: Literal["exact", "fast"] = Field(
-        "exact", description="fast: bf16 on GPUs, int8 on CPUs (agreement: docs/benchmarks.md)"
+        "exact",
+        description="fast: bf16 on GPUs and CPUs with AMX, int8 on other CPUs (agreement: docs/benchmarks.md)",
     )
     captioner: PathText | None = Field(None, description="default: the service's captioner")
     filter: PathText | None = Field(None, description="default: the service's filter")

@@ -194,7 +194,7 @@ def test_fast_mode_leaves_a_callers_checkpoint_exact(our_filter_dir):
     for want, got in zip(expected, exact.score(images, texts)):
         assert got[0].itm == pytest.approx(want[0].itm, abs=1e-6)
     for want, got in zip(expected, fast.score(images, texts)):
-        assert got[0].itm == pytest.approx(want[0].itm, abs=0.05)  # int8: close, not equal
+        assert got[0].itm == pytest.approx(want[0].itm, abs=0.05)  # bf16 or int8: close, not equal
     with pytest.raises(ValueError, match="precision must be one of exact, fast"):
         Filter(our_filter_dir, precision="fp8")
 
@@ -229,3 +229,72 @@ def test_packing_by_default_follows_the_width_and_the_environment(our_captioner_
     assert not Captioner(our_captioner_dir).packed
     with pytest.raises(ValueError, match="pack=True is for exact mode on a CPU"):
         Captioner(our_captioner_dir, precision="fast", pack=True)
+
+
+# ----------------------------------------------------------------------------- fast mode on a CPU
+
+
+def _fast_scores_and_captions(monkeypatch, kind: str, filter_dir, captioner_dir):
+    from capfilt import inference
+
+    monkeypatch.setenv(inference.FAST_CPU_ENV, kind)
+    images, texts = _images(3), [["a red circle"], ["two green squares", "a cat"], []]
+    exact = Filter(filter_dir).score(images, texts)
+    fast = Filter(filter_dir, precision="fast")
+    for want, got in zip(exact, fast.score(images, texts)):
+        assert len(got) == len(want)
+        for w, g in zip(want, got):
+            assert g.itm == pytest.approx(w.itm, abs=0.05)
+            # The tiny random model's image [CLS] is ~1e-8, below int8's activation resolution:
+            # its ITC image feature quantises to zero (a trained model's is of order 1).
+            if kind == "bf16":
+                assert g.itc == pytest.approx(w.itc, abs=0.05)
+    gen = GenerationConfig(method="greedy", max_tokens=6, min_tokens=2)
+    captions = Captioner(captioner_dir, precision="fast", generation=gen).caption(images)
+    assert [len(c) for c in captions] == [1, 1, 1] and all(isinstance(c[0], str) for c in captions)
+    return fast
+
+
+def test_fast_mode_on_a_cpu_without_amx_quantises_every_linear_to_int8(
+    our_filter_dir, our_captioner_dir, monkeypatch
+):
+    fast = _fast_scores_and_captions(monkeypatch, "int8", our_filter_dir, our_captioner_dir)
+    quantised = torch.ao.nn.quantized.dynamic.Linear
+    assert not [m for m in fast.med.modules() if type(m) is torch.nn.Linear]
+    assert len([m for m in fast.med.modules() if isinstance(m, quantised)]) > 10
+    assert fast.dtype == torch.float32
+
+
+def test_fast_mode_in_bf16_keeps_a_narrow_text_side_in_fp32(our_filter_dir, our_captioner_dir, monkeypatch):
+    """The tiny model's text side (32 wide) is under BF16_TEXT_MIN_WIDTH: only its image
+    encoder runs in bf16, and the image tokens reach the text side as fp32."""
+    fast = _fast_scores_and_captions(monkeypatch, "bf16", our_filter_dir, our_captioner_dir)
+    assert {p.dtype for p in fast.med.visual_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fast.med.text.parameters()} == {torch.float32}
+    assert fast.dtype == torch.bfloat16  # the pixels the image encoder takes
+    with torch.inference_mode():
+        assert fast.med.encode_image(fast.pixels(_images(1))).dtype == torch.float32
+
+
+def test_fast_mode_in_bf16_runs_a_wide_text_side_in_bf16(our_filter_dir, our_captioner_dir, monkeypatch):
+    from capfilt import inference
+
+    monkeypatch.setattr(inference, "BF16_TEXT_MIN_WIDTH", 16)
+    fast = _fast_scores_and_captions(monkeypatch, "bf16", our_filter_dir, our_captioner_dir)
+    assert {p.dtype for p in fast.med.parameters()} == {torch.bfloat16}
+
+
+def test_fast_mode_on_a_cpu_follows_amx_unless_told(monkeypatch, our_filter_dir):
+    from capfilt import inference
+
+    monkeypatch.delenv(inference.FAST_CPU_ENV, raising=False)
+    monkeypatch.setattr(inference, "cpu_has_amx", lambda: True)
+    assert inference.fast_cpu_kind() == "bf16"
+    monkeypatch.setattr(inference, "cpu_has_amx", lambda: False)
+    assert inference.fast_cpu_kind() == "int8"
+    assert inference.fast_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setenv(inference.FAST_CPU_ENV, " BF16 ")
+    assert inference.fast_cpu_kind() == "bf16"
+    monkeypatch.setenv(inference.FAST_CPU_ENV, "fp4")
+    with pytest.raises(ValueError, match=r"CAPFILT_FAST_CPU='fp4': choose one of bf16, int8"):
+        Filter(our_filter_dir, precision="fast")

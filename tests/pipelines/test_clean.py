@@ -329,7 +329,7 @@ def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filte
 def test_fast_precision_cleans_every_sample_with_close_scores(
     whole, inputs, world, our_captioner_dir, our_filter_dir, tmp_path
 ) -> None:
-    """`--precision fast` (int8 on this CPU): the same samples, the same statuses, web-text scores
+    """`--precision fast` (bf16 or int8, as this CPU has AMX or not): the same samples, the same statuses, web-text scores
     near exact mode's (the synthetic captions may differ: sampling diverges once a logit moves)."""
     fast = clean(
         _config(inputs, world, tmp_path / "fast", our_captioner_dir, our_filter_dir, precision="fast")
