@@ -7,25 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capfilt.model.config import med_config
 from capfilt.model.med import MED
 
-PAD, CLS, SEP, DEC, ENC = 0, 1, 2, 62, 63
+from .test_losses import CLS, DEC, ENC, PAD, tiny_med
 
 
 @pytest.fixture
 def med() -> MED:
-    torch.manual_seed(0)
-    config = med_config(
-        "tiny",
-        vocab_size=64,
-        pad_token_id=PAD,
-        cls_token_id=CLS,
-        sep_token_id=SEP,
-        dec_token_id=DEC,
-        enc_token_id=ENC,
-    )
-    return MED(config).eval()
+    return tiny_med(0).eval()
 
 
 @pytest.fixture
