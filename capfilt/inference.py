@@ -13,6 +13,7 @@ the REST service. Each loads its checkpoint once; inputs are PIL images or (H, W
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import warnings
@@ -68,6 +69,7 @@ FAST_CPU_ENV = "CAPFILT_FAST_CPU"  # fast mode on a CPU: "bf16", "int8", or unse
 FAST_CPU_KINDS = ("bf16", "int8")
 
 
+@functools.cache
 def cpu_has_amx() -> bool:
     """Whether this CPU multiplies bf16 matrices in AMX tiles (Intel Sapphire Rapids and later):
     there a bf16 matmul ran 6.5-7x the fp32 one (2.6-3.0 against 0.40 TFLOP/s on the 2-core Xeon of

@@ -158,9 +158,8 @@ def _prefill(
     """
     B = image_embeds.shape[0]
     cache = med.new_cache()
-    logits = med.lm_logits(image_embeds, prompt.expand(B, -1), cache=cache, keep=slice(-1, None))[
-        :, -1
-    ].float()
+    last = med.lm_logits(image_embeds, prompt.expand(B, -1), cache=cache, keep=slice(-1, None))
+    logits = last[:, 0].float()  # (B, V) after the prompt's last token
     if rows > 1:
         repeat = torch.arange(B, device=logits.device).repeat_interleave(rows)  # (B * rows,)
         logits, cache = logits[repeat], cache.select(repeat)
