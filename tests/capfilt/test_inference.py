@@ -234,7 +234,7 @@ def test_packing_by_default_follows_the_width_and_the_environment(our_captioner_
 # ----------------------------------------------------------------------------- fast mode on a CPU
 
 
-def _fast_scores_and_captions(monkeypatch, kind: str, filter_dir, captioner_dir):
+def _fast_scores_and_captions(monkeypatch, kind: str, filter_dir, captioner_dir, itc: bool = True):
     from capfilt import inference
 
     monkeypatch.setenv(inference.FAST_CPU_ENV, kind)
@@ -245,9 +245,7 @@ def _fast_scores_and_captions(monkeypatch, kind: str, filter_dir, captioner_dir)
         assert len(got) == len(want)
         for w, g in zip(want, got):
             assert g.itm == pytest.approx(w.itm, abs=0.05)
-            # The tiny random model's image [CLS] is ~1e-8, below int8's activation resolution:
-            # its ITC image feature quantises to zero (a trained model's is of order 1).
-            if kind == "bf16":
+            if itc:
                 assert g.itc == pytest.approx(w.itc, abs=0.05)
     gen = GenerationConfig(method="greedy", max_tokens=6, min_tokens=2)
     captions = Captioner(captioner_dir, precision="fast", generation=gen).caption(images)
@@ -255,19 +253,38 @@ def _fast_scores_and_captions(monkeypatch, kind: str, filter_dir, captioner_dir)
     return fast
 
 
-def test_fast_mode_on_a_cpu_without_amx_quantises_every_linear_to_int8(
-    our_filter_dir, our_captioner_dir, monkeypatch
-):
-    fast = _fast_scores_and_captions(monkeypatch, "int8", our_filter_dir, our_captioner_dir)
+def _linears(module: torch.nn.Module) -> tuple[int, int]:
+    """(plain fp32 Linears, int8 dynamically quantised Linears) in `module`."""
     quantised = torch.ao.nn.quantized.dynamic.Linear
-    assert not [m for m in fast.med.modules() if type(m) is torch.nn.Linear]
-    assert len([m for m in fast.med.modules() if isinstance(m, quantised)]) > 10
+    plain = sum(type(m) is torch.nn.Linear for m in module.modules())
+    return plain, sum(isinstance(m, quantised) for m in module.modules())
+
+
+def test_fast_mode_in_int8_keeps_a_narrow_text_side_in_fp32(our_filter_dir, our_captioner_dir, monkeypatch):
+    """The tiny model's text side (32 wide) is under FAST_TEXT_MIN_WIDTH: only its image encoder
+    is quantised."""
+    fast = _fast_scores_and_captions(monkeypatch, "int8", our_filter_dir, our_captioner_dir)
+    plain, quantised = _linears(fast.med.visual_encoder)
+    assert plain == 0 and quantised > 0
+    assert _linears(fast.med.text)[1] == 0 and type(fast.med.itm_head) is torch.nn.Linear
     assert fast.dtype == torch.float32
 
 
+def test_fast_mode_in_int8_quantises_every_linear_of_a_wide_model(
+    our_filter_dir, our_captioner_dir, monkeypatch
+):
+    from capfilt import inference
+
+    monkeypatch.setattr(inference, "FAST_TEXT_MIN_WIDTH", 16)
+    # The tiny random model's image [CLS] is ~1e-8, below int8's activation resolution: its ITC
+    # image feature quantises to zero (a trained model's is of order 1), so ITC is not compared.
+    fast = _fast_scores_and_captions(monkeypatch, "int8", our_filter_dir, our_captioner_dir, itc=False)
+    plain, quantised = _linears(fast.med)
+    assert plain == 0 and quantised > 10
+
+
 def test_fast_mode_in_bf16_keeps_a_narrow_text_side_in_fp32(our_filter_dir, our_captioner_dir, monkeypatch):
-    """The tiny model's text side (32 wide) is under BF16_TEXT_MIN_WIDTH: only its image
-    encoder runs in bf16, and the image tokens reach the text side as fp32."""
+    """Only the image encoder runs in bf16, and its image tokens reach the text side as fp32."""
     fast = _fast_scores_and_captions(monkeypatch, "bf16", our_filter_dir, our_captioner_dir)
     assert {p.dtype for p in fast.med.visual_encoder.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in fast.med.text.parameters()} == {torch.float32}
@@ -279,7 +296,7 @@ def test_fast_mode_in_bf16_keeps_a_narrow_text_side_in_fp32(our_filter_dir, our_
 def test_fast_mode_in_bf16_runs_a_wide_text_side_in_bf16(our_filter_dir, our_captioner_dir, monkeypatch):
     from capfilt import inference
 
-    monkeypatch.setattr(inference, "BF16_TEXT_MIN_WIDTH", 16)
+    monkeypatch.setattr(inference, "FAST_TEXT_MIN_WIDTH", 16)
     fast = _fast_scores_and_captions(monkeypatch, "bf16", our_filter_dir, our_captioner_dir)
     assert {p.dtype for p in fast.med.parameters()} == {torch.bfloat16}
 
