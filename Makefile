@@ -33,7 +33,7 @@ demo: venv
 # where a GPU is present, base at 384 px.
 bench: venv
 	$(BIN)/capfilt bench throughput --device cpu --size small --pairs 512 --scaling 1000 10000
-	$(BIN)/capfilt bench throughput --device cpu --size base --pairs 16 --batch-size 8 --check-images 8 --paths transformers exact fast
+	$(BIN)/capfilt bench throughput --device cpu --size base --pairs 32 --check-images 8 --paths transformers exact fast
 
 bench-gpu: venv
 	$(BIN)/capfilt bench throughput --device cuda --size base --image-size 384 --pairs 2048 --batch-size 1024 \
