@@ -171,21 +171,22 @@ def _prefill(
 
 
 def _repetition_penalty(scores: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
-    """scores (R, V); seqs (R, T) every token so far, prompt included. Applied once per distinct token."""
+    """scores (R, V), changed in place; seqs (R, T) every token so far, prompt included. Applied
+    once per distinct token (every copy of a repeated token gets the value gathered before)."""
     if penalty == 1.0:
         return scores
     seen = scores.gather(1, seqs)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return scores.scatter(1, seqs, seen)
+    return scores.scatter_(1, seqs, seen)
 
 
 def _process(
     scores: torch.Tensor, seqs: torch.Tensor, generated: int, config: GenerationConfig, sep: int
 ) -> torch.Tensor:
-    """Repetition penalty, then no [SEP] before `min_tokens` generated tokens."""
+    """Repetition penalty, then no [SEP] before `min_tokens` generated tokens. Changes `scores`
+    in place (a step's fresh logits: a (R, V) copy costs as much as the rest of the processing)."""
     scores = _repetition_penalty(scores, seqs, config.repetition_penalty)
     if generated < config.min_tokens:
-        scores = scores.clone()
         scores[:, sep] = -math.inf
     return scores
 

@@ -75,8 +75,15 @@ class DecodeStep:
         head = med.lm_head
         self.head_dense = _affine(head.transform.dense)
         self.head_norm = _norm(head.transform.LayerNorm)
-        self.head_decoder = _affine(head.decoder)
-        self.head_bias = head.bias.detach()
+        if type(head.decoder) is nn.Linear and head.decoder.bias is None:
+            # One `addmm` into the logits instead of a product and a second (R, V) pass adding the bias.
+            self.head_decoder = partial(
+                F.linear, weight=head.decoder.weight.detach(), bias=head.bias.detach()
+            )
+            self.head_bias = None
+        else:
+            self.head_decoder = _affine(head.decoder)
+            self.head_bias = head.bias.detach()
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         R, H = tokens.shape[0], self.heads
@@ -110,7 +117,10 @@ class DecodeStep:
             x = F.layer_norm(down(F.gelu(up(x))) + x, *ffn_norm)
         cache.advance(1)
         x = F.layer_norm(F.gelu(self.head_dense(x)), *self.head_norm)
-        return (self.head_decoder(x) + self.head_bias).float()
+        logits = self.head_decoder(x)
+        if self.head_bias is not None:
+            logits = logits + self.head_bias
+        return logits.float()
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -372,10 +372,9 @@ def test_processors_match_transformers() -> None:
     scores = torch.randn(8, 64) * 3
     seqs = torch.randint(0, 64, (8, 10))
     for penalty in (1.1, 0.7):
-        assert torch.equal(
-            _repetition_penalty(scores, seqs, penalty),
-            RepetitionPenaltyLogitsProcessor(penalty)(seqs, scores),
-        )
+        ours = scores.clone()
+        assert _repetition_penalty(ours, seqs, penalty) is ours  # in place: a step's logits are its own
+        assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(penalty)(seqs, scores.clone()))
     for top_p in (0.05, 0.5, 0.9, 1.0):
         assert torch.equal(_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
     ties = torch.randint(-3, 3, (8, 64)).float()
