@@ -47,6 +47,26 @@ def test_fused_blocks_give_what_timm_blocks_give(stem: str, monkeypatch: pytest.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_fused_blocks_take_a_large_batch_in_chunks_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoder = _encoder()
+    pixels = torch.randn(7, 3, 32, 32)
+    tokens = 1 + (32 // encoder.config.patch_size) ** 2
+    with torch.inference_mode():
+        whole = encoder(pixels)  # the tiny encoder's 7 images fit one chunk
+        calls = []
+        fused = V._FUSED_LAYER
+        monkeypatch.setattr(V, "_FUSED_LAYER", lambda x, *a: calls.append(x.shape[0]) or fused(x, *a))
+        monkeypatch.setattr(V, "FUSED_CHUNK_BYTES", 3 * tokens * encoder.config.width * 4)  # 3 images a chunk
+        chunked = encoder(pixels)
+        expected = _timm(encoder, pixels, monkeypatch)
+    assert calls == [3] * len(encoder.blocks) + [2] * len(encoder.blocks) + [2] * len(encoder.blocks)
+    assert chunked.shape == whole.shape == (7, tokens, encoder.config.width)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-5)
+
+
 def test_training_autograd_and_quantised_blocks_run_through_timm(monkeypatch: pytest.MonkeyPatch) -> None:
     encoder = _encoder()
     pixels = torch.randn(2, 3, 32, 32)
