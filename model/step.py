@@ -3,7 +3,8 @@
 A step feeds one token per caption through the decoder: a handful of rows against every weight,
 so on a CPU its cost is mostly the per-call overhead of some 80 small ops, not arithmetic.
 `DecodeStep` computes exactly what `MED.lm_logits(None, tokens[:, None], cache)` computes, in the
-same order of operations, with that overhead cut:
+same order of operations (but for the LM head's bias, added inside its product), with that
+overhead cut:
 - no module calls, no (B, 1, D) reshapes or head transposes: with one query per row the heads of
   a (R, D) row are already laid out as (R, nh, 1, hs);
 - dropout is not called at all (generation runs the model in eval mode);

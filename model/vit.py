@@ -72,9 +72,11 @@ class VisionTransformer(nn.Module):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
         )
-        chunk = max(1, FUSED_CHUNK_BYTES // (x.shape[1] * x.shape[2] * x.element_size()))
-        if fused and x.shape[0] > chunk:  # chunks of equal size, none above `chunk`
-            return torch.cat([self._blocks(part, fused) for part in x.tensor_split(-(-x.shape[0] // chunk))])
+        if fused:
+            chunk = max(1, FUSED_CHUNK_BYTES // (x.shape[1] * x.shape[2] * x.element_size()))
+            if x.shape[0] > chunk:  # chunks of equal size, none above `chunk`
+                parts = x.tensor_split(-(-x.shape[0] // chunk))
+                return torch.cat([self._blocks(part, fused) for part in parts])
         return self._blocks(x, fused)
 
     def _blocks(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -101,7 +103,7 @@ _FUSED_LAYER = getattr(torch, "_transformer_encoder_layer_fwd", None)
 # take the images in chunks whose tokens hold about this many bytes, one core's L2 on the Xeon of
 # `docs/benchmarks.md`. There, small (65 tokens of 128 floats) ran 975 images/s at 512 a call and
 # 1,524 at 128, against 1,895 in chunks of 64; base at 384 px (577 tokens of 768) 2.01 images/s at
-# 32 a call and 2.08 at 8, against 2.43 one image at a time.
+# 32 a call and 2.08 at 8, against 2.43 one image at a time (in a quieter hour: 2.58 against 2.64).
 FUSED_CHUNK_BYTES = 2 * 2**20
 
 
