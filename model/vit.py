@@ -72,16 +72,16 @@ class VisionTransformer(nn.Module):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
         )
-        if fused:
+        layer_args = [_fused_layer_args(block) if fused else None for block in self.blocks]
+        if all(args is not None for args in layer_args):  # chunks measured for the fused layer alone
             chunk = max(1, FUSED_CHUNK_BYTES // (x.shape[1] * x.shape[2] * x.element_size()))
             if x.shape[0] > chunk:  # chunks of equal size, none above `chunk`
                 parts = x.tensor_split(-(-x.shape[0] // chunk))
-                return torch.cat([self._blocks(part, fused) for part in parts])
-        return self._blocks(x, fused)
+                return torch.cat([self._blocks(part, layer_args) for part in parts])
+        return self._blocks(x, layer_args)
 
-    def _blocks(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
-        for block in self.blocks:
-            args = _fused_layer_args(block) if fused else None
+    def _blocks(self, x: torch.Tensor, layer_args: list[tuple | None]) -> torch.Tensor:
+        for block, args in zip(self.blocks, layer_args):
             if args is not None:
                 x = _FUSED_LAYER(x, self.config.width, self.config.heads, *args)
             elif self.grad_checkpointing and self.training:

@@ -65,6 +65,18 @@ def test_fused_blocks_take_a_large_batch_in_chunks_with_the_same_result(
     assert chunked.shape == whole.shape == (7, tokens, encoder.config.width)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
     torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-5)
+    # Blocks that do not run fused (here quantised) take the batch whole: the chunks were measured
+    # for the fused layer alone.
+    quantised = torch.ao.quantization.quantize_dynamic(copy.deepcopy(encoder), {nn.Linear}, dtype=torch.qint8)
+    batches = []
+    run_blocks = V.VisionTransformer._blocks
+    monkeypatch.setattr(
+        V.VisionTransformer, "_blocks", lambda self, x, a: batches.append(len(x)) or run_blocks(self, x, a)
+    )
+    with torch.inference_mode():
+        quantised(pixels)
+        encoder(pixels)
+    assert batches == [7, 3, 2, 2]
 
 
 def test_training_autograd_and_quantised_blocks_run_through_timm(monkeypatch: pytest.MonkeyPatch) -> None:
