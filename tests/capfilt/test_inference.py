@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import platform
 
 import numpy as np
 import pytest
@@ -315,3 +316,22 @@ def test_fast_mode_on_a_cpu_follows_amx_unless_told(monkeypatch, our_filter_dir)
     monkeypatch.setenv(inference.FAST_CPU_ENV, "fp4")
     with pytest.raises(ValueError, match=r"CAPFILT_FAST_CPU='fp4': choose one of bf16, int8"):
         Filter(our_filter_dir, precision="fast")
+
+
+def test_hosted_models_on_a_cpu_fix_the_malloc_thresholds_unless_told(our_filter_dir, monkeypatch):
+    from capfilt import inference
+
+    calls = []
+    real = inference.tune_malloc
+    monkeypatch.setattr(inference, "tune_malloc", lambda: calls.append(1) or True)
+    inference.Filter(our_filter_dir)
+    assert calls == [1]
+    try:
+        real.cache_clear()
+        monkeypatch.setenv(inference.TUNE_MALLOC_ENV, "0")
+        assert real() is False  # told to leave malloc alone
+        real.cache_clear()
+        monkeypatch.delenv(inference.TUNE_MALLOC_ENV)
+        assert real() is (platform.libc_ver()[0] == "glibc")  # mallopt accepted both thresholds
+    finally:
+        real.cache_clear()
