@@ -511,15 +511,15 @@ def _wait_for_model_actors_to_exit(timeout: float = 30.0) -> None:
     the 10k jobs 5.4-5.5; with it, 5.25-5.26 and 5.44-5.49."""
     import psutil
 
+    def is_model_actor(p: psutil.Process) -> bool:
+        try:
+            command = p.cmdline()
+        except psutil.Error:  # ended meanwhile
+            return False
+        return bool(command) and command[0].startswith("ray::MapWorker")
+
     me, deadline = psutil.Process(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = []
-        for p in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::MapWorker"):
-                    alive.append(p)
-        if not alive:
-            return
+    while any(is_model_actor(p) for p in me.children(recursive=True)) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
