@@ -302,7 +302,12 @@ def _sample_among_top_k(scores: torch.Tensor, u: torch.Tensor, k: int, top_p: fl
     tied = values[:, k] == values[:, k - 1]  # the (k+1)-th ties the k-th: more than k tokens kept
     values, index = values[:, :k], index[:, :k]
     nucleus = _top_p(values, top_p)  # -inf outside the nucleus, as on the whole row
-    order = index.argsort(dim=-1)  # token order, as the whole row's cumulative sum runs
+    # Token order, as the whole row's cumulative sum runs (the indices are distinct, so any sort
+    # gives it; numpy's SIMD argsort took a third of torch's time for 128 rows of 50).
+    if index.device.type == "cpu":
+        order = torch.from_numpy(np.argsort(index.numpy(), axis=-1))
+    else:
+        order = index.argsort(dim=-1)
     index = index.gather(1, order)
     picked = index.gather(1, _inverse_cdf(nucleus.gather(1, order).softmax(dim=-1), u)[:, None]).squeeze(1)
     if bool(tied.any()):
