@@ -171,6 +171,55 @@ def test_texts_grouped_per_image_score_as_each_text_alone(our_filter_dir):
             assert score.itc == pytest.approx(alone.itc, abs=1e-5)
 
 
+def test_texts_are_scored_in_chunks_of_like_length_cut_to_their_longest(our_filter_dir, monkeypatch):
+    """Short and long texts mixed in one batch: chunks hold texts (ITC) or images (ITM) of like
+    length, each padded only to its own longest text, and every score is what the text gets alone."""
+
+    f = Filter(our_filter_dir, batch_size=6)  # the 6 images in one batch, chunks of up to 6 texts
+    short, long = "a cat", "two green squares and a long tail of many more words than the rest"
+    texts = [[long, short], [short, short], [long, long], [short, short], [short, long], [short, short]]
+    images = _images(len(texts))
+    widths: dict[str, list[int]] = {"itc": [], "itm": []}
+    text_feature, itm_logits = f.med.text_feature, f.med.itm_logits
+
+    def spy_itc(ids, mask):
+        widths["itc"].append(ids.shape[1])
+        return text_feature(ids, mask)
+
+    def spy_itm(embeds, ids, mask, **kw):
+        widths["itm"].append(ids.shape[1])
+        return itm_logits(embeds, ids, mask, **kw)
+
+    monkeypatch.setattr(f.med, "text_feature", spy_itc)
+    monkeypatch.setattr(f.med, "itm_logits", spy_itm)
+    scores = f.score(images, texts)
+    monkeypatch.undo()
+    limit = f.ckpt.config.max_text_tokens
+    full, narrow = (f.ckpt.tokenizer([t], limit)[0].shape[1] for t in (long, short))
+    assert narrow < full
+    assert widths["itc"] == [narrow, full]  # 6 of the 8 short texts, then 2 short and 4 long ones
+    assert widths["itm"] == [narrow, full]  # 3 images a chunk, those with only short texts first
+    for image, row, scored in zip(images, texts, scores):
+        assert [s.text for s in scored] == row
+        for text, score in zip(row, scored):
+            alone = Filter(our_filter_dir).score([image], [[text]])[0][0]
+            assert score.itm == pytest.approx(alone.itm, abs=1e-5)
+            assert score.itc == pytest.approx(alone.itc, abs=1e-5)
+
+
+def test_length_chunks_order_and_budget():
+    import torch
+
+    from capfilt.inference import _length_chunks, _trimmed
+
+    chunks = _length_chunks(torch.tensor([5, 1, 3, 1, 9]), [1, 2, 3, 1, 1], budget=3)
+    assert [c.tolist() for c in chunks] == [[1, 3], [2], [0, 4]]  # an item over the budget goes alone
+    ids = torch.tensor([[1, 2, 0, 0], [1, 0, 0, 0], [1, 2, 3, 0]])
+    mask = (ids > 0).long()
+    sub_ids, sub_mask = _trimmed(ids, mask, torch.tensor([0, 1]))
+    assert sub_ids.tolist() == [[1, 2], [1, 0]] and sub_mask.tolist() == [[1, 1], [1, 0]]
+
+
 def test_grouped_texts_must_divide_evenly(our_filter_dir):
     import torch
 
