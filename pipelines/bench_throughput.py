@@ -459,9 +459,16 @@ class PeakMemory:
 
 
 def run_job(
-    shards: Path, captioner: Path, filt: Path, out: Path, batch_size: int, seed: int
+    shards: Path,
+    captioner: Path,
+    filt: Path,
+    out: Path,
+    batch_size: int,
+    seed: int,
+    num_gpus: float | None = None,
 ) -> dict[str, Any]:
-    """The cleaning job over `shards` on the running Ray; wall time, steady-state rate, peak RSS."""
+    """The cleaning job over `shards` on the running Ray; wall time, steady-state rate, peak RSS.
+    `num_gpus`: the job's option (None: its own choice from the cluster; 0: CPUs)."""
     from capfilt.pipelines.clean import CleanConfig, clean
 
     done: list[tuple[float, int]] = []
@@ -479,6 +486,7 @@ def run_job(
                 filter=str(filt),
                 batch_size=batch_size,
                 seed=seed,
+                num_gpus=num_gpus,
             ),
             progress=progress,
         )
@@ -501,6 +509,7 @@ def run_job(
         "steady_pairs_per_s": steady,
         "steady_pairs_per_s_halves": halves if None not in halves else None,
         "peak_rss_gb": memory.peak / 1e9,
+        "resources": summary.resources,  # the model actors the job chose
     }
 
 
@@ -863,13 +872,18 @@ def _job_runs(
     from capfilt.world import synthesize
 
     out: dict[str, Any] = {}
+    # The job on the bench's device: on a CPU run, CPU actors even where the machine has a GPU.
+    on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    num_gpus = None if on_gpu else 0.0
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
         if "job" in config.paths:
             say("(c) job: capfilt clean on a local Ray")
-            out["job"] = run_job(inputs.shards, cap, filt, work / "job", config.batch_size, config.seed)
+            out["job"] = run_job(
+                inputs.shards, cap, filt, work / "job", config.batch_size, config.seed, num_gpus
+            )
         rows = []
         # One shard size for every run (the smallest run's): a larger job is more of the same
         # shards, so a change in time per pair is the job's scaling, not its shards' size.
@@ -878,7 +892,9 @@ def _job_runs(
             say(f"scaling: capfilt clean over {n} pairs in shards of {shard_size}")
             world = work / f"scale-{n}"
             synthesize(world, web=n, human=0, test=0, seed=config.seed, image_size=64, shard_size=shard_size)
-            job = run_job(world / "web", cap, filt, work / f"scale-{n}-out", config.batch_size, config.seed)
+            job = run_job(
+                world / "web", cap, filt, work / f"scale-{n}-out", config.batch_size, config.seed, num_gpus
+            )
             job["seconds_per_pair"] = job["wall_s"] / max(1, job["pairs"])  # start-up included
             steady = job["steady_pairs_per_s"]
             job["steady_seconds_per_pair"] = 1 / steady if steady else None  # start-up excluded

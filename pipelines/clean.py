@@ -52,6 +52,7 @@ from capfilt.model.generate import GenerationConfig
 
 from .clean_output import (
     Shard,
+    check_output,
     prepare,
     read_manifest,
     read_stats,
@@ -60,6 +61,7 @@ from .clean_output import (
     write_parquet,
     write_web_shard,
 )
+from .clean_resources import ActorPlan, cluster_nodes, plan_actors
 from .clean_tables import table_columns, table_schema
 
 log = logging.getLogger(__name__)
@@ -85,9 +87,11 @@ class CleanConfig:
     top_p: float = 0.9  # nucleus mass (BLIP's CapFilt: 0.9)
     top_k: int = 50  # sample among the top_k tokens only, 0 for all (BLIP's CapFilt: transformers' 50)
     batch_size: int = 32  # images per model batch and per Ray Data batch
-    num_gpus: float = 0  # GPUs per model actor (fractions share a GPU)
-    captioner_actors: int = 1
-    filter_actors: int = 1
+    # The model actors; None: chosen from the cluster's resources (`clean_resources`), GPUs when
+    # it has any. num_gpus is GPUs per model actor (fractions share a GPU; 0: CPUs only).
+    num_gpus: float | None = None
+    captioner_actors: int | None = None
+    filter_actors: int | None = None
     resume: bool = False  # continue a job in `output`: finished shards are skipped
     seed: int = 0  # a sample's sampling seed comes from (seed, key)
     precision: str = "exact"  # "fast": bf16 on GPUs and AMX CPUs, int8 on other CPUs (docs/benchmarks.md)
@@ -117,12 +121,12 @@ class CleanConfig:
             raise bad("top-k", f"must be >= 0 (0: no top-k cut); got {self.top_k}")
         if self.batch_size < 1:
             raise bad("batch-size", f"must be >= 1; got {self.batch_size}")
-        if not self.num_gpus >= 0:
+        if self.num_gpus is not None and not (self.num_gpus >= 0 and math.isfinite(self.num_gpus)):
             raise bad("num-gpus", f"must be >= 0; got {self.num_gpus}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         for name in ("captioner_actors", "filter_actors"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name.replace("_", "-"), f"must be >= 1; got {getattr(self, name)}")
 
     def generation(self) -> GenerationConfig:
@@ -159,6 +163,7 @@ class CleanSummary:
     timings: dict[str, float] = field(default_factory=dict)
     read_errors: dict[str, str] = field(default_factory=dict)  # shard -> what cut its reading short
     report: Path | None = None  # report.html; None when it could not be written (the job's data stands)
+    resources: dict[str, Any] = field(default_factory=dict)  # the model actors this run asked Ray for
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,7 @@ def _shards(entries: list[str], option: str, first_id: int, kind: str) -> list[S
 
 def _score(
     config: CleanConfig,
+    plan: ActorPlan,
     shards: list[Shard],
     captioner: _Model,
     filt: _Model,
@@ -226,14 +232,10 @@ def _score(
 
     if not shards:
         return
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    actors = config.captioner_actors + config.filter_actors
-    # Actors hold their CPUs for the whole job; on a small machine leave room for read and decode.
-    actor_cpus = 1.0 if config.num_gpus > 0 else max(0.25, min(1.0, cpus / (actors + 1)))
-    task_cpus = max(0.25, min(1.0, cpus - actor_cpus * actors))
-    device = "cuda" if config.num_gpus > 0 else "cpu"
+    # Actors hold their CPUs (and GPUs) for the whole job; read and decode tasks get the rest.
+    actor_cpus, task_cpus = plan.cpus_per_actor, plan.task_cpus
     model_args = dict(
-        batch_size=config.batch_size, device=device, num_cpus=actor_cpus, precision=config.precision
+        batch_size=config.batch_size, device=plan.device, num_cpus=actor_cpus, precision=config.precision
     )
     sizes = sorted({captioner.image_size, filt.image_size})
     by_id = {s.id: s for s in shards}
@@ -258,8 +260,8 @@ def _score(
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_cpus=actor_cpus,
-        num_gpus=config.num_gpus,
-        compute=ray.data.ActorPoolStrategy(size=config.captioner_actors),
+        num_gpus=plan.gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=plan.captioner_actors),
     )
     ds = ds.map_batches(
         FilterStage,
@@ -273,8 +275,8 @@ def _score(
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_cpus=actor_cpus,
-        num_gpus=config.num_gpus,
-        compute=ray.data.ActorPoolStrategy(size=config.filter_actors),
+        num_gpus=plan.gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=plan.filter_actors),
     )
     pending: dict[int, list[dict[str, Any]]] = {}
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -322,7 +324,22 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     cap = _inspect(config.captioner, "caption", "captioner")
     filt = _inspect(config.filter, "score", "filter")
     out = Path(config.output)
-    done = prepare(out, _job(config, web, human, cap, filt), config.resume)
+    job = _job(config, web, human, cap, filt)
+    check_output(out, job, config.resume)  # before Ray starts: a wrong --output fails at once
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=config.ray_address)
+    try:
+        # Before anything is written: a plan the cluster cannot hold fails with the output untouched.
+        plan = plan_actors(cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors)
+        done = prepare(out, job, config.resume)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    log.info("model actors: %s", plan.as_dict())
     total = len(web) + len(human)
     pending = [s for s in web if s.name not in done]
     finished = read_manifest(out).values()
@@ -337,11 +354,6 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
             progress(state["shards"], total, state["samples"])
 
     advance(0, 0)
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=config.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = progress is None
     timings: dict[str, float] = {"prepare_s": time.perf_counter() - start}
     run_samples = 0
@@ -350,7 +362,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
         if config.keep_fraction is None:
             threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
             # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
-            scoring = _score(config, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n))
+            scoring = _score(config, plan, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n))
             with contextlib.closing(scoring) as scored:
                 for shard, rows in scored:
                     timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
@@ -358,7 +370,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
                     run_samples += len(rows)
                     advance(1, 0)
         else:
-            threshold, run_samples = _keep_fraction(config, out, pending, cap, filt, advance)
+            threshold, run_samples = _keep_fraction(config, plan, out, pending, cap, filt, advance)
         timings["web_s"] = time.perf_counter() - t0
         for shard in human:
             if shard.name not in done:
@@ -368,6 +380,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
         if started:
             ray.shutdown()
     summary = _summary(out, web, human, len(done), threshold, cap, filt, run_samples, start, timings)
+    summary = dataclasses.replace(summary, resources=plan.as_dict())
     return dataclasses.replace(summary, report=_report(out, summary.timings))
 
 
@@ -388,6 +401,7 @@ def _report(out: Path, timings: dict[str, float]) -> Path | None:
 
 def _keep_fraction(
     config: CleanConfig,
+    plan: ActorPlan,
     out: Path,
     pending: list[Shard],
     cap: _Model,
@@ -400,7 +414,7 @@ def _keep_fraction(
     scored.mkdir(exist_ok=True)
     to_score = [s for s in pending if not (scored / f"{s.name}.parquet").is_file()]
     run_samples = 0
-    scoring = _score(config, to_score, cap, filt, DEFAULT_THRESHOLD, on_rows=lambda n: advance(0, n))
+    scoring = _score(config, plan, to_score, cap, filt, DEFAULT_THRESHOLD, on_rows=lambda n: advance(0, n))
     with contextlib.closing(scoring) as batches:
         for shard, rows in batches:
             write_parquet(scored / f"{shard.name}.parquet", table(rows))

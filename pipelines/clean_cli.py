@@ -67,12 +67,26 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
     p.add_argument(
-        "--num-gpus", type=float, default=0, help="GPUs per model actor, fractions allowed (default: 0)"
+        "--num-gpus",
+        type=float,
+        default=None,
+        help="GPUs per model actor, fractions allowed; 0: CPUs only (default: 1 where the Ray cluster "
+        "has GPUs, half of one each where it has one; else CPUs)",
     )
     p.add_argument(
-        "--captioner-actors", type=int, default=1, metavar="N", help="captioner actors (default: 1)"
+        "--captioner-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="captioner actors (default: from the cluster's GPUs or CPUs, about 55%% of the model actors)",
     )
-    p.add_argument("--filter-actors", type=int, default=1, metavar="N", help="filter actors (default: 1)")
+    p.add_argument(
+        "--filter-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="filter actors (default: from the cluster's GPUs or CPUs, the rest of the model actors)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the job in --output, skipping finished shards"
     )
@@ -159,4 +173,5 @@ def run_clean(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": round(s.wall_s, 3),
         "samples_per_s": round(s.samples_per_s, 3),
         "timings": s.timings,
+        "resources": s.resources,  # the model actors asked of Ray: device, counts, CPUs, GPUs, threads
     }

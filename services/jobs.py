@@ -107,13 +107,13 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
         argv += ["--keep-fraction", repr(request.keep_fraction)]
     argv += ["--num-captions", str(request.num_captions), "--top-p", repr(request.top_p)]
     argv += ["--top-k", str(request.top_k)]
-    argv += ["--batch-size", str(request.batch_size), "--num-gpus", repr(request.num_gpus)]
-    argv += [
-        "--captioner-actors",
-        str(request.captioner_actors),
-        "--filter-actors",
-        str(request.filter_actors),
-    ]
+    argv += ["--batch-size", str(request.batch_size)]
+    if request.num_gpus is not None:
+        argv += ["--num-gpus", repr(request.num_gpus)]
+    if request.captioner_actors is not None:
+        argv += ["--captioner-actors", str(request.captioner_actors)]
+    if request.filter_actors is not None:
+        argv += ["--filter-actors", str(request.filter_actors)]
     argv += ["--seed", str(request.seed), "--precision", request.precision]
     argv += ["--resume"] if request.resume else []
     _check_with_the_cli(argv)

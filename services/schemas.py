@@ -209,9 +209,11 @@ class JobRequest(_Request):
     top_p: TopP = 0.9
     top_k: TopK = 50
     batch_size: int = Field(32, ge=1, le=4096, description="images per model batch")
-    num_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per model actor")
-    captioner_actors: int = Field(1, ge=1, le=1024)
-    filter_actors: int = Field(1, ge=1, le=1024)
+    num_gpus: float | None = Field(
+        None, ge=0.0, le=64.0, description="GPUs per model actor; 0: CPUs only (default: from the cluster)"
+    )
+    captioner_actors: int | None = Field(None, ge=1, le=1024, description="default: from the cluster")
+    filter_actors: int | None = Field(None, ge=1, le=1024, description="default: from the cluster")
     resume: bool = Field(False, description="continue the job in `output`, skipping finished shards")
     seed: Seed = 0
     precision: Literal["exact", "fast"] = Field(

@@ -49,6 +49,6 @@ def ray_cluster() -> Iterator[None]:
     if ray.is_initialized():  # another suite's fixture got there first
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)  # CPU jobs on any machine
     yield
     ray.shutdown()

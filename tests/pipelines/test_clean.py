@@ -373,6 +373,11 @@ def test_cli_reruns_a_finished_job_as_a_json_summary(whole, inputs, world, our_c
     assert summary["shards_skipped"] == summary["shards"] == 6 and summary["samples"] == 44
     assert summary["dprime_pairs"] == whole.dprime_pairs and summary["status"] == whole.status
     assert summary["ledger"] == str(whole.output / "ledger")
+    # The test cluster (2 CPUs, no GPU): one actor per pool on a share of a core, as chosen.
+    resources = summary["resources"]
+    assert (resources["device"], resources["captioner_actors"], resources["filter_actors"]) == ("cpu", 1, 1)
+    assert resources["cpus_per_actor"] == pytest.approx(2 / 3) and resources["threads_per_actor"] == 1
+    assert whole.resources == resources
 
 
 def test_cli_flags_map_onto_the_config() -> None:

@@ -123,6 +123,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         "--node-ip-address=127.0.0.1",
         f"--port={port}",
         "--num-cpus=2",
+        "--num-gpus=0",  # CPU jobs on any machine
         "--object-store-memory=200000000",
     ]
     argv += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]

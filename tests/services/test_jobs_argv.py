@@ -56,6 +56,11 @@ def test_every_job_option_reaches_the_clean_command(tmp_path: Path) -> None:
         clean_argv(JobRequest(input=[str(tmp_path / "in")], output=str(tmp_path / "out" / "j")), serve)
     )
     assert (default.top_k, default.precision, default.threshold, default.resume) == (50, "exact", None, False)
+    assert (default.num_gpus, default.captioner_actors, default.filter_actors) == (
+        None,
+        None,
+        None,
+    )  # the job's choice
 
 
 def test_bad_sampling_and_precision_are_refused_by_the_schema() -> None:

@@ -1,0 +1,167 @@
+"""How a cleaning job sizes its captioner and filter actor pools from the Ray cluster it runs on.
+
+Left to choose (`--num-gpus`, `--captioner-actors`, `--filter-actors` not given), a job uses what
+the cluster has:
+- **GPUs, when it has any**: one GPU per model actor, or half of one each for a captioner and a
+  filter actor when the cluster has a single GPU; one CPU per actor for its host work.
+- **CPUs otherwise**. Below `SMALL_CLUSTER_CPUS` (a laptop, CI): one captioner and one filter
+  actor, each on a share of a core, beside the read and decode tasks. From there up: an eighth of
+  the CPUs (at least one) stays for reading and decoding, and the rest go to at most
+  `MAX_CPU_ACTORS` model actors of equal whole cores (each holds its own model in memory), each
+  running torch on that many threads.
+
+Either way the actors are split between the two pools in about the ratio of their work: the
+captioner encodes each image and decodes a caption, the filter encodes each image and scores two
+texts (55:45 on the CPU and the H100 of `docs/benchmarks.md`).
+
+Counts given are taken as given. The cluster is read when the job starts: on an autoscaling
+cluster whose workers scale from zero, name the GPUs and actor counts (as `deploy/kuberay` does);
+a plan that asks for more GPUs than the cluster has then is logged as a warning, and the actor
+pools wait for the autoscaler to add them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CAPTIONER_SHARE = 0.55  # of the model actors, when neither count is given
+SMALL_CLUSTER_CPUS = 4  # below this, one actor per pool on a share of a core
+MAX_CPU_ACTORS = 8  # CPU model actors in all, when their counts are not given
+READ_SHARE = 1 / 8  # of a larger cluster's CPUs, kept for the read and decode tasks
+MIN_CPUS = 0.25  # the least share of a CPU an actor or a task asks Ray for
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive Ray node's CPUs and GPUs."""
+
+    cpus: float
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """What the model stages ask Ray for."""
+
+    device: str  # "cuda" or "cpu"
+    captioner_actors: int
+    filter_actors: int
+    gpus_per_actor: float  # 0 on CPUs
+    cpus_per_actor: float
+    threads_per_actor: int  # torch's intra-op threads in each model actor
+    task_cpus: float  # each read or decode task
+    cluster_cpus: float
+    cluster_gpus: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the Ray cluster this process is connected to."""
+    import ray
+
+    return [
+        Node(float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def plan_actors(
+    nodes: Sequence[Node],
+    num_gpus: float | None = None,
+    captioner_actors: int | None = None,
+    filter_actors: int | None = None,
+) -> ActorPlan:
+    """The model actors for a cluster of `nodes`; None: choose (see the module docstring).
+    `num_gpus` 0 keeps the models on CPUs whatever the cluster has."""
+    cpus = sum(n.cpus for n in nodes)
+    gpus = sum(n.gpus for n in nodes)
+    use_gpus = num_gpus > 0 if num_gpus is not None else gpus >= 1
+    if use_gpus:
+        return _gpu_plan(nodes, cpus, gpus, num_gpus, captioner_actors, filter_actors)
+    return _cpu_plan(nodes, cpus, gpus, captioner_actors, filter_actors)
+
+
+def _split(slots: int, captioner: int | None, filt: int | None) -> tuple[int, int]:
+    """Actors per pool for `slots` actors in all, keeping any count given."""
+    if captioner is None and filt is None:
+        captioner = max(1, min(slots - 1, round(slots * CAPTIONER_SHARE)))
+        return captioner, max(1, slots - captioner)
+    if captioner is None:
+        return max(1, slots - filt), filt  # type: ignore[operator]
+    if filt is None:
+        return captioner, max(1, slots - captioner)
+    return captioner, filt
+
+
+def _host_cpus(cpus: float, actors: int) -> tuple[float, float]:
+    """(CPUs per actor, CPUs per read or decode task) when the actors need a core at most."""
+    actor = max(MIN_CPUS, min(1.0, cpus / (actors + 1)))
+    return actor, max(MIN_CPUS, min(1.0, cpus - actor * actors))
+
+
+def _gpu_plan(
+    nodes: Sequence[Node],
+    cpus: float,
+    gpus: float,
+    num_gpus: float | None,
+    captioner: int | None,
+    filt: int | None,
+) -> ActorPlan:
+    if num_gpus is None:  # the cluster has GPUs now
+        wanted = captioner + filt if captioner is not None and filt is not None else 2
+        share = min(1.0, max(n.gpus for n in nodes), gpus / wanted)  # one GPU: the two pools share it
+        while _fit(nodes, share) < wanted:
+            share /= 2  # actors that fit on the nodes' GPUs
+    else:
+        share = num_gpus
+    captioner, filt = _split(max(2, _fit(nodes, share)), captioner, filt)
+    if _fit(nodes, share) < captioner + filt:
+        log.warning(
+            "%d captioner and %d filter actors at %g GPU each need %g GPUs on nodes that hold them; the Ray "
+            "cluster has %g now: the actor pools wait until the autoscaler adds them (with none coming, "
+            "lower --captioner-actors, --filter-actors or --num-gpus)",
+            captioner,
+            filt,
+            share,
+            (captioner + filt) * share,
+            gpus,
+        )
+    actor_cpus, task_cpus = _host_cpus(cpus, captioner + filt)
+    if cpus < captioner + filt:  # no CPUs to share yet (workers to come): a core per actor, as they come
+        actor_cpus = 1.0
+    return ActorPlan("cuda", captioner, filt, share, actor_cpus, 1, task_cpus, cpus, gpus)
+
+
+def _fit(nodes: Sequence[Node], share: float) -> int:
+    """Actors of `share` GPU each that the nodes' GPUs hold (an actor runs on one node)."""
+    return sum(math.floor(n.gpus / share + 1e-9) for n in nodes)
+
+
+def _cpu_plan(
+    nodes: Sequence[Node], cpus: float, gpus: float, captioner: int | None, filt: int | None
+) -> ActorPlan:
+    if cpus < SMALL_CLUSTER_CPUS:
+        captioner, filt = captioner or 1, filt or 1
+        actor_cpus, task_cpus = _host_cpus(cpus, captioner + filt)
+        return ActorPlan("cpu", captioner, filt, 0.0, actor_cpus, 1, task_cpus, cpus, gpus)
+    model_cpus = cpus - max(1.0, cpus * READ_SHARE)
+    largest = max(n.cpus for n in nodes)  # nodes exist: cpus >= SMALL_CLUSTER_CPUS
+    if captioner is not None and filt is not None:
+        threads = max(1, min(int(model_cpus // (captioner + filt)), int(largest)))
+    else:
+        threads = max(1, min(math.ceil(model_cpus / MAX_CPU_ACTORS), int(largest // 2)))
+        fit = sum(int(n.cpus // threads) for n in nodes)  # an actor runs on one node
+        captioner, filt = _split(max(2, min(fit, int(model_cpus // threads))), captioner, filt)
+    actors = captioner + filt
+    actor_cpus = float(threads) if threads * actors <= model_cpus else max(MIN_CPUS, model_cpus / actors)
+    task_cpus = max(MIN_CPUS, min(1.0, cpus - actor_cpus * actors))
+    return ActorPlan("cpu", captioner, filt, 0.0, actor_cpus, max(1, int(actor_cpus)), task_cpus, cpus, gpus)

@@ -1,0 +1,82 @@
+"""The cleaning job's model actors, chosen from the Ray cluster's resources or as given."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from capfilt.pipelines.clean_resources import MAX_CPU_ACTORS, Node, plan_actors
+
+
+def _counts(plan):
+    return plan.device, plan.captioner_actors, plan.filter_actors
+
+
+def test_a_laptop_keeps_one_actor_per_pool_on_a_share_of_a_core():
+    plan = plan_actors([Node(2)])
+    assert _counts(plan) == ("cpu", 1, 1)
+    assert plan.cpus_per_actor == pytest.approx(2 / 3) and plan.task_cpus == pytest.approx(2 / 3)
+    assert plan.threads_per_actor == 1 and plan.gpus_per_actor == 0
+
+
+@pytest.mark.parametrize(
+    ("cpus", "expected", "threads"),
+    [(4, (2, 1), 1), (16, (4, 3), 2), (64, (4, 4), 7)],
+)
+def test_cpu_clusters_get_whole_cores_per_actor_and_keep_some_for_decoding(cpus, expected, threads):
+    plan = plan_actors([Node(cpus)])
+    assert (plan.captioner_actors, plan.filter_actors) == expected
+    assert plan.threads_per_actor == threads and plan.cpus_per_actor == threads
+    actors = plan.captioner_actors + plan.filter_actors
+    assert actors <= MAX_CPU_ACTORS
+    assert actors * plan.cpus_per_actor <= cpus - max(1, cpus / 8)  # the rest reads and decodes
+    assert plan.captioner_actors >= plan.filter_actors  # the captioner's work is the larger
+
+
+def test_an_actor_fits_on_one_node():
+    plan = plan_actors([Node(8)] * 4)  # 32 CPUs, but no node has more than 8
+    assert plan.threads_per_actor <= 4
+    per_node = 8 // plan.threads_per_actor
+    assert plan.captioner_actors + plan.filter_actors <= per_node * 4
+
+
+@pytest.mark.parametrize(
+    ("nodes", "share", "expected"),
+    [
+        ([Node(16, 1)], 0.5, (1, 1)),  # one GPU: a captioner and a filter share it
+        ([Node(16, 2)], 1.0, (1, 1)),
+        ([Node(16, 8)], 1.0, (4, 4)),
+        ([Node(8, 1)] * 3, 1.0, (2, 1)),
+        ([Node(0), Node(4, 1)], 0.5, (1, 1)),  # a head without resources and a GPU worker
+    ],
+)
+def test_gpus_are_used_when_the_cluster_has_them(nodes, share, expected):
+    plan = plan_actors(nodes)
+    assert plan.device == "cuda" and plan.gpus_per_actor == share
+    assert (plan.captioner_actors, plan.filter_actors) == expected
+    assert (plan.captioner_actors + plan.filter_actors) * share <= sum(n.gpus for n in nodes)
+
+
+def test_zero_gpus_keeps_the_models_on_cpus():
+    assert plan_actors([Node(16, 4)], num_gpus=0).device == "cpu"
+
+
+def test_given_counts_are_kept():
+    plan = plan_actors([Node(16)], captioner_actors=10, filter_actors=10)
+    assert _counts(plan) == ("cpu", 10, 10)
+    assert plan.cpus_per_actor * 20 <= 14 and plan.threads_per_actor == 1  # shares of the cores left
+    plan = plan_actors([Node(16)], filter_actors=2)
+    assert _counts(plan) == ("cpu", 5, 2)
+    plan = plan_actors([Node(16, 1)], captioner_actors=2, filter_actors=2)  # 4 actors on one GPU
+    assert _counts(plan) == ("cuda", 2, 2) and plan.gpus_per_actor == 0.25
+
+
+def test_an_autoscaling_cluster_with_nothing_yet_takes_the_plan_as_given(caplog):
+    with caplog.at_level(logging.WARNING):
+        plan = plan_actors([Node(0)], num_gpus=0.5, captioner_actors=4, filter_actors=4)
+    assert _counts(plan) == ("cuda", 4, 4) and plan.gpus_per_actor == 0.5
+    assert plan.cpus_per_actor == 1.0  # a core each, on the GPU workers to come
+    assert "need 4 GPUs" in caplog.text and "has 0 now" in caplog.text
+    bare = plan_actors([Node(0)])  # CPU workers to come: one actor per pool
+    assert _counts(bare) == ("cpu", 1, 1)
