@@ -52,7 +52,6 @@ from capfilt.model.generate import GenerationConfig
 
 from .clean_output import (
     Shard,
-    check_output,
     prepare,
     read_manifest,
     read_stats,
@@ -324,22 +323,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     cap = _inspect(config.captioner, "caption", "captioner")
     filt = _inspect(config.filter, "score", "filter")
     out = Path(config.output)
-    job = _job(config, web, human, cap, filt)
-    check_output(out, job, config.resume)  # before Ray starts: a wrong --output fails at once
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=config.ray_address)
-    try:
-        # Before anything is written: a plan the cluster cannot hold fails with the output untouched.
-        plan = plan_actors(cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors)
-        done = prepare(out, job, config.resume)
-    except BaseException:
-        if started:
-            ray.shutdown()
-        raise
-    log.info("model actors: %s", plan.as_dict())
+    done = prepare(out, _job(config, web, human, cap, filt), config.resume)
     total = len(web) + len(human)
     pending = [s for s in web if s.name not in done]
     finished = read_manifest(out).values()
@@ -354,10 +338,17 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
             progress(state["shards"], total, state["samples"])
 
     advance(0, 0)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=config.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = progress is None
     timings: dict[str, float] = {"prepare_s": time.perf_counter() - start}
     run_samples = 0
     try:
+        plan = plan_actors(cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors)
+        log.info("model actors: %s", plan.as_dict())
         t0 = time.perf_counter()
         if config.keep_fraction is None:
             threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
@@ -380,8 +371,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
         if started:
             ray.shutdown()
     summary = _summary(out, web, human, len(done), threshold, cap, filt, run_samples, start, timings)
-    summary = dataclasses.replace(summary, resources=plan.as_dict())
-    return dataclasses.replace(summary, report=_report(out, summary.timings))
+    return dataclasses.replace(summary, report=_report(out, summary.timings), resources=plan.as_dict())
 
 
 def _report(out: Path, timings: dict[str, float]) -> Path | None:

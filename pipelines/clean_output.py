@@ -103,20 +103,6 @@ def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
 
     Without `resume` the directory must be empty or absent. With it, `job.json` must match `job`
     (a different threshold, seed or checkpoint would mix two results in one D')."""
-    check_output(out, job, resume)
-    for sub in SUBDIRS:
-        with _writing(out / sub):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-    for tmp in out.rglob("*.tmp"):  # half-written files of a killed run
-        log.info("removing unfinished %s", tmp)
-        with _writing(tmp):
-            tmp.unlink()
-    write_json(out / JOB, job)
-    return set(read_manifest(out))
-
-
-def check_output(out: Path, job: dict[str, Any], resume: bool) -> None:
-    """Raise CapfiltError where `prepare` would refuse `out`, writing nothing."""
     if out.exists() and not out.is_dir():
         raise CapfiltError(f"--output {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -137,6 +123,15 @@ def check_output(out: Path, job: dict[str, Any], resume: bool) -> None:
                 f"--resume in {out}: the job was started with other arguments ({'; '.join(diff)}); "
                 "rerun with the saved ones or choose another --output"
             )
+    for sub in SUBDIRS:
+        with _writing(out / sub):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    for tmp in out.rglob("*.tmp"):  # half-written files of a killed run
+        log.info("removing unfinished %s", tmp)
+        with _writing(tmp):
+            tmp.unlink()
+    write_json(out / JOB, job)
+    return set(read_manifest(out))
 
 
 def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
