@@ -123,8 +123,9 @@ def _gpu_plan(
             share /= 2  # actors that fit on the nodes' GPUs
     else:
         share = num_gpus
-    captioner, filt = _split(max(2, _fit(nodes, share)), captioner, filt)
-    if _fit(nodes, share) < captioner + filt:
+    fits = _fit(nodes, share)
+    captioner, filt = _split(max(2, fits), captioner, filt)
+    if fits < captioner + filt:
         log.warning(
             "%d captioner and %d filter actors at %g GPU each need %g GPUs on nodes that hold them; the Ray "
             "cluster has %g now: the actor pools wait until the autoscaler adds them (with none coming, "
