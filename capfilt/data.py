@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import lzma
+import re
 import tarfile
 import zlib
 from collections import Counter
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 WEBDATASET, PARQUET = "webdataset", "parquet"  # the input formats of the cleaning job
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # webdataset shards, plain or compressed
 MAX_WORDS = 30  # BLIP's max_words for pre-training and caption fine-tuning
 PathsLike = str | Path | Sequence[str | Path]
 
@@ -68,15 +70,17 @@ def shard_paths(paths: PathsLike) -> list[Path]:
     for entry in entries:
         p = Path(entry)
         if p.is_dir():
-            found = sorted(p.glob("*.tar"))
+            found = sorted(f for f in p.iterdir() if f.name.endswith(TAR_SUFFIXES) and f.is_file())
         elif p.is_file():
             found = [p]
         elif glob.has_magic(str(entry)):
-            found = sorted(Path(m) for m in glob.glob(str(entry)) if m.endswith(".tar"))
+            found = sorted(Path(m) for m in glob.glob(str(entry)) if m.endswith(TAR_SUFFIXES))
         else:
             raise CapfiltError(f"data path not found: {entry}")
         if not found:
-            raise CapfiltError(f"{entry} holds no .tar shards (img2dataset webdataset layout expected)")
+            raise CapfiltError(
+                f"{entry} holds no tar shards (.tar, or compressed: .tar.gz, .tgz, .tar.bz2, .tar.xz; img2dataset's webdataset layout)"
+            )
         out.extend(found)
     return out
 
@@ -132,10 +136,10 @@ def input_files(entries: Sequence[str]) -> list[str]:
         try:
             if _is_glob(fs, path):
                 matched = sorted(str(m) for m in fs.glob(path))
-                found = [m for m in matched if m.endswith(".tar")]
+                found = [m for m in matched if m.endswith(TAR_SUFFIXES)]
                 found += [m for m in matched if m.endswith(".parquet") and not _sidecar(fs, m, matched)]
                 found.sort()
-            elif path.endswith((".tar", ".parquet")) or not fs.isdir(path):
+            elif path.endswith((*TAR_SUFFIXES, ".parquet")) or not fs.isdir(path):
                 if not fs.exists(path):
                     raise CapfiltError(f"data path not found: {entry}")
                 if path.endswith(".parquet") and _sidecar(fs, path, []):
@@ -146,7 +150,7 @@ def input_files(entries: Sequence[str]) -> list[str]:
                 found = [path]
             else:
                 listed = sorted(str(f["name"]) for f in fs.ls(path, detail=True) if f["type"] == "file")
-                found = [f for f in listed if f.endswith(".tar")] or [
+                found = [f for f in listed if f.endswith(TAR_SUFFIXES)] or [
                     f for f in listed if f.endswith(".parquet")
                 ]
         except CapfiltError:
@@ -155,7 +159,7 @@ def input_files(entries: Sequence[str]) -> list[str]:
             raise CapfiltError(f"cannot list or read {entry}: {err}") from err
         if not found:
             raise CapfiltError(
-                f"{entry} holds no .tar shards or parquet image tables (the sidecars of tars are read "
+                f"{entry} holds no tar shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) or parquet image tables (the sidecars of tars are read "
                 "with their tars)"
             )
         out.extend(_source(fs, f) for f in found)
@@ -164,15 +168,58 @@ def input_files(entries: Sequence[str]) -> list[str]:
 
 def _sidecar(fs: fsspec.AbstractFileSystem, parquet: str, known: Sequence[str]) -> bool:
     """Whether `parquet` sits beside a tar of the same stem (img2dataset's sidecar of that tar)."""
-    tar = parquet.removesuffix(".parquet") + ".tar"
-    return tar in known or fs.exists(tar)
+    stem = parquet.removesuffix(".parquet")
+    tars = [stem + suffix for suffix in TAR_SUFFIXES]
+    return any(t in known for t in tars) or any(fs.exists(t) for t in tars)
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def tar_stem(path: str) -> str:
+    """A tar shard's path without its tar suffix: `00000.tar.gz` -> `00000` (its sidecar is
+    `00000.parquet`)."""
+    for suffix in sorted(TAR_SUFFIXES, key=len, reverse=True):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def split_member_name(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is the path up to the first dot of the file name."""
     directory, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+def skipped_member(name: str, ext: str) -> bool:
+    """Whether webdataset skips a tar member: no extension, or its own `__...__` metadata. Other
+    names starting with "_" (cameras name files `_DSC0001.JPG`) are samples like any other."""
+    return not ext or bool(_METADATA_MEMBER.match(name))
+
+
+def text_of(value: Any) -> str | None:
+    """A value an input holds as text that Arrow and JSON can store: a str whose code points UTF-8
+    cannot encode (a tar member name tarfile decoded with surrogate escapes, a lone surrogate a
+    .json escaped) gets U+FFFD for them; bytes are decoded so; a number becomes its decimal
+    string; anything else (None, lists, ...) is None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:  # tarfile's surrogate escapes of bytes that are not UTF-8: decode those bytes as U+FFFD
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
+    except UnicodeEncodeError:  # other lone surrogates
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
 
 
 def read_tar(
@@ -185,11 +232,11 @@ def read_tar(
     try:
         with tarfile.open(None if fileobj else path, "r:*", fileobj=fileobj) as tar:
             for member in tar:
-                if not member.isfile():
+                if not (member.isfile() or member.islnk()):
                     continue
-                key, ext = _split_name(member.name)
-                if not ext or key.rpartition("/")[2].startswith("_"):
-                    continue  # webdataset skips names without an extension and "__" metadata
+                key, ext = split_member_name(member.name)
+                if skipped_member(member.name, ext):
+                    continue
                 handle = tar.extractfile(member)
                 assert handle is not None
                 groups.setdefault(key, {})[ext] = handle.read()
@@ -221,7 +268,7 @@ def iter_samples(paths: PathsLike) -> Iterator[Sample]:
                 try:
                     loaded = json.loads(files["json"])
                     meta = loaded if isinstance(loaded, dict) else {}
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep or too long a number
                     skipped["bad_json"] += 1  # counted, but the pair itself is still usable
             image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
             if "txt" in files:

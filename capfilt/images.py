@@ -23,6 +23,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import CapfiltError
 
 MAX_PIXELS = 64_000_000  # refuse larger images: decompression bombs
+# Image files (tar members, files a table names) above this are not read: no web image is this large,
+# and reading one would hold it whole in a worker's memory.
+MAX_IMAGE_BYTES = 256 * 2**20
 
 
 class ImageError(CapfiltError):
@@ -49,6 +52,16 @@ def open_image(
     source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
 ) -> Image.Image:
     """Decode an image file or bytes into an RGB PIL image, or raise ImageError naming it."""
+    return to_rgb(_open(source, name, max_pixels, decode=True))
+
+
+def check_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> None:
+    """Raise the ImageError `open_image` would for a file that is empty, no image of the web's
+    formats or too large, reading only its header (a truncated body is not found this way)."""
+    _open(source, name, max_pixels, decode=False)
+
+
+def _open(source: str | Path | bytes, name: str | None, max_pixels: int, decode: bool) -> Image.Image:
     label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -68,7 +81,8 @@ def open_image(
                     f"{label}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}",
                     "image_too_large",
                 )
-            img.load()
+            if decode:
+                img.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -80,7 +94,7 @@ def open_image(
         ) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{label}: not a readable image ({err})", "image_undecodable") from err
-    return to_rgb(img)
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -59,7 +59,7 @@ LEDGER_SCHEMA = pa.schema(
 # One row per pair of D': where its text came from and its score (null for human pairs).
 DPRIME_INDEX_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),  # the D' key: the input key, `{key}_s{j}` or `{key}_h`
+        ("key", pa.string()),  # the D' key: the input key, `{key}_s{j}` (`_2`... if taken) or `{key}_h`
         ("source_key", pa.string()),  # the input sample's key
         ("origin", pa.string()),  # "web", "synthetic" or "human"
         ("text", pa.string()),
@@ -175,7 +175,8 @@ def judged_scores(rows: Iterable[dict[str, Any]], rule: Rule) -> list[float]:
 def kept_pairs(row: dict[str, Any]) -> list[tuple[str, str, str, float]]:
     """(D' key, origin, text, itm) of every pair a ledger row puts into D'.
 
-    The kept web text keeps the input key; the j-th kept candidate (best first) is `{key}_s{j}`.
+    The kept web text keeps the input key; the j-th kept candidate (best first) is `{key}_s{j}`
+    (the D' writer adds `_2`, `_3`... where another input of the shard has that key).
     No dots: webdataset splits a member name at its first dot."""
     out: list[tuple[str, str, str, float]] = []
     if row["web_kept"]:

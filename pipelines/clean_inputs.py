@@ -12,6 +12,7 @@ either format a key met again is a DUPLICATE_KEY sample: the first with the key 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -28,9 +29,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from capfilt.data import IMAGE_EXTENSIONS, PARQUET, input_format
-from capfilt.data import _split_name as split_member_name
+from capfilt.data import (
+    IMAGE_EXTENSIONS,
+    PARQUET,
+    input_format,
+    skipped_member,
+    split_member_name,
+    tar_stem,
+    text_of,
+)
 from capfilt.errors import CapfiltError
+from capfilt.images import MAX_IMAGE_BYTES
 from capfilt.ledger import MISSING_IMAGE, OK
 
 log = logging.getLogger(__name__)
@@ -38,7 +47,24 @@ log = logging.getLogger(__name__)
 READ_BATCH = 256  # rows per batch when reading a parquet table (and per block out of the read stage)
 # statuses of samples with unusable keys: a key met again (tables and tars), a dotted one (tables)
 DUPLICATE_KEY, INVALID_KEY = "duplicate_key", "invalid_key"
+IMAGE_TOO_LARGE = "image_too_large"  # `capfilt.images.ImageError`'s reason for decompression bombs, too
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+def key_problem(key: str) -> str | None:
+    """Why a sample's key cannot name its pairs in D' (a tar's members `{key}.jpg`...), or None.
+    A "." would be read back as the start of the extension, a "/" as a directory (an absolute or
+    `../` path when it leads), a NUL ends a tar member name."""
+    if not key:
+        return "empty key"
+    for char, why in (
+        (".", "read as an extension in D'"),
+        ("/", "a path in D'"),
+        ("\0", "not allowed in a tar"),
+    ):
+        if char in key:
+            return f"key {key!r} has a {char!r}, {why}"
+    return None
 
 
 @dataclass
@@ -76,11 +102,15 @@ def read_input(source: str, keys: Collection[str] | None = None) -> tuple[list[I
     `source` is a shard as `capfilt.data.input_files` names it (the ledger's `shard` column). With
     `keys`, only those samples (a table's image files are then read for those alone). Never raises:
     a shard that cannot be read at all gives no samples and the reason."""
-    if input_format(source) == PARQUET:
-        from .clean_tables import read_image_table  # tables build on InputSample, defined here
+    try:
+        if input_format(source) == PARQUET:
+            from .clean_tables import read_image_table  # tables build on InputSample, defined here
 
-        return read_image_table(source, keys)
-    return read_webdataset(source, keys)
+            return read_image_table(source, keys)
+        return read_webdataset(source, keys)
+    except Exception as err:  # a reader's bug or a case no reader foresaw: this shard's, never the job's
+        log.exception("reading %s", source)
+        return [], f"cannot read shard {source}: {type(err).__name__}: {err}"
 
 
 def original_images(source: str, keys: Collection[str]) -> dict[str, bytes]:
@@ -107,16 +137,19 @@ class TarSample:
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
     cut: bool = False  # the read error struck while its members were read: some may be lost
+    too_large: dict[str, int] = field(default_factory=dict)  # image members not read: their sizes
 
     @property
     def image_ext(self) -> str | None:
         return next((e for e in IMAGE_EXTENSIONS if e in self.files), None)
 
-    @property
+    @functools.cached_property
     def meta(self) -> dict[str, Any]:
+        """The `.json` member as a dict; {} when there is none or it is no JSON object (not UTF-8,
+        nested too deep, a number too long to convert: a sample's problem, never the shard's)."""
         try:
             loaded = json.loads(self.files.get("json", b"{}"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             return {}
         return loaded if isinstance(loaded, dict) else {}
 
@@ -126,7 +159,23 @@ class TarSample:
         if "txt" in self.files:
             return self.files["txt"].decode("utf-8", errors="replace")
         caption = self.meta.get("caption")
-        return caption if isinstance(caption, str) else None
+        return text_of(caption) if isinstance(caption, str) else None
+
+    @property
+    def url(self) -> str | None:
+        url = self.meta.get("url")
+        return text_of(url) if isinstance(url, str) else None
+
+    def missing_image(self, source: str) -> str:
+        """Why this sample has no image member, naming what it has."""
+        dotted = [e for e in self.files if "." in e and e.rpartition(".")[2] in IMAGE_EXTENSIONS]
+        if dotted:  # `img.v2.jpg`: webdataset's key ends at the first dot, so the extension is "v2.jpg"
+            return (
+                f"no image member for key {self.key} in {source}: {self.key}.{dotted[0]} has the "
+                f"extension {dotted[0]!r} (a key ends at the first '.' of a member name); rename it "
+                f"without the extra dot"
+            )
+        return f"no image member for key {self.key} in {source} (it has: {', '.join(sorted(self.files)) or 'nothing'})"
 
 
 def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
@@ -147,13 +196,17 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
         with fsspec.open(str(path), "rb") as f, _open_tar(f) as tar:
             for member in tar:
                 key, ext = split_member_name(member.name)
-                if not member.isfile() or not ext or key.rpartition("/")[2].startswith("_"):
-                    continue  # webdataset skips names without an extension and "__" metadata
-                short = key.rpartition("/")[2]
+                if not (member.isfile() or member.islnk()) or skipped_member(member.name, ext):
+                    continue  # hard links are read as their target's bytes
+                short = text_of(key.rpartition("/")[2]) or ""  # names that are not UTF-8 get U+FFFD
                 reading = latest.get(short)
                 if reading is None or ext in reading.files:
                     reading = latest[short] = TarSample(short)
                     samples.append(reading)
+                if ext in IMAGE_EXTENSIONS and member.size > MAX_IMAGE_BYTES:
+                    reading.too_large[ext] = member.size
+                    reading.files[ext] = b""
+                    continue
                 handle = tar.extractfile(member)
                 assert handle is not None
                 reading.files[ext] = handle.read()
@@ -197,23 +250,46 @@ def _end_of_archive(tar: tarfile.TarFile) -> str | None:
     return None
 
 
-def read_sidecar(tar_path: str | Path) -> list[dict[str, Any]]:
-    """img2dataset's parquet beside the tar (`00000.parquet`): one row per url; [] when absent."""
-    path = str(tar_path).removesuffix(".tar") + ".parquet"
+SIDECAR_COLUMNS = ("key", "status", "error_message", "caption", "url")
+
+
+def read_sidecar(tar_path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+    """img2dataset's parquet beside the tar (`00000.parquet`): one row per url, its values as text
+    (`text_of`: strings that are not UTF-8 get U+FFFD, numbers become strings), and why it could
+    not be read whole, if so. No sidecar: ([], None). The rows read before an error are kept."""
+    path = tar_stem(str(tar_path)) + ".parquet"
+    rows: list[dict[str, Any]] = []
     try:
         with fsspec.open(path, "rb") as f:
             table = pq.ParquetFile(f)
-            columns = [
-                c
-                for c in ("key", "status", "error_message", "caption", "url")
-                if c in table.schema_arrow.names
-            ]
-            return table.read(columns=columns).to_pylist()
+            columns = [c for c in SIDECAR_COLUMNS if c in table.schema_arrow.names]
+            for batch in table.iter_batches(batch_size=READ_BATCH, columns=columns):
+                for row in decoded_rows(batch):
+                    rows.append({c: text_of(row.get(c)) for c in columns})
     except FileNotFoundError:
-        return []
-    except (pa.ArrowException, OSError, ValueError) as err:  # the tar's samples are still cleaned
-        log.warning("ignoring unreadable sidecar %s: %s", path, err)
-        return []
+        return [], None
+    except Exception as err:  # pyarrow's, fsspec's, a filesystem's: the tar's samples are still cleaned
+        return rows, (
+            f"cannot read the sidecar {path} ({err}): the failed downloads it lists after row "
+            f"{len(rows)} are not accounted for"
+        )
+    return rows, None
+
+
+def decoded_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A batch's rows as dicts; strings that are not valid UTF-8 (web text often is not) get U+FFFD
+    for their bad bytes instead of failing the whole batch."""
+    strings = [f.name for f in batch.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    table = pa.Table.from_batches([batch])
+    for name in strings:
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, table.column(i).cast(pa.large_binary()))
+    rows = table.to_pylist()
+    for row in rows:
+        for name in strings:
+            if row[name] is not None:
+                row[name] = row[name].decode("utf-8", errors="replace")
+    return rows
 
 
 def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[list[InputSample], str | None]:
@@ -230,13 +306,18 @@ def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[l
         seen.add(s.key)
         if keys is not None and (s.key not in keys or repeated):
             continue
-        ext, url = s.image_ext, s.meta.get("url")
+        ext = s.image_ext
         if repeated:
             status, message = DUPLICATE_KEY, f"key {s.key} is used by an earlier sample in {source}"
+        elif problem := key_problem(s.key):
+            status, message = INVALID_KEY, f"{problem} in {source}"
         elif s.cut:
             status, message = MISSING_IMAGE, error
         elif ext is None:
-            status, message = MISSING_IMAGE, f"no image member for key {s.key} in {source}"
+            status, message = MISSING_IMAGE, s.missing_image(source)
+        elif ext in s.too_large:
+            status = IMAGE_TOO_LARGE
+            message = f"{s.key}.{ext} in {source} is {s.too_large[ext]} bytes, over the {MAX_IMAGE_BYTES}-byte limit"
         else:
             status, message = OK, None
         out.append(
@@ -244,14 +325,15 @@ def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[l
                 s.key,
                 image=s.files[ext] if ext and status == OK else None,
                 text=s.text,
-                url=url if isinstance(url, str) else None,
+                url=s.url,
                 meta=s.meta,
                 status=status,
                 error_message=message,
                 ext_hint=ext,
             )
         )
-    for side in read_sidecar(source):
+    sidecar, sidecar_error = read_sidecar(source)
+    for side in sidecar:
         key = side.get("key")
         if key is None or key in seen:
             continue
@@ -262,4 +344,7 @@ def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[l
             status, message = MISSING_IMAGE, error or f"key {key} is in the sidecar but not in {source}"
         if keys is None or key in keys:
             out.append(InputSample(key, None, side.get("caption"), side.get("url"), {}, status, message))
+    if sidecar_error:
+        log.warning("%s", sidecar_error)
+        error = f"{error}; {sidecar_error}" if error else sidecar_error
     return out, error

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from capfilt.errors import CapfiltError
+from capfilt.images import ImageError, check_image
 from capfilt.ledger import DPRIME_INDEX_SCHEMA, MISSING_IMAGE, OK, kept_pairs, table
 
 from .clean_inputs import InputSample, read_input
@@ -112,7 +113,7 @@ def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
             )
         if not (out / JOB).is_file():
             raise CapfiltError(f"--output {out} holds files but no {JOB}: it is not a clean job's output")
-        saved = json.loads((out / JOB).read_text())
+        saved = _read_json(out / JOB, "the arguments the job was started with")
         diff = [
             f"{k}: saved {saved.get(k)!r}, now {job.get(k)!r}"
             for k in sorted(set(job) | set(saved))
@@ -143,8 +144,29 @@ def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         path.write_text(text)
-    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {e["shard"]: e for e in entries}
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            entries.append((entry["shard"], entry))
+        except (ValueError, TypeError, KeyError) as err:
+            raise CapfiltError(
+                f"{path} line {number} is not a manifest entry ({err}): the file was changed by hand or "
+                "damaged; remove that line to write its shard again on --resume"
+            ) from err
+    return dict(entries)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of the output directory, or CapfiltError saying which and what to do."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CapfiltError(
+            f"cannot read {path}, {what} ({err}); restore it, or choose another --output"
+        ) from err
 
 
 def _append_manifest(out: Path, entry: dict[str, Any]) -> None:
@@ -230,6 +252,7 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
                 samples[s.key] = s
         error = error or error_again
     records, index = [], []
+    taken = {r["key"] for r in rows}  # input keys: a synthetic pair's key never takes one
     for i, row in enumerate(rows):
         sample = samples.get(row["key"])
         if kept_pairs(row) and (sample is None or sample.image is None):
@@ -249,6 +272,8 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
             }
         for key, origin, text, itm in kept_pairs(row):
             assert sample is not None and sample.image is not None
+            if origin != "web":
+                key = _free_key(key, taken)
             records.append(_record(sample, key, text, {"origin": origin, "itm": itm}))
             index.append(
                 {
@@ -278,15 +303,45 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
     return stats
 
 
+def _human_problem(sample: InputSample) -> tuple[str, str] | None:
+    """(reason, message) when a human-annotated sample cannot go into D': no image, an image that
+    is empty, of no web format or too large (its header is read, not the whole image), no text."""
+    if sample.status != OK or sample.image is None:
+        return sample.status, sample.error_message or f"{sample.key} has no image"
+    try:
+        check_image(sample.image, name=sample.key)
+    except ImageError as err:
+        return err.reason, str(err)
+    if not (sample.text or "").strip():
+        return "no_text", f"{sample.key} has no text (.txt, or a caption in its .json or table row)"
+    return None
+
+
+def _free_key(key: str, taken: set[str]) -> str:
+    """`key`, or `key_2`, `key_3`... when an input key or an earlier pair of the tar has it (an input
+    key `x_s0` beside the synthetic pair `x_s0` of the input `x`): two samples of one key in a D' tar
+    would be read as one. Marks the key taken."""
+    free, n = key, 1
+    while free in taken:
+        n += 1
+        free = f"{key}_{n}"
+    taken.add(free)
+    return free
+
+
 def write_human_shard(out: Path, shard: Shard) -> dict[str, Any]:
-    """Copy a human-annotated shard into D' (origin "human", key `{key}_h`); returns the stats."""
+    """Copy a human-annotated shard into D' (origin "human", key `{key}_h`); returns the stats.
+    A sample that cannot be copied is listed in the stats' `skipped_samples` with its reason."""
     samples, error = read_input(shard.source)
     records, index = [], []
-    skipped = 0
+    skipped: list[dict[str, str | None]] = []
     for s in sorted(samples, key=lambda s: s.key):
         text = s.text
-        if s.status != OK or s.image is None or text is None:
-            skipped += 1
+        problem = _human_problem(s)
+        if problem is not None or text is None:
+            reason, message = problem or ("no_text", None)
+            log.warning("human shard %s: skipping %s: %s", shard.source, s.key, message)
+            skipped.append({"key": s.key, "reason": reason, "error_message": message})
             continue
         key = f"{s.key}_h"
         records.append(_record(s, key, text, {"origin": "human", "itm": None}))
@@ -305,7 +360,9 @@ def write_human_shard(out: Path, shard: Shard) -> dict[str, Any]:
         "kind": shard.kind,
         "input": shard.source,
         "samples": len(samples),
-        "skipped": skipped,
+        "skipped": len(skipped),
+        "skipped_reasons": dict(sorted(Counter(str(k["reason"]) for k in skipped).items())),
+        "skipped_samples": skipped,
         "read_error": error,
         "dprime_pairs": len(records),
     }

@@ -31,6 +31,7 @@ import pyarrow as pa
 from PIL import Image
 
 from capfilt.curate import caption_samples, score_and_decide
+from capfilt.data import text_of
 from capfilt.decision import Rule
 from capfilt.images import ImageError, open_image
 from capfilt.ledger import LEDGER_SCHEMA, OK, failed_row, ok_row, table
@@ -64,16 +65,18 @@ def read_shard(batch: pa.Table) -> Iterator[pa.Table]:
     for item in batch.to_pylist():
         source, shard_id = item["source"], item["shard_id"]
         samples, _ = read_input(source)  # never raises: what cannot be read is the shard's read_error
+        # Every string as Arrow can hold it: the readers' already are, but a path or a message
+        # with a character UTF-8 cannot encode must not cost the shard its rows.
         rows = [
             {
-                "key": s.key,
-                "shard": source,
+                "key": text_of(s.key),
+                "shard": text_of(source),
                 "shard_id": shard_id,
                 "shard_rows": len(samples),
-                "status": s.status,
-                "error_message": s.error_message,
-                "url": s.url,
-                "web_text": s.text,
+                "status": text_of(s.status),
+                "error_message": text_of(s.error_message),
+                "url": text_of(s.url),
+                "web_text": text_of(s.text),
                 "image": s.image if s.status == OK else None,
             }
             for s in samples

@@ -19,11 +19,20 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.data import IMAGE_EXTENSIONS, filesystem
+from capfilt.data import IMAGE_EXTENSIONS, filesystem, text_of
 from capfilt.errors import CapfiltError
+from capfilt.images import MAX_IMAGE_BYTES
 from capfilt.ledger import MISSING_IMAGE, OK
 
-from .clean_inputs import DUPLICATE_KEY, INVALID_KEY, READ_BATCH, InputSample
+from .clean_inputs import (
+    DUPLICATE_KEY,
+    IMAGE_TOO_LARGE,
+    INVALID_KEY,
+    READ_BATCH,
+    InputSample,
+    decoded_rows,
+    key_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +59,56 @@ class TableColumns:
     error_message: str | None
 
 
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """The type a column is read as: a dictionary-encoded column (pandas categoricals) as its values,
+    string and binary views (newer Arrow writers) as plain strings and bytes."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary_view(t):
+        return pa.binary()
+    return t
+
+
+def plain_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch` with every column cast to its `plain_type`."""
+    schema = pa.schema([f.with_type(plain_type(f.type)) for f in batch.schema])
+    return batch if schema == batch.schema else batch.cast(schema)
+
+
+def _string(t: pa.DataType) -> bool:
+    t = plain_type(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def table_columns(schema: pa.Schema, source: str) -> TableColumns:
-    """The columns of an image table, or CapfiltError naming the file, what it has and what counts."""
+    """The columns of an image table, or CapfiltError naming the file, what it has and what counts.
+    A text, url or status column of another type than text is refused by name, not passed over."""
 
     def first(names: tuple[str, ...], fits: Any) -> str | None:
-        return next((n for n in names if n in schema.names and fits(schema.field(n).type)), None)
+        return next((n for n in names if n in schema.names and fits(plain_type(schema.field(n).type))), None)
 
     def struct_with_bytes(t: pa.DataType) -> bool:
         return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
 
+    def text_column(names: tuple[str, ...]) -> str | None:
+        found = first(names, _string)
+        present = [n for n in names if n in schema.names]
+        if found is None and present:
+            name = present[0]
+            raise CapfiltError(
+                f"{source}: column {name!r} is {schema.field(name).type}, but CapFilt reads it as text; "
+                f"cast it to string (or rename it if it holds something else)"
+            )
+        return found
+
     binary = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
-    string = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
     image, kind = first(BYTES_COLUMNS, binary), "bytes"
     if image is None:
         image, kind = first(BYTES_COLUMNS, struct_with_bytes), "struct"
     if image is None:
-        image, kind = first(PATH_COLUMNS, string), "path"
-    text = first(TEXT_COLUMNS, string)
+        image, kind = first(PATH_COLUMNS, _string), "path"
     if image is None:
         found = ", ".join(f"{f.name} ({f.type})" for f in schema) or "none"
         raise CapfiltError(
@@ -78,11 +120,11 @@ def table_columns(schema: pa.Schema, source: str) -> TableColumns:
     return TableColumns(
         image,
         kind,
-        text,
+        text_column(TEXT_COLUMNS),
         key="key" if "key" in schema.names else None,
-        url=first(("url",), string),
-        status=first(("status",), string),
-        error_message=first(("error_message",), string),
+        url=text_column(("url",)),
+        status=text_column(("status",)),
+        error_message=text_column(("error_message",)),
     )
 
 
@@ -119,7 +161,7 @@ def read_image_table(
             cols = table_columns(table.schema_arrow, source)
             for group in range(table.num_row_groups):  # by row group: damage in one keeps the ones before
                 for batch in table.iter_batches(batch_size=READ_BATCH, row_groups=[group]):
-                    for row in _rows(batch):
+                    for row in decoded_rows(plain_batch(batch)):
                         sample, path = _table_sample(row, index, cols, stem, source, seen)
                         index += 1
                         if keys is not None and (sample.key not in keys or sample.status == DUPLICATE_KEY):
@@ -142,35 +184,19 @@ def read_image_table(
         log.warning("%s; keeping the %d rows read before it", error, index)
     with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
         fetched = pool.map(_fetch, [url for _, url in to_fetch])
-        for (sample, _), (data, message) in zip(to_fetch, fetched):
+        for (sample, _), (data, status, message) in zip(to_fetch, fetched):
             if data is None:
-                sample.status, sample.error_message = MISSING_IMAGE, message
+                sample.status, sample.error_message = status, message
             sample.image = data
     return out, error
-
-
-def _rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    """A batch's rows as dicts; strings that are not valid UTF-8 (web text often is not) get U+FFFD
-    for their bad bytes instead of failing the whole batch."""
-    strings = [f.name for f in batch.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    table = pa.Table.from_batches([batch])
-    for name in strings:
-        i = table.schema.get_field_index(name)
-        table = table.set_column(i, name, table.column(i).cast(pa.large_binary()))
-    rows = table.to_pylist()
-    for row in rows:
-        for name in strings:
-            if row[name] is not None:
-                row[name] = row[name].decode("utf-8", errors="replace")
-    return rows
 
 
 def _table_sample(
     row: dict[str, Any], index: int, cols: TableColumns, stem: str, source: str, seen: set[str]
 ) -> tuple[InputSample, str | None]:
     """A table row's sample, and the path of its image file still to read (None: nothing to read)."""
-    raw_key = row[cols.key] if cols.key else None
-    key = str(raw_key) if raw_key not in (None, "") else f"{stem}_{index:09d}"
+    raw_key = text_of(row[cols.key]) if cols.key else None
+    key = raw_key if raw_key else f"{stem}_{index:09d}"
     value = row[cols.image]
     if cols.image_kind == "struct":  # Hugging Face's Image feature: the bytes, else the file
         data, path = (value.get("bytes"), value.get("path")) if value else (None, None)
@@ -182,8 +208,8 @@ def _table_sample(
     given = row[cols.status] if cols.status else None
     if key in seen:
         status, message = DUPLICATE_KEY, f"row {index}: key {key} is used by an earlier row"
-    elif "." in key:
-        status, message = INVALID_KEY, f"row {index}: key {key!r} has a '.', read as an extension in D'"
+    elif problem := key_problem(key):
+        status, message = INVALID_KEY, f"row {index}: {problem}"
     elif given not in (None, "success"):  # img2dataset could not download or resize it
         status, message = given, row[cols.error_message] if cols.error_message else None
     elif data is None and not path:
@@ -192,11 +218,11 @@ def _table_sample(
         status, message = OK, None
     seen.add(key)
     meta = {k: v for k, v in row.items() if k != cols.image and isinstance(v, (str, int, float, bool))}
-    url = row[cols.url] if cols.url else None
+    url = text_of(row[cols.url]) if cols.url else None
     sample = InputSample(
         key,
         data if status == OK else None,
-        row[cols.text] if cols.text else None,
+        text_of(row[cols.text]) if cols.text else None,
         url,
         meta,
         status,
@@ -232,12 +258,25 @@ def _resolve(path: str, base: str) -> str:
     return path if "://" in path or path.startswith("/") else posixpath.join(base, path)
 
 
-def _fetch(url: str) -> tuple[bytes | None, str | None]:
-    """One image file's bytes, or why it cannot be read: a sample's problem, never the job's."""
+def _fetch(url: str) -> tuple[bytes | None, str, str | None]:
+    """One image file's bytes, or the status and why it cannot be read: a sample's problem, never
+    the job's. Only regular files up to MAX_IMAGE_BYTES are read (not a device, a pipe, a
+    directory)."""
     try:
         fs, path = filesystem(url)
-        return fs.cat_file(path), None
+        info = fs.info(path)
+        kind, size = info.get("type"), info.get("size")
+        if kind not in (None, "file"):
+            return None, MISSING_IMAGE, f"image path {url} is not a regular file (a {kind})"
+        if size is not None and size > MAX_IMAGE_BYTES:
+            return (
+                None,
+                IMAGE_TOO_LARGE,
+                f"image file {url} is {size} bytes, over the {MAX_IMAGE_BYTES}-byte limit",
+            )
+        return fs.cat_file(path), OK, None
     except FileNotFoundError:
-        return None, f"image file not found: {url}"
+        return None, MISSING_IMAGE, f"image file not found: {url}"
     except Exception as err:  # any filesystem's error (network, permission, missing package) is per sample
-        return None, f"cannot read image file {url}: {err}"
+        why = str(err) or type(err).__name__
+        return None, MISSING_IMAGE, f"cannot read image file {url}: {why}"

@@ -14,6 +14,14 @@ The inputs are img2dataset webdataset shards (tar + parquet sidecar) made here, 
     00004  a tar cut off in the middle of a member
     00005  a tar with no members (and an empty sidecar)
     00006  an HTML error page saved as the tar (its sidecar lists two samples)
+    00007  odd members: a camera's `_DSC0001` key, a name that is not UTF-8, .json files holding a
+           5,000-digit number, 100,000 nested lists and an escaped lone surrogate, a hard link,
+           a dotted name (`img.v2.jpg`)
+    00008  a tar whose sidecar is cut short (the failed downloads it lists are lost: a read error)
+    tables/keys.parquet   keys D' cannot hold ("/abs", "a/b", a NUL) and `x_s0` beside `x`, whose
+                          synthetic pair is `x_s0` too; the caption column dictionary-encoded
+    tables/paths.parquet  image paths that are no regular file: /dev/zero, a FIFO
+    human/                a human shard with a 0-byte image, an HTML page, a blank text, one good pair
 
 Rules the test pins down (docs/reliability.md lists them): a key met again in a tar is a second
 sample with status `duplicate_key` (the first is cleaned, as in parquet tables); when a read error
@@ -222,7 +230,90 @@ def build_inputs(directory: Path) -> dict[str, list[str]]:
     not_a_tar.write_bytes(b"<html><body>503 Service Unavailable</body></html>\n" * 40)
     add("lost_0", "missing_image")
     add("lost_1", "missing_image")
+
+    _write_odd_members(directory / "00007.tar")
+    for key in ("_DSC0001", "caf\ufffd", "big_number", "deep_json", "lone_surrogate", "hard_link"):
+        add(key, "ok")
+    add("img", "missing_image")
+
+    sidecar = _write(directory, 8, _sample("side_0", "jpg", _jpeg(30)), ["side_0", "side_1", "side_2"])
+    sidecar_parquet = directory / "00008.parquet"
+    sidecar_parquet.write_bytes(sidecar_parquet.read_bytes()[:-40])
+    assert sidecar.exists()
+    add("side_0", "ok")
+
+    tables = directory / "tables"
+    tables.mkdir()
+    keys = {"x": "ok", "x_s0": "ok", "/abs": "invalid_key", "a/b": "invalid_key", "a\0b": "invalid_key"}
+    rows = [{"key": k, "image": _jpeg(40 + i), "caption": "a picture"} for i, k in enumerate(keys)]
+    table = pa.Table.from_pylist(rows)
+    table = table.set_column(2, "caption", table.column("caption").dictionary_encode())
+    pq.write_table(table, tables / "keys.parquet")
+    for key, status in keys.items():
+        add(key, status)
+    fifo = tables / "fifo.jpg"
+    os.mkfifo(fifo)
+    paths = [("dev_zero", "/dev/zero"), ("fifo", str(fifo)), ("a_file", str(tables / "good.jpg"))]
+    (tables / "good.jpg").write_bytes(_jpeg(50))
+    pq.write_table(
+        pa.Table.from_pylist([{"key": k, "image_path": v, "caption": "a picture"} for k, v in paths]),
+        tables / "paths.parquet",
+    )
+    add("dev_zero", "missing_image")
+    add("fifo", "missing_image")
+    add("a_file", "ok")
+
+    human = directory / "human"
+    human.mkdir()
+    _write(
+        human,
+        0,
+        [
+            *_sample("h_empty", "jpg", b""),
+            *_sample("h_html", "jpg", b"<html><body>404</body></html>"),
+            *_sample("h_blank", "jpg", _jpeg(70), "   "),
+            *_sample("h_good", "jpg", _jpeg(71), "a person's caption"),
+        ],
+        ["h_empty", "h_html", "h_blank", "h_good"],
+    )
     return expected
+
+
+def _write_odd_members(path: Path) -> None:
+    """Shard 00007: members webdataset reads (or a tool of the web writes) that a careless reader
+    drops or dies on."""
+    image = _jpeg(80)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, encoding="latin-1") as tar:
+
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("_DSC0001.jpg", image)  # a camera's file name: a sample, not webdataset metadata
+        add("_DSC0001.txt", b"a photo straight from the camera")
+        add("__meta__", b"webdataset's own metadata: skipped")
+        add("big_number.jpg", image)
+        add("big_number.json", b'{"n": ' + b"9" * 5000 + b"}")
+        add("big_number.txt", b"a number too long for int()")
+        add("deep_json.jpg", image)
+        add("deep_json.json", b"[" * 100_000 + b"]" * 100_000)
+        add("deep_json.txt", b"nested too deep")
+        add("lone_surrogate.jpg", image)
+        add("lone_surrogate.json", b'{"url": "http://example.com/\\ud800", "caption": "cap \\udfff"}')
+        link = tarfile.TarInfo("hard_link.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "_DSC0001.jpg"
+        tar.addfile(link)
+        add("hard_link.txt", b"the same image through a hard link")
+        add("img.v2.jpg", image)  # webdataset: key "img", extension "v2.jpg"
+        add("img.txt", b"a dotted name")
+    # A name that is not UTF-8 (Latin-1 "caf\xe9", as old tools write): PAX would store UTF-8, so
+    # append a USTAR member written with Latin-1 names.
+    with tarfile.open(path, "a", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:
+        for name, data in (("caf\xe9.jpg", image), ("caf\xe9.txt", b"a latin-1 name")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +338,9 @@ def _config(inputs: list[str], out: Path, captioner: Path, filt: Path) -> CleanC
 def job(hostile, our_captioner_dir, our_filter_dir, tmp_path_factory, ray_cluster) -> CleanSummary:
     directory, _ = hostile
     out = tmp_path_factory.mktemp("hostile_job") / "out"
-    return clean(_config([str(directory)], out, our_captioner_dir, our_filter_dir))
+    config = _config([str(directory), str(directory / "tables")], out, our_captioner_dir, our_filter_dir)
+    config.human = [str(directory / "human")]
+    return clean(config)
 
 
 def test_every_sample_has_one_ledger_row_with_a_status_and_a_reason(job: CleanSummary, hostile) -> None:
@@ -263,10 +356,10 @@ def test_every_sample_has_one_ledger_row_with_a_status_and_a_reason(job: CleanSu
     print(f"\nhostile inputs: {len(ledger)} samples in {job.shards_total} shards, job {job.wall_s:.1f} s")
     for row in ledger:  # with -s: the table of docs/reliability.md
         print(f"| {Path(row['shard']).name} | `{row['key']}` | `{row['status']}` | `{row['reason']}` |")
-    assert job.samples == len(ledger) == sum(len(v) for v in expected.values()) == 32
-    assert job.shards_total == 7 and sum(job.status.values()) == 32
+    assert job.samples == len(ledger) == sum(len(v) for v in expected.values()) == 48
+    assert job.shards_total == 12 and sum(job.status.values()) == 48
     manifest = [json.loads(line) for line in (job.output / "manifest.jsonl").read_text().splitlines()]
-    assert sorted(e["shard"] for e in manifest) == [f"{i:05d}" for i in range(7)]
+    assert sorted(e["shard"] for e in manifest) == [f"{i:05d}" for i in range(12)]
 
 
 def test_odd_but_valid_images_and_texts_are_cleaned(job: CleanSummary, hostile) -> None:
@@ -322,7 +415,7 @@ def test_damaged_shards_are_reported_and_the_job_goes_on(job: CleanSummary, host
     stats = {
         s["input"]: s for s in (json.loads(p.read_text()) for p in (job.output / "stats").glob("*.json"))
     }
-    damaged = {str(directory / f"{i:05d}.tar") for i in (3, 4, 6)}
+    damaged = {str(directory / f"{i:05d}.tar") for i in (3, 4, 6, 8)}
     assert set(job.read_errors) == damaged
     for source, s in stats.items():
         assert (s["read_error"] is not None) == (source in damaged), source
@@ -330,9 +423,10 @@ def test_damaged_shards_are_reported_and_the_job_goes_on(job: CleanSummary, host
     assert "unexpected end of data" in stats[str(directory / "00004.tar")]["read_error"]
     assert "not a tar file" in stats[str(directory / "00006.tar")]["read_error"]
     assert stats[str(directory / "00005.tar")]["samples"] == 0
+    assert "cannot read the sidecar" in stats[str(directory / "00008.tar")]["read_error"]
     # Samples lost to the damage carry the shard's error, which names the shard.
     for row in read_ledger(job.output).to_pylist():
-        if row["shard"] in damaged and row["status"] == "missing_image":
+        if row["shard"] in damaged and row["status"] == "missing_image" and "00008" not in row["shard"]:
             assert row["error_message"] == job.read_errors[row["shard"]]
             assert row["error_message"].startswith(f"cannot read shard {row['shard']}: ")
 
@@ -415,3 +509,64 @@ def test_a_parquet_table_of_the_wrong_schema_stops_the_job_before_any_work(
     assert "image bytes (image, jpg, png, webp, image_bytes" in message
     assert not out.exists(), "the job must stop before it creates its output"
     assert os.listdir(tmp_path) == [table.name]
+
+
+def test_a_text_column_of_another_type_is_refused_by_name(
+    hostile, our_captioner_dir, our_filter_dir, tmp_path
+) -> None:
+    """A `caption` of int64 (or a list) is not silently passed over as "no text": the web texts
+    of every row would be lost without a word."""
+    directory, _ = hostile
+    table = tmp_path / "int_caption.parquet"
+    pq.write_table(pa.Table.from_pylist([{"key": "w", "image": _jpeg(60), "caption": 7}]), table)
+    with pytest.raises(
+        CapfiltError, match=r"column 'caption' is int64, but CapFilt reads it as text; cast it"
+    ):
+        clean(_config([str(directory), str(table)], tmp_path / "out", our_captioner_dir, our_filter_dir))
+
+
+def test_odd_member_names_and_metadata_are_samples_not_failures(job: CleanSummary) -> None:
+    rows = {r["key"]: r for r in read_ledger(job.output).to_pylist()}
+    assert rows["_DSC0001"]["web_text"] == "a photo straight from the camera"
+    assert "__meta__" not in rows
+    assert rows["caf\ufffd"]["web_text"] == "a latin-1 name"  # the name's bad byte is U+FFFD
+    assert rows["big_number"]["web_text"] == "a number too long for int()"
+    assert rows["lone_surrogate"]["url"] == "http://example.com/\ufffd"
+    assert rows["lone_surrogate"]["web_text"] == "cap \ufffd"
+    assert rows["hard_link"]["web_itm"] is not None
+    assert "'v2.jpg'" in rows["img"]["error_message"] and "first '.'" in rows["img"]["error_message"]
+
+
+def test_table_keys_dprime_cannot_hold_are_refused_and_dprime_keys_are_unique(job: CleanSummary) -> None:
+    rows = {r["key"]: r for r in read_ledger(job.output).to_pylist()}
+    assert rows["x"]["web_text"] == "a picture"  # read from a dictionary-encoded column
+    for key in ("/abs", "a/b", "a\0b"):
+        assert rows[key]["status"] == "invalid_key" and repr(key) in rows[key]["error_message"], key
+    for key in ("dev_zero", "fifo"):
+        assert "not a regular file" in rows[key]["error_message"], rows[key]
+    names: list[str] = []
+    for tar in sorted((job.output / "dprime").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members = t.getnames()
+        assert len(members) == len(set(members)), tar
+        names += members
+    assert not any(n.startswith("/") or "/" in n for n in names)
+    # x's synthetic pair would be x_s0, the key of another input: it takes the next free name.
+    index = pq.read_table(job.output / "dprime_index").to_pylist()
+    assert {(r["key"], r["source_key"]) for r in index if r["source_key"] in ("x", "x_s0")} >= {
+        ("x", "x"),
+        ("x_s0", "x_s0"),
+        ("x_s0_2", "x"),
+    }
+
+
+def test_human_pairs_that_cannot_go_into_dprime_are_listed_with_reasons(job: CleanSummary) -> None:
+    stats = [json.loads(p.read_text()) for p in (job.output / "stats").glob("*.json")]
+    human = next(s for s in stats if s["kind"] == "human")
+    assert human["dprime_pairs"] == 1 and human["skipped"] == 3
+    assert {s["key"]: s["reason"] for s in human["skipped_samples"]} == {
+        "h_empty": "image_empty",
+        "h_html": "image_undecodable",
+        "h_blank": "no_text",
+    }
+    assert human["skipped_reasons"] == {"image_empty": 1, "image_undecodable": 1, "no_text": 1}
