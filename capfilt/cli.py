@@ -22,6 +22,30 @@ log = logging.getLogger("capfilt")
 EXIT_USAGE = 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_pth_args(p: argparse.ArgumentParser) -> None:
+    """What an original BLIP `.pth` cannot tell about itself."""
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        default=None,
+        help="tokenizer directory for an original .pth (default: look beside the .pth)",
+    )
+    p.add_argument(
+        "--vision-heads", type=positive_int, default=None, help=".pth only: ViT heads (default: width / 64)"
+    )
+    p.add_argument(
+        "--text-heads", type=positive_int, default=None, help=".pth only: text heads (default: width / 64)"
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -30,7 +54,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="our checkpoint directory, a transformers BLIP directory, or an original BLIP .pth",
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)"
+    )
+    _add_pth_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--num-captions",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="K",
         help="captions per image: K samples (nucleus) or the K best beams (default: 1)",
@@ -73,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="penalty for repeated tokens (default: 1.1 for nucleus as in BLIP's CapFilt, else 1.0)",
     )
-    p.add_argument("--num-beams", type=int, default=3, help="beam width (default: 3, BLIP's)")
+    p.add_argument("--num-beams", type=positive_int, default=3, help="beam width (default: 3, BLIP's)")
     p.add_argument(
-        "--max-tokens", type=int, default=30, help="most caption tokens, [SEP] included (default: 30)"
+        "--max-tokens",
+        type=positive_int,
+        default=30,
+        help="most caption tokens, [SEP] included (default: 30)",
     )
     p.add_argument(
         "--min-tokens", type=int, default=5, help="fewest caption tokens before [SEP] (default: 5)"
@@ -220,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", required=True, nargs="+", metavar="SHARDS", help="test shards (every caption a query)"
     )
-    p.add_argument("--k", type=int, default=16, help="candidates re-ranked by ITM (default: 16; BLIP: 256)")
+    p.add_argument(
+        "--k", type=positive_int, default=16, help="candidates re-ranked by ITM (default: 16; BLIP: 256)"
+    )
     p = eval_sub.add_parser(
         "caption", help="BLEU-4, CIDEr-D and attribute accuracy of captions on test shards"
     )
@@ -257,21 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformers class to export (default: by role; required for a pre-trained MED)",
     )
     p.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        default=None,
-        help="tokenizer directory for an original .pth (default: look beside the .pth)",
-    )
-    p.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="resize position embeddings to this resolution (e.g. 384 for fine-tuning)",
     )
-    p.add_argument(
-        "--vision-heads", type=int, default=None, help=".pth only: ViT heads (default: width / 64)"
-    )
-    p.add_argument("--text-heads", type=int, default=None, help=".pth only: text heads (default: width / 64)")
+    _add_pth_args(p)
     return parser
 
 
@@ -284,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.command](args) or 0)
     except CapfiltError as err:  # includes CheckpointError via _user_errors
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -298,6 +321,25 @@ def _load(path: str, device: str, **kwargs: Any):  # -> Checkpoint
         return load_checkpoint(path, device=device, **kwargs)
     except CheckpointError as err:
         raise CapfiltError(str(err)) from err
+
+
+def _load_model(args: argparse.Namespace):  # -> Checkpoint
+    """--model with the `.pth` options, on --device."""
+    _check_device(args.device)
+    overrides = {k: v for k, v in (("vision_heads", args.vision_heads), ("text_heads", args.text_heads)) if v}
+    return _load(args.model, args.device, tokenizer=args.tokenizer, overrides=overrides)
+
+
+def _check_device(device: str) -> None:
+    """CapfiltError for a --device torch cannot name or this machine does not have."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as err:
+        raise CapfiltError(f"--device {device!r}: {err}; use cpu, cuda or cuda:N") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CapfiltError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
 
 
 def _images(paths: Sequence[str]) -> list:
@@ -342,9 +384,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CapfiltError(f"invalid caption options: {err}") from err
     images = _images(args.images)  # all decoded before the model loads: fail fast on a bad file
-    ckpt = _load(args.model, args.device)
+    ckpt = _load_model(args)
     _require(ckpt, "caption", args.model)
-    captions = Captioner(ckpt, device=args.device, batch_size=args.batch_size, generation=gen).caption(images)
+    captioner = Captioner(ckpt, device=args.device, batch_size=args.batch_size, generation=gen)
+    try:
+        captions = captioner.caption(images)
+    except ValueError as err:  # options this checkpoint cannot take (max tokens beyond its positions)
+        raise CapfiltError(f"invalid caption options for {args.model}: {err}") from err
     results = [{"image": path, "captions": caps} for path, caps in zip(args.images, captions)]
     if args.json:
         print(json.dumps({"results": results}, ensure_ascii=False))
@@ -359,7 +405,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .inference import Filter
 
     image = _images([args.image])[0]
-    ckpt = _load(args.model, args.device)
+    ckpt = _load_model(args)
     _require(ckpt, "score", args.model)
     scores = Filter(ckpt, device=args.device, batch_size=args.batch_size, clean_text=not args.raw_text).score(
         [image], [args.text]
@@ -377,8 +423,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from capfilt.model.checkpoint import CheckpointError, export_transformers, save_checkpoint
 
     overrides = {k: v for k, v in (("vision_heads", args.vision_heads), ("text_heads", args.text_heads)) if v}
-    ckpt = _load(args.input, "cpu", tokenizer=args.tokenizer, image_size=args.image_size, overrides=overrides)
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CapfiltError(f"--output {out} is a file; give a directory")
+    ckpt = _load(args.input, "cpu", tokenizer=args.tokenizer, image_size=args.image_size, overrides=overrides)
     if out.exists() and any(out.iterdir()) and (out / "config.json").exists():
         raise CapfiltError(f"{out} already holds a checkpoint; choose an empty output directory")
     try:
@@ -410,8 +458,13 @@ def cmd_data(args: argparse.Namespace) -> int:
                 tasks[split] = bar.add_task(f"writing {split}", total=total)
             bar.update(tasks[split], completed=done)
 
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CapfiltError(f"--out {out}: cannot create it ({err.strerror or err})") from err
         summary = synthesize(
-            Path(args.out),
+            out,
             web=args.web,
             human=args.human,
             test=args.test,

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,8 @@ def _open(source: str | Path | bytes, name: str | None, max_pixels: int, decode:
     label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir():
+            raise ImageError(f"{path} is a directory, not an image file", "image_missing")
         if not path.is_file():
             raise ImageError(f"image not found: {path}", "image_missing")
         data = path.read_bytes()
@@ -88,12 +91,14 @@ def _open(source: str | Path | bytes, name: str | None, max_pixels: int, decode:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{label}: refused as a decompression bomb ({err})", "image_too_large") from err
     except UnidentifiedImageError as err:
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))  # PIL names its buffer
         raise ImageError(
-            f"{label}: not a readable image in any of {', '.join(_web_formats())} ({err})",
+            f"{label}: not a readable image in any of {', '.join(_web_formats())} ({why})",
             "image_undecodable",
         ) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{label}: not a readable image ({err})", "image_undecodable") from err
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))  # PIL names its buffer
+        raise ImageError(f"{label}: not a readable image ({why})", "image_undecodable") from err
     return img
 
 

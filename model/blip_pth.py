@@ -14,7 +14,15 @@ from typing import Any
 import torch
 
 from . import convert
-from .checkpoint import Checkpoint, CheckpointError, _build, _read_json, _safe_torch_load, file_digest
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    _build,
+    _read_json,
+    _safe_torch_load,
+    file_digest,
+    load_hf_tokenizer,
+)
 from .tokenizer import DEC, ENC, CaptionTokenizer
 
 log = logging.getLogger(__name__)
@@ -41,10 +49,8 @@ def _pth_tokenizer(
     added as bos and [ENC] as an additional special token (blip.py `init_tokenizer`): ids 30522 and
     30523. A stock bert-base-uncased lacks both; when the word embeddings (`words`, (V, D)) have
     exactly two rows more than it, they are added the same way."""
-    from transformers import AutoTokenizer
-
     try:
-        hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        hf = load_hf_tokenizer(tok_dir)
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"no tokenizer for {path}: an original BLIP .pth has none. Put bert-base-uncased tokenizer files "
@@ -74,16 +80,30 @@ def _pth_tokenizer(
     return CaptionTokenizer(hf, dec_id=dec_id, enc_id=enc_id)
 
 
+def _state_dict_of(raw: Any) -> dict[str, Any] | None:
+    """BLIP's state dict in a loaded `.pth`: under "model" (BLIP's own files), the file itself, or
+    "state_dict"; keys may carry DistributedDataParallel's "module." prefix. None: no BLIP weights."""
+    if not isinstance(raw, dict):
+        return None
+    for candidate in (raw.get("model"), raw, raw.get("state_dict")):
+        if not isinstance(candidate, dict):
+            continue
+        keys = [k for k in candidate if isinstance(k, str)]
+        if any(k.startswith("module.visual_encoder.") for k in keys):
+            return {k.removeprefix("module."): v for k, v in candidate.items() if isinstance(k, str)}
+        if any(k.startswith("visual_encoder.") for k in keys):
+            return candidate
+    return None
+
+
 def load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str, Any]) -> Checkpoint:
     raw = _safe_torch_load(path)
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-        state = raw["model"]
-    elif isinstance(raw, dict) and any(k.startswith("visual_encoder.") for k in raw):
-        state = raw
-    else:
-        raise CheckpointError(f"{path} is not a BLIP checkpoint (no state dict under 'model')")
-    if not any(k.startswith("visual_encoder.") for k in state):
-        raise CheckpointError(f"{path} has no visual_encoder weights; it is not a BLIP model")
+    state = _state_dict_of(raw)
+    if state is None:
+        raise CheckpointError(
+            f"{path} is not a BLIP checkpoint: no state dict with visual_encoder.* weights (looked at the "
+            "file itself and under 'model' and 'state_dict', with and without a 'module.' prefix)"
+        )
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     conv = convert.from_blip(state)
     log.info("%s: %s", path, conv.summary())

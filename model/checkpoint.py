@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,13 @@ def detect_format(path: str | Path) -> str:
         cfg = _read_json(cfg_path)
         if cfg.get("format") == FORMAT:
             return FORMAT
-        if cfg.get("model_type") == "blip" or "text_config" in cfg:
+        model_type = cfg.get("model_type")
+        if model_type not in (None, "blip"):
+            raise CheckpointError(
+                f"{cfg_path} describes a transformers {model_type!r} model; CapFilt loads BLIP ones "
+                "(model_type 'blip': BlipForImageTextRetrieval, BlipForConditionalGeneration)"
+            )
+        if model_type == "blip" or "text_config" in cfg:
             return "transformers"
         raise CheckpointError(f"{cfg_path} describes neither a CapFilt nor a transformers BLIP checkpoint")
     return "blip-pth"
@@ -196,9 +203,36 @@ def load_checkpoint(
         ValueError,  # json.JSONDecodeError too; the loaders above say more where they can
     ) as err:
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+    _check_tokenizer_fits(ckpt, path)
     if image_size and image_size != ckpt.config.vision.image_size:
         _set_image_size(ckpt.med, image_size)
     return _finish(ckpt, device)
+
+
+def _check_tokenizer_fits(ckpt: Checkpoint, path: str | Path) -> None:
+    """CheckpointError when the tokenizer can produce ids the word embeddings do not have (a
+    tokenizer of another model): every caption or score would fail on an index out of range."""
+    text = ckpt.config.text
+    vocab, size = text.vocab_size, len(ckpt.tokenizer.hf)
+    for name in ("pad", "cls", "sep", "dec", "enc"):
+        value = getattr(text, f"{name}_token_id")
+        if value >= vocab:
+            raise CheckpointError(
+                f"{path}: the {name} token's id {value} is beyond the model's {vocab} word embeddings: the "
+                "tokenizer is another model's. Use the one the model was trained with"
+            )
+    if size > vocab:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {size} tokens but the model's word embeddings only {vocab}: it is "
+            "another model's tokenizer. Use the one the model was trained with"
+        )
+    if size < vocab // 2:
+        log.warning(
+            "%s: the tokenizer has %d tokens, the model's word embeddings %d: is it the model's?",
+            path,
+            size,
+            vocab,
+        )
 
 
 def _finish(ckpt: Checkpoint, device: str | torch.device) -> Checkpoint:
@@ -299,8 +333,13 @@ def _transformers_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Pat
 def _load_transformers(path: Path) -> Checkpoint:
     hf_cfg = _read_json(path / "config.json")
     state, files = _transformers_weights(path)
+    arch = (hf_cfg.get("architectures") or [""])[0]
     try:
         conv = convert.from_transformers(state)
+        if not (conv.has_encoder or conv.has_decoder):
+            raise ValueError(
+                f"its weights hold no BLIP text encoder or decoder ({arch or 'no architecture named'})"
+            )
     except ValueError as err:
         raise CheckpointError(
             f"{path} is not a BLIP model CapFilt can load: {err}. Pass a BlipForImageTextRetrieval "
@@ -316,7 +355,6 @@ def _load_transformers(path: Path) -> Checkpoint:
     config.text.enc_token_id, config.text.dec_token_id = tok.ids.enc, tok.ids.dec
     config.text.cls_token_id = tok.ids.cls
     med = _build(config, conv.state_dict, str(path))
-    arch = (hf_cfg.get("architectures") or [""])[0]
     role = (
         "captioner"
         if conv.has_decoder and not conv.has_encoder
@@ -334,12 +372,34 @@ def _load_transformers(path: Path) -> Checkpoint:
     return Checkpoint(med, tok, role, provenance, "transformers", digest)
 
 
-def _tokenizer_for(path: Path, config: MEDConfig) -> CaptionTokenizer:
-    """A transformers BLIP tokenizer may or may not list [DEC]/[ENC]; BLIP's ids are bos and bos+1."""
-    from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # what a BERT tokenizer is read from
+
+
+def load_hf_tokenizer(directory: Path) -> Any:
+    """transformers' tokenizer saved in `directory`; a bare BERT `vocab.txt` (no tokenizer.json or
+    tokenizer_config.json, which transformers 5 no longer reads alone) as bert-base-uncased's
+    lower-casing WordPiece over it. OSError or ValueError when there is none."""
+    from transformers import AutoTokenizer, BertTokenizer
 
     try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError):
+        vocab = directory / "vocab.txt"
+        if not vocab.is_file() or (directory / "tokenizer.json").is_file():
+            raise
+        log.info("%s: a bare vocab.txt; reading it as an uncased BERT WordPiece vocabulary", directory)
+        return BertTokenizer(vocab=str(vocab))
+
+
+def _tokenizer_for(path: Path, config: MEDConfig) -> CaptionTokenizer:
+    """A transformers BLIP tokenizer may or may not list [DEC]/[ENC]; BLIP's ids are bos and bos+1."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): `save_pretrained` of a model "
+            "writes none. Save the model's tokenizer or BlipProcessor into the same directory"
+        )
+    try:
+        hf = load_hf_tokenizer(path)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} has no usable tokenizer files: {err}") from err
     vocab = hf.get_vocab()
@@ -350,16 +410,51 @@ def _tokenizer_for(path: Path, config: MEDConfig) -> CaptionTokenizer:
     return CaptionTokenizer(hf, dec_id=dec, enc_id=enc)
 
 
+WHAT_A_CHECKPOINT_IS = (
+    "a checkpoint is a directory with config.json (CapFilt's or transformers' BLIP) or an original "
+    "BLIP .pth (a PyTorch zip or pickle)"
+)
+
+
+def _sniff(path: Path) -> None:
+    """CheckpointError when `path` cannot be a PyTorch or safetensors file, judged by its first bytes:
+    a Git LFS pointer (a clone without `git lfs pull`), text, an image."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(
+            f"{path} is a Git LFS pointer, not the weights: fetch them (`git lfs pull` in that clone)"
+        )
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch's zip format; a legacy pickle
+        return
+    if len(head) > 8 and head[8:9] == b"{":  # safetensors: a little-endian length, then its JSON header
+        return
+    shown = head[:16].decode("ascii", errors="replace").encode("unicode_escape").decode()
+    raise CheckpointError(
+        f"{path} is not a PyTorch checkpoint (it starts with {shown!r}); {WHAT_A_CHECKPOINT_IS}"
+    )
+
+
 def _safe_torch_load(path: Path) -> Any:
+    """A `.pth`/`.bin` read with `weights_only=True`: tensors and plain data, never code."""
+    _sniff(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):  # torch's safe unpickler met what it does not read
+            found = re.search(r"GLOBAL (\S+)|(Unsupported [^\n]+)", str(err))
+            what = f" ({found.group(1) or found.group(2)})" if found else ""
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain data{what}; refusing to unpickle it, "
+                "as that could run code. Re-save it with only its state dict"
+            ) from err
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain data; refusing to unpickle it "
-            f"(that could run code). Details: {str(err).splitlines()[0]}"
+            f"{path} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}"
         ) from err
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    except Exception as err:  # torch's zip and pickle readers raise many kinds on a damaged file
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); {WHAT_A_CHECKPOINT_IS}"
+        ) from err
 
 
 # ----------------------------------------------------------------------------- export

@@ -144,6 +144,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="pairs per group of look-alike texts with --batching similar (default: 4)",
     )
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.set_defaults(train_defaults={dest: p.get_default(dest) for dest in _NOT_FOR_VIT})
     return p
 
 
@@ -225,7 +226,22 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # Options of `train` that shape a MED run and mean nothing to `train vit`: refused rather than ignored.
-_NOT_FOR_VIT = ("init", "vit_init", "max_steps", "queue_size", "text_negatives", "ray_address")
+_NOT_FOR_VIT = (
+    "init",
+    "vit_init",
+    "max_steps",
+    "queue_size",
+    "text_negatives",
+    "ray_address",
+    "epochs",
+    "checkpoint_every",
+    "workers",
+    "cpus_per_worker",
+    "vocab_size",
+    "hard_negatives_ramp",
+    "batching",
+    "similar_group",
+)
 
 
 def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
@@ -235,7 +251,8 @@ def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
 
     from .train_vit import VitTrainConfig, train_vit
 
-    given = [f"--{k.replace('_', '-')}" for k in _NOT_FOR_VIT if getattr(args, k) not in (None, False)]
+    defaults = getattr(args, "train_defaults", {})
+    given = [f"--{k.replace('_', '-')}" for k in _NOT_FOR_VIT if getattr(args, k) != defaults.get(k)]
     if given:
         raise CapfiltError(f"`train vit` takes no {', '.join(given)}: it trains the image encoder alone")
     config = VitTrainConfig(

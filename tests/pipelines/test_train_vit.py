@@ -131,6 +131,13 @@ def test_train_vit_command(labelled: Path, tmp_path: Path, capsys: pytest.Captur
     assert json.loads((out / "vit.json").read_text())["vision"]["stem"] == "conv"
     assert main([*argv, "--steps", "2", "--init", str(out)]) == 2
     assert "`train vit` takes no --init" in capsys.readouterr().err
+    # Options of a MED run with a default of their own are refused too when given, not ignored.
+    extra = ["--epochs", "3", "--workers", "4", "--batching", "similar", "--checkpoint-every", "5"]
+    assert main([*argv, "--steps", "2", *extra]) == 2
+    assert (
+        "`train vit` takes no --epochs, --checkpoint-every, --workers, --batching" in capsys.readouterr().err
+    )
+    assert main([*argv, "--steps", "2", "--batch-size", "8", "--epochs", "5"]) == 0  # the default: harmless
 
 
 def test_world_labelled_split(labelled: Path, tmp_path: Path) -> None:
