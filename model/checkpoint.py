@@ -319,7 +319,13 @@ def _transformers_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Pat
         return load_file(str(single)), [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+        files = sorted(set(weight_map.values()))
+        outside = [f for f in files if not (path / f).resolve().is_relative_to(path.resolve())]
+        if outside:
+            raise CheckpointError(f"{index} names shard files outside {path}: {', '.join(outside[:3])}")
         state: dict[str, torch.Tensor] = {}
         for name in files:
             state.update(load_file(str(path / name)))

@@ -258,6 +258,10 @@ def config_from_transformers(hf: dict[str, Any], conv: Conversion) -> MEDConfig:
     v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
     if not isinstance(v, dict) or not isinstance(t, dict):
         raise ValueError("vision_config and text_config must be objects")
+    for part, cfg in (("vision_config", v), ("text_config", t)):
+        act = cfg.get("hidden_act", "gelu")
+        if act != "gelu":  # BLIP's ViT and BERT both use exact GELU, and so does the MED built here
+            raise ValueError(f"{part}.hidden_act is {act!r}; CapFilt's MED uses BLIP's 'gelu' only")
     v_width = int(v.get("hidden_size", 768))
     if v_width <= 0:
         raise ValueError(f"vision_config.hidden_size must be positive, got {v_width}")

@@ -228,3 +228,26 @@ def test_cli_errors_a_user_causes_are_one_line_and_exit_2(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and "Traceback" not in err, (argv, err)
+
+
+def test_a_shard_index_may_name_only_files_of_its_directory(tmp_path, hf_retrieval_dir) -> None:
+    directory = _copy(hf_retrieval_dir, tmp_path / "sharded", ("model.safetensors",))
+    shutil.copy(hf_retrieval_dir / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    index = directory / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"names shard files outside .*: \.\./elsewhere\.safetensors"):
+        load_checkpoint(directory)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="has no weight_map"):
+        load_checkpoint(directory)
+
+
+def test_an_activation_other_than_blips_gelu_is_refused(tmp_path, hf_retrieval_dir) -> None:
+    directory = _copy(hf_retrieval_dir, tmp_path / "relu")
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["hidden_act"] = "relu"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"text_config\.hidden_act is 'relu'; CapFilt's MED uses BLIP's 'gelu'"
+    ):
+        load_checkpoint(directory)
