@@ -191,7 +191,7 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
     samples: list[TarSample] = []
     latest: dict[str, TarSample] = {}  # each key's last sample: a member joins it unless it repeats
     reading: TarSample | None = None
-    error = None
+    error, whole = None, False
     try:
         with fsspec.open(str(path), "rb") as f, _open_tar(f) as tar:
             for member in tar:
@@ -211,11 +211,12 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
                 assert handle is not None
                 reading.files[ext] = handle.read()
             error = _end_of_archive(tar)
+            whole = error is not None and error.startswith(_ANOTHER_ARCHIVE)  # the first archive ended
     except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, CapfiltError) as err:
-        error = str(err)
+        error, whole = str(err), False
     if error:
         error = f"cannot read shard {path}: {error}"
-        if reading is not None:
+        if reading is not None and not whole:
             reading.cut = True
         log.warning("%s; keeping the %d samples read before it", error, len(samples))
     return samples, error
@@ -229,6 +230,9 @@ def _open_tar(f: Any) -> tarfile.TarFile:
         raise tarfile.ReadError("not a tar file (plain, gzip, bz2 or xz)") from err
 
 
+_ANOTHER_ARCHIVE = "another tar archive starts"
+
+
 def _end_of_archive(tar: tarfile.TarFile) -> str | None:
     """Why the bytes after the last member tarfile read are not the end of the tar, if they are not:
     a tar ends in two zero blocks; anything before them is a header tarfile could not read."""
@@ -240,6 +244,13 @@ def _end_of_archive(tar: tarfile.TarFile) -> str | None:
         rest = chunk.lstrip(b"\0")
         zeros += len(chunk) - len(rest)
         if rest and zeros >= 2 * tarfile.BLOCKSIZE:  # after a whole end-of-archive marker: not the tar's
+            at = tar.offset + zeros
+            if _is_tar_header(chunk, len(chunk) - len(rest)):
+                # webdataset stops here too; the samples of the second archive would vanish unseen.
+                return (
+                    f"{_ANOTHER_ARCHIVE} at byte {at}, after the end-of-archive marker (tars joined "
+                    "with cat?): its members are not read; join tars with `tar --concatenate` instead"
+                )
             log.warning("ignoring data after the end of %s", tar.name)
             return None
         if rest:
@@ -251,6 +262,19 @@ def _end_of_archive(tar: tarfile.TarFile) -> str | None:
 
 
 SIDECAR_COLUMNS = ("key", "status", "error_message", "caption", "url")
+
+
+def _is_tar_header(chunk: bytes, start: int) -> bool:
+    """Whether the 512 bytes at `start` of `chunk` (block-aligned, or not: any offset) are a tar
+    member header with a valid checksum."""
+    block = chunk[start : start + tarfile.BLOCKSIZE]
+    if len(block) < tarfile.BLOCKSIZE:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
 
 
 def read_sidecar(tar_path: str | Path) -> tuple[list[dict[str, Any]], str | None]:

@@ -484,3 +484,30 @@ def test_image_roots_confine_the_image_paths_a_table_names(
     assert "only local files under the allowed roots are read" in samples[4].error_message
     monkeypatch.delenv(IMAGE_ROOTS_ENV)  # unset: the command line's user reads what their tables name
     assert [s.status for s in read_input(str(root / "t.parquet"))[0]][:4] == ["ok"] * 4
+
+
+def test_tars_joined_with_cat_are_a_read_error_not_a_silent_loss(tmp_path: Path) -> None:
+    """webdataset (and tarfile) stop at the first end-of-archive marker: the second tar's samples
+    would vanish unseen. The shard's read error says so; the first tar's samples are whole."""
+    import tarfile
+
+    def archive(keys: list[str]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for key in keys:
+                for ext, data in (("png", _png((1, 2, 3))), ("txt", b"a caption")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(archive(["a", "b"]) + archive(["c"]))
+    samples, error = read_input(str(joined))
+    assert [(s.key, s.status) for s in samples] == [("a", "ok"), ("b", "ok")]
+    assert (
+        error is not None and "another tar archive starts at byte" in error and "tar --concatenate" in error
+    )
+    trailing = tmp_path / "trailing.tar"
+    trailing.write_bytes(archive(["a"]) + b"not a tar header " * 64)  # junk after the end: ignored
+    assert read_input(str(trailing))[1] is None
