@@ -172,7 +172,7 @@ class _Model:
     image_size: int
 
 
-def _inspect(path: str, task: str, option: str) -> _Model:
+def inspect_checkpoint(path: str, task: str, option: str) -> _Model:
     """Load a checkpoint once here, so a wrong path or role fails before Ray starts."""
     from capfilt.model.checkpoint import load_checkpoint
 
@@ -320,8 +320,8 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     config.validate()
     web = _shards(config.inputs, "input", 0, "web")
     human = _shards(config.human, "human", len(web), "human") if config.human else []
-    cap = _inspect(config.captioner, "caption", "captioner")
-    filt = _inspect(config.filter, "score", "filter")
+    cap = inspect_checkpoint(config.captioner, "caption", "captioner")
+    filt = inspect_checkpoint(config.filter, "score", "filter")
     out = Path(config.output)
     done = prepare(out, _job(config, web, human, cap, filt), config.resume)
     total = len(web) + len(human)

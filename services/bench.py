@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from capfilt.errors import CapfiltError
+
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -206,8 +208,12 @@ def bench_serve(bench: BenchConfig) -> dict[str, Any]:
     """Run both modes; returns {"config", "modes": [ModeResult...], "speedup"}."""
     import ray
 
+    from capfilt.model.config import SIZES
+
     if bench.endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {bench.endpoint!r}")
+    if (bench.captioner is None or bench.filter is None) and bench.size not in SIZES:
+        raise CapfiltError(f"--size must be one of {', '.join(SIZES)}; got {bench.size!r}")
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-") as tmp:
         captioner, filt = bench.captioner, bench.filter
         if captioner is None or filt is None:

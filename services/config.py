@@ -16,7 +16,7 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """How the service runs. Paths are checked by `validate`; checkpoints by the actors that load them."""
+    """How the service runs. `validate` checks every option, the checkpoints' roles included."""
 
     captioner: str  # checkpoint the caption and capfilt endpoints use (and jobs by default)
     filter: str  # checkpoint the score and capfilt endpoints use (and jobs by default)
@@ -43,7 +43,8 @@ class ServeConfig:
     job_python: str = sys.executable  # the interpreter Ray Jobs runs `capfilt clean` with
 
     def validate(self) -> None:
-        """Raise CapfiltError naming the first bad option."""
+        """Raise CapfiltError naming the first bad option; last, the checkpoints are loaded once, as
+        `capfilt clean` does, so a wrong path or role fails before Ray starts, naming the flag."""
 
         def bad(option: str, why: str) -> CapfiltError:
             return CapfiltError(f"--{option} {why}")
@@ -83,6 +84,10 @@ class ServeConfig:
             raise bad("max-body-bytes", f"must be >= 1024; got {self.max_body_bytes}")
         if self.max_image_pixels < 1:
             raise bad("max-image-pixels", f"must be >= 1; got {self.max_image_pixels}")
+        from capfilt.pipelines.clean import inspect_checkpoint  # torch: imported when a service starts
+
+        inspect_checkpoint(self.captioner, "caption", "captioner")  # "--captioner PATH: ... is a filter ..."
+        inspect_checkpoint(self.filter, "score", "filter")
 
     @property
     def jobs_enabled(self) -> bool:

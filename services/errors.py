@@ -59,7 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no such endpoint: {request.url.path} (see /docs)"
         elif exc.status_code == 405 and detail == "Method Not Allowed":
             detail = f"{request.method} is not allowed on {request.url.path} (see /docs)"
-        return _error(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        # a reason where the exception carries one (limits.BodyTooLarge)
+        reason = getattr(exc, "reason", None)
+        return _error(exc.status_code, detail, reason, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ImageError)
     async def bad_image(request: Request, exc: ImageError) -> JSONResponse:

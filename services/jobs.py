@@ -7,10 +7,17 @@ the RAY_ADDRESS Ray Jobs sets; the job shows in the Ray dashboard like any other
 
 Paths are confined: every input (after expanding directories and globs, so a symlink inside a root
 cannot lead out of it), human shard and checkpoint must resolve under an input root, the output
-under an output root. Resolving follows symlinks and `..`. Only local paths are accepted.
+under an output root. Resolving follows symlinks and `..`. Only local paths are accepted. A
+checkpoint a request names is loaded once, as `capfilt clean` does before any work, so a wrong
+path or role is a 400 at submission, not a job that fails later.
+
+One output, one running job: a submission whose output equals, contains or lies inside the output
+of an unfinished job (PENDING or RUNNING) is a 409, checked and submitted under one lock.
 
 Progress is read from the job's output directory without touching it: manifest.jsonl lists the
-finished shards, stats/ holds their counts, job.json the shards in all.
+finished shards, stats/ holds their counts, job.json the shards in all. Jobs submitted outside the
+service with the metadata `{"capfilt": "clean", "output": ...}` are listed too; their progress is
+read only when that output lies under an output root.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import os
 import re
 import shlex
+import threading
 import time
 import uuid
 from collections import Counter
@@ -65,6 +73,30 @@ def confine(path: str, roots: Sequence[Path], what: str) -> Path:
     return resolved
 
 
+def local_path(text: str) -> Path | None:
+    """`text` resolved when it is an absolute local path, else None (a job's metadata is free text)."""
+    if not text or "://" in text or text.startswith("file:") or "\x00" in text:
+        return None
+    given = Path(text)
+    if not given.is_absolute():
+        return None
+    try:
+        return given.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def overlap(output: Path, other: Path) -> str | None:
+    """How `output` overlaps `other` ("is", "contains", "is inside"), or None when it does not."""
+    if output == other:
+        return "is"
+    if output in other.parents:
+        return "contains"
+    if other in output.parents:
+        return "is inside"
+    return None
+
+
 def shards_under(entries: Sequence[str], roots: Sequence[Path], what: str) -> list[str]:
     """The shards `capfilt clean` would read for `entries`, each (and its sidecar) under a root."""
     resolved = [str(confine(entry, roots, what)) for entry in entries]
@@ -97,6 +129,7 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
         raise ClientError(
             409,
             f"output {request.output} is not empty: choose a new directory, or set resume to continue its job",
+            "output_not_empty",
         )
     argv = ["clean", "--input", *inputs, "--output", str(output), "--captioner", captioner, "--filter", filt]
     if human:
@@ -116,12 +149,17 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
         argv += ["--filter-actors", str(request.filter_actors)]
     argv += ["--seed", str(request.seed), "--precision", request.precision]
     argv += ["--resume"] if request.resume else []
-    _check_with_the_cli(argv)
+    # the service's own checkpoints were checked when it started (ServeConfig.validate)
+    checkpoints = [(captioner, "caption", "captioner")] if request.captioner else []
+    checkpoints += [(filt, "score", "filter")] if request.filter else []
+    _check_with_the_cli(argv, checkpoints)
     return argv
 
 
-def _check_with_the_cli(argv: list[str]) -> None:
-    """Parse `argv` with `capfilt clean`'s own parser and validate its CleanConfig."""
+def _check_with_the_cli(argv: list[str], checkpoints: Sequence[tuple[str, str, str]] = ()) -> None:
+    """Parse `argv` with `capfilt clean`'s own parser, validate its CleanConfig and load each
+    (path, task, option) of `checkpoints` as the command does before any work."""
+    from capfilt.pipelines.clean import inspect_checkpoint
     from capfilt.pipelines.clean_cli import add_clean_parser, config_from_args
 
     parser = argparse.ArgumentParser(prog="capfilt", exit_on_error=False)
@@ -134,6 +172,13 @@ def _check_with_the_cli(argv: list[str]) -> None:
         config_from_args(args).validate()
     except CapfiltError as err:
         raise ClientError(400, f"invalid job (options named as `capfilt clean` flags): {err}") from err
+    for path, task, option in checkpoints:
+        try:
+            inspect_checkpoint(path, task, option)
+        except CapfiltError as err:  # "--filter PATH: checkpoint PATH is a captioner ...; pass a filter ..."
+            raise ClientError(
+                400, f"invalid job (options named as `capfilt clean` flags): {err}", "invalid_checkpoint"
+            ) from err
 
 
 def read_progress(output: Path) -> JobProgress | None:
@@ -197,13 +242,17 @@ def read_progress(output: Path) -> JobProgress | None:
 class JobManager:
     """CapFilt's jobs on one Ray cluster, through Ray's own JobSubmissionClient.
 
-    Only jobs this service submitted (metadata `capfilt: clean`) are visible through it: other
+    Only cleaning jobs (metadata `capfilt: clean`: the ones this service submits, and those
+    submitted with that metadata by `ray job submit` or a RayJob) are visible through it: other
     Ray jobs on the cluster cannot be read or stopped over REST."""
 
     def __init__(self, config: ServeConfig, dashboard_url: str) -> None:
         self.config = config
         self.dashboard_url = dashboard_url.rstrip("/")
         self._client: Any = None
+        # one submission at a time: the check that no unfinished job writes there, then the submit
+        self._submitting = threading.Lock()
+        self._submitted: dict[str, Path] = {}  # job id -> output, until Ray Jobs lists the job
 
     @property
     def client(self) -> Any:  # JobSubmissionClient: created on first use, when the dashboard is up
@@ -243,9 +292,45 @@ class JobManager:
     def submit(self, request: JobRequest) -> JobInfo:
         self._require_enabled()
         argv = clean_argv(request, self.config)
+        output = argv[argv.index("--output") + 1]
+        with self._submitting:
+            self._refuse_overlap(request.output, Path(output))
+            job_id = self._submit(argv, output)
+            self._submitted[job_id] = Path(output)
+        return self.get(job_id)
+
+    def _unfinished_outputs(self) -> dict[str, tuple[str, Path]]:
+        """job id -> (state, output) of every cleaning job not finished, as Ray Jobs lists them, and
+        of those this service submitted that Ray Jobs does not list yet."""
+        jobs = self._call("list jobs", self.client.list_jobs)
+        listed = {d.submission_id: d for d in jobs if d.submission_id}
+        for job_id in [j for j in self._submitted if j in listed]:
+            del self._submitted[job_id]  # Ray Jobs answers for it from now on
+        unfinished = {job_id: ("PENDING", out) for job_id, out in self._submitted.items()}
+        for job_id, details in listed.items():
+            state = str(getattr(details.status, "value", details.status))
+            metadata = details.metadata or {}
+            output = local_path(str(metadata.get("output", "")))
+            if metadata.get("capfilt") == "clean" and state not in TERMINAL and output is not None:
+                unfinished[job_id] = (state, output)
+        return unfinished
+
+    def _refuse_overlap(self, given: str, output: Path) -> None:
+        """409 when `output` is, contains or lies inside the output of an unfinished job."""
+        for job_id, (state, other) in sorted(self._unfinished_outputs().items()):
+            how = overlap(output, other)
+            if how is not None:
+                raise ClientError(
+                    409,
+                    f"output {given} {how} the output of job {job_id} ({state}, writing to {other}): "
+                    f"wait for it to end, stop it (DELETE /v1/jobs/{job_id}), or choose another directory",
+                    "output_in_use",
+                )
+
+    def _submit(self, argv: list[str], output: str) -> str:
+        """Submit `capfilt clean argv` to Ray Jobs; returns the job's id."""
         entrypoint = shlex.join([self.config.job_python, "-m", "capfilt.cli", *argv])
         job_id = f"capfilt_clean_{uuid.uuid4().hex[:16]}"
-        output = argv[argv.index("--output") + 1]
         metadata = {"capfilt": "clean", "output": output}
         # The input tables' image paths are confined too: the job reads them only under the roots.
         runtime_env = {
@@ -268,7 +353,7 @@ class JobManager:
                     f"Ray Jobs at {self.dashboard_url} cannot be reached: {err}"
                 ) from err
         log.info("submitted %s: %s", job_id, entrypoint)
-        return self.get(job_id)
+        return job_id
 
     def _details(self, job_id: str) -> Any:
         self._require_enabled()
@@ -304,12 +389,22 @@ class JobManager:
     def get(self, job_id: str) -> JobInfo:
         details = self._details(job_id)
         summary = self._summary(details)
+        output = self._readable_output(summary["output"])
         return JobInfo(
             **summary,
             message=details.message,
             entrypoint=details.entrypoint,
-            progress=read_progress(Path(summary["output"])) if summary["output"] else None,
+            progress=read_progress(output) if output is not None else None,
         )
+
+    def _readable_output(self, text: str) -> Path | None:
+        """A job's output as its metadata names it, resolved, when it lies under an output root: the
+        metadata of a job submitted outside the service is whatever its submitter wrote."""
+        output = local_path(text)
+        roots = self.config.output_roots
+        if output is None or not any(output == r or r in output.parents for r in roots):
+            return None
+        return output
 
     def logs(self, job_id: str, tail: int | None = None) -> str:
         self._details(job_id)
@@ -326,12 +421,12 @@ class JobManager:
         self._call("stop the job", self.client.stop_job, job_id)
         return self.get(job_id)
 
-    def counts_by_state(self) -> dict[str, int]:
-        """Jobs of this service by state, for /metrics ({} when Ray Jobs cannot answer)."""
+    def counts_by_state(self) -> dict[str, int] | None:
+        """Cleaning jobs by state, for /metrics: {} when jobs are off, None when Ray Jobs cannot answer."""
         if not self.config.jobs_enabled:
             return {}
         try:
             return dict(Counter(s.state for s in self.list()))
         except (ServiceUnavailable, ClientError) as err:
             log.warning("jobs by state unavailable: %s", err)
-            return {}
+            return None

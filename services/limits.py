@@ -13,6 +13,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyTooLarge(HTTPException):
+    """A body over the limit, declared or counted; `reason` goes in the 413's JSON either way."""
+
+    reason = "body_too_large"
+
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
 
@@ -30,7 +34,7 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             error = BodyTooLarge(self.max_bytes)
-            response = JSONResponse({"detail": error.detail, "reason": "body_too_large"}, status_code=413)
+            response = JSONResponse({"detail": error.detail, "reason": error.reason}, status_code=413)
             await response(scope, receive, send)
             return
         received = 0

@@ -6,7 +6,10 @@
 - capfilt_batch_size{model}: requests per forward pass, and capfilt_forward_seconds_total{model},
   read from the model actors when scraped
 - capfilt_models_ready: 1 once every actor has loaded its model
-- capfilt_jobs{state}: this service's cleaning jobs by Ray Jobs state
+- capfilt_jobs{state}: the cleaning jobs by Ray Jobs state, and capfilt_jobs_up: 1 when Ray Jobs
+  answered this scrape, 0 when it did not. Then capfilt_jobs has no series at all, rather than
+  zeros a `capfilt_jobs{state="FAILED"} > 0` alert would read as "no failures"; alert on
+  `capfilt_jobs_up == 0` instead (as on a target's `up`).
 """
 
 from __future__ import annotations
@@ -102,7 +105,14 @@ class ServiceCollector(Collector):
         jobs = GaugeMetricFamily(
             "capfilt_jobs", "this service's cleaning jobs by Ray Jobs state", labels=["state"]
         )
-        counts = self.jobs.counts_by_state() if self.jobs is not None else {}
-        for state in sorted(set(JOB_STATES) | set(counts)):
-            jobs.add_metric([state], counts.get(state, 0))
+        up = GaugeMetricFamily(
+            "capfilt_jobs_up", "1 when Ray Jobs listed the jobs for this scrape, 0 when it could not"
+        )
+        # no JobManager: the cluster has no dashboard, so Ray Jobs cannot be reached either
+        counts = self.jobs.counts_by_state() if self.jobs is not None else None
+        up.add_metric([], 0.0 if counts is None else 1.0)
+        if counts is not None:  # not known: no series, rather than zeros
+            for state in sorted(set(JOB_STATES) | set(counts)):
+                jobs.add_metric([state], counts.get(state, 0))
         yield jobs
+        yield up

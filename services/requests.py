@@ -66,23 +66,28 @@ async def _form_fields(request: Request, model: type[BaseModel]) -> dict[str, An
         return data
 
 
-def body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
-    """A dependency that reads `model` from a JSON or multipart body (see `openapi_body`)."""
+def body(model: type[M], *, multipart: bool = True) -> Callable[[Request], Awaitable[M]]:
+    """A dependency that reads `model` from a JSON body, or a multipart one unless `multipart` is
+    False (see `openapi_body`, `openapi_json_body`): 400 when empty or not JSON, 415 for another
+    Content-Type, 422 naming the fields the schema refuses."""
+    accepted = f"{JSON} or {MULTIPART}" if multipart else JSON
+    expected = (
+        f"a JSON object ({JSON}, the image in base64) or a {MULTIPART} form with the image as a file "
+        "part named 'image'"
+        if multipart
+        else f"a JSON object ({JSON}) with the fields of {model.__name__}"
+    )
 
     async def parse(request: Request) -> M:
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media == MULTIPART:
+        if media == MULTIPART and multipart:
             data: Any = await _form_fields(request, model)
         elif media == JSON or media.endswith("+json") or not media:
             raw = await request.body()
             if not raw.strip():
-                raise HTTPException(
-                    400,
-                    f"the request body is empty: send a JSON object ({JSON}, the image in base64) or a "
-                    f"{MULTIPART} form with the image as a file part named 'image'",
-                )
+                raise HTTPException(400, f"the request body is empty: send {expected}")
             if not media:
-                raise HTTPException(415, f"no Content-Type: send {JSON} or {MULTIPART}")
+                raise HTTPException(415, f"no Content-Type: send {accepted}")
             try:
                 data = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -94,7 +99,7 @@ def body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
                     f"fields of {model.__name__}",
                 ) from err
         else:
-            raise HTTPException(415, f"unsupported Content-Type {media!r}: send {JSON} or {MULTIPART}")
+            raise HTTPException(415, f"unsupported Content-Type {media!r}: send {accepted}")
         if not isinstance(data, dict):
             raise HTTPException(400, f"the JSON body must be an object with the fields of {model.__name__}")
         try:
@@ -103,6 +108,11 @@ def body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
             raise validation_error(err) from None
 
     return parse
+
+
+def openapi_json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route whose body `body(model, multipart=False)` reads."""
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": model.model_json_schema()}}}}
 
 
 def openapi_body(model: type[BaseModel], list_fields: tuple[str, ...] = ()) -> dict[str, Any]:

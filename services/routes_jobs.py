@@ -8,25 +8,41 @@ from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
 from .deps import JobsDep, require_key
+from .requests import body, openapi_json_body
 from .schemas import ErrorBody, JobInfo, JobList, JobLogs, JobRequest
 
 ERRORS = {
     code: {"model": ErrorBody, "description": why}
     for code, why in (
-        (400, "options `capfilt clean` refuses, a relative or missing path"),
+        (
+            400,
+            "empty body, invalid JSON, options `capfilt clean` refuses (a checkpoint of the wrong role), "
+            "a relative or missing path",
+        ),
         (401, "missing or wrong API key"),
         (403, "jobs disabled (no roots), or a path outside the roots"),
         (404, "no such CapFilt job"),
-        (409, "output not empty (without resume), or the job has already ended"),
+        (
+            409,
+            "output not empty (without resume), output overlapping an unfinished job's, "
+            "or the job has already ended",
+        ),
         (413, "body over the limit"),
+        (415, "a Content-Type other than JSON"),
         (503, "Ray Jobs cannot be reached"),
     )
+}
+ERRORS[422] = {
+    "description": "a field outside its bounds (`detail`: FastAPI's list of {loc, msg, type})",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
 }
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_key)], responses=ERRORS)
 
 
-@router.post("", status_code=201)
-async def submit_job(request: JobRequest, jobs: JobsDep) -> JobInfo:
+@router.post("", status_code=201, openapi_extra=openapi_json_body(JobRequest))
+async def submit_job(
+    jobs: JobsDep, request: Annotated[JobRequest, Depends(body(JobRequest, multipart=False))]
+) -> JobInfo:
     """Submit a cleaning job: the options of `capfilt clean`, run by Ray Jobs on the service's cluster."""
     return await run_in_threadpool(jobs.submit, request)
 

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from capfilt.inference import CAPFILT_SAMPLING
 from capfilt.model.generate import GenerationConfig
+from capfilt.pipelines.clean_inputs import key_problem
 
 MAX_SEED = 2**63 - 1  # the ledger stores seeds as int64
 MAX_TEXTS = 64  # texts per /v1/score request
@@ -33,6 +34,14 @@ def _image_bytes(value: Any) -> Any:
                 f"image is not valid base64 ({err}): send the image file base64-encoded, "
                 "optionally as a data:<type>;base64, URL"
             ) from err
+    return value
+
+
+def _usable_key(value: str) -> str:
+    """The cleaning job's rule for keys: one it would mark invalid_key is refused here too."""
+    problem = key_problem(value)
+    if problem is not None:
+        raise ValueError(f"{problem}: the cleaning job marks such a sample invalid_key")
     return value
 
 
@@ -58,7 +67,13 @@ ImageBytes = Annotated[
 ]
 Key = Annotated[
     str,
-    Field(min_length=1, max_length=256, description="the sample's key (img2dataset's): seeds its captions"),
+    Field(
+        min_length=1,
+        max_length=256,
+        json_schema_extra={"pattern": r"^[^./\x00]+$"},  # documents `_usable_key`, which words the error
+        description="the sample's key (img2dataset's): seeds its captions; no '.', '/' or NUL, as in the job",
+    ),
+    AfterValidator(_usable_key),
 ]
 PathText = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 

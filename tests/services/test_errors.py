@@ -66,7 +66,7 @@ def test_empty_bodies_and_images(service: Service) -> None:
         assert response.status_code == 400 and response.json()["reason"] == "image_empty"
     assert not_json.status_code == 400 and "not valid JSON" in _detail(not_json)
     assert array.status_code == 400 and "must be an object" in _detail(array)
-    assert empty_job.status_code == 422 and empty_job.json()["detail"][0]["loc"] == ["body"]
+    assert empty_job.status_code == 400 and "the request body is empty" in _detail(empty_job)
 
 
 def test_oversized_images_and_bodies_are_a_413(service: Service) -> None:
@@ -251,3 +251,44 @@ def test_serve_options_are_checked_before_anything_starts(tmp_path: Path, our_ca
     short.write_text("abc")
     with pytest.raises(CapfiltError, match="shorter than 16"):
         config("--api-key-file", str(short)).validate()
+
+
+@pytest.mark.parametrize(
+    ("captioner", "filt", "flag", "words"),
+    [
+        (
+            "filter",
+            "captioner",
+            "--captioner",
+            "is a filter (image-grounded encoder) and cannot write captions",
+        ),
+        (
+            "captioner",
+            "captioner",
+            "--filter",
+            "is a captioner (image-grounded decoder) and cannot score texts",
+        ),
+        ("captioner", "", "--filter", "is a directory without config.json; it is not a checkpoint"),
+    ],
+    ids=["swapped", "two_captioners", "data_folder"],
+)
+def test_serve_refuses_wrong_checkpoints_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], captioner, filt, flag, words
+) -> None:
+    """`capfilt serve` loads its checkpoints as `capfilt clean` does before Ray starts: a wrong one is
+    `error: --FLAG PATH: ...` and exit 2, not a ready line followed by an actor's traceback."""
+    from capfilt.cli import main
+    from capfilt.services import serve_cli
+
+    weights = Path(__file__).resolve().parents[2] / "capfilt" / "weights" / "small"
+
+    def no_ray(config: ServeConfig) -> None:
+        raise AssertionError("Ray started before the checkpoints were checked")
+
+    monkeypatch.setattr(serve_cli, "init_ray", no_ray)
+    paths = {"captioner": str(weights / captioner), "filter": str(weights / filt) if filt else str(weights)}
+    code = main(["serve", "--captioner", paths["captioner"], "--filter", paths["filter"], "--port", "0"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    path = paths[flag.removeprefix("--")]
+    assert err.startswith(f"error: {flag} {path}: ") and words in err, err

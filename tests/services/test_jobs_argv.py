@@ -88,6 +88,9 @@ def test_submitted_jobs_read_table_image_paths_only_under_the_input_roots(tmp_pa
         pass
 
     class Client:
+        def list_jobs(self):
+            return []
+
         def submit_job(self, **kwargs):
             raise Submitted(kwargs)
 

@@ -24,3 +24,4 @@ def test_probes_and_metrics(service: Service) -> None:
     assert 'capfilt_forward_seconds_total{model="captioner"}' in text
     for state in ("PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"):
         assert f'capfilt_jobs{{state="{state}"}}' in text
+    assert "capfilt_jobs_up 1.0" in text  # Ray Jobs answered this scrape

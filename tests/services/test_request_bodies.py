@@ -85,3 +85,37 @@ def test_json_nested_too_deeply_is_a_400(client: TestClient, opening: str) -> No
         "fields of ScoreRequest",
         "reason": None,
     }
+
+
+@pytest.mark.parametrize("key", ["a/b.c", "a.b", "../k", "k\x00", "."])
+def test_keys_the_cleaning_job_calls_invalid_are_a_422(client: TestClient, key: str) -> None:
+    """`capfilt clean` marks a sample whose key holds '.', '/' or NUL invalid_key: no decision for
+    REST to mirror, so the same key is refused here, with the job's words."""
+    from capfilt.pipelines.clean_inputs import key_problem
+
+    response = client.post("/v1/capfilt", json={"image": base64.b64encode(_png()).decode(), "key": key})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "key"] and key_problem(key) in error["msg"]
+    assert "invalid_key" in error["msg"]
+
+
+@pytest.mark.parametrize("media", ["application/json", "multipart/form-data; boundary=x"])
+def test_a_body_over_the_limit_is_the_same_413_declared_or_chunked(media: str) -> None:
+    app = create_app(ServeConfig(captioner="unused", filter="unused", max_body_bytes=1024), None, None)
+    app.dependency_overrides[get_models] = lambda: None
+    body = b"x" * 4096
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent chunked, counted as it arrives
+        yield from (body[i : i + 512] for i in range(0, len(body), 512))
+
+    with TestClient(app, raise_server_exceptions=False) as limited:
+        declared = limited.post("/v1/caption", content=body, headers={"Content-Type": media})
+        chunked = limited.post("/v1/caption", content=chunks(), headers={"Content-Type": media})
+    assert "content-length" not in chunked.request.headers
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert response.json() == {
+            "detail": "the request body is larger than the limit of 1024 bytes",
+            "reason": "body_too_large",
+        }
