@@ -153,6 +153,15 @@ def input_files(entries: Sequence[str]) -> list[str]:
                 found = [f for f in listed if f.endswith(TAR_SUFFIXES)] or [
                     f for f in listed if f.endswith(".parquet")
                 ]
+                tables = [f for f in listed if f.endswith(".parquet") and not _sidecar(fs, f, listed)]
+                if tables and found and found[0].endswith(TAR_SUFFIXES):
+                    log.warning(
+                        "%s holds tar shards, which are its inputs, and %d parquet files that are no tar's "
+                        "sidecar (%s...): they are not read; name them (or a glob) to clean them too",
+                        entry,
+                        len(tables),
+                        tables[0],
+                    )
         except CapfiltError:
             raise
         except (OSError, ValueError) as err:  # the filesystem's own: permissions, network, bad URL

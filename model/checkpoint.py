@@ -166,6 +166,35 @@ def detect_format(path: str | Path) -> str:
     return "blip-pth"
 
 
+def checkpoint_size(path: str | Path) -> tuple[str | None, int | None]:
+    """(SIZES name, image size) of a checkpoint directory from its config.json alone, without its
+    weights; (None, None) for an original `.pth` (its shapes are in its weights) or an unreadable
+    config. Fine-tuning reads it to take BLIP's recipe for BLIP-shaped models."""
+    from .config import named_size
+
+    config_path = Path(path) / "config.json"
+    try:
+        cfg = _read_json(config_path) if config_path.is_file() else None
+        if cfg is None:
+            return None, None
+        if cfg.get("format") == FORMAT:
+            arch = MEDConfig.from_dict(cfg["architecture"])
+            v, t = arch.vision, arch.text
+            vision, text, image = (v.width, v.depth, v.patch_size), (t.width, t.depth), v.image_size
+        else:
+            v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+            vision = (
+                int(v.get("hidden_size", 768)),
+                int(v.get("num_hidden_layers", 12)),
+                int(v.get("patch_size", 16)),
+            )
+            text = (int(t.get("hidden_size", 768)), int(t.get("num_hidden_layers", 12)))
+            image = int(v.get("image_size", 384))
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError):
+        return None, None
+    return named_size(vision, text), image
+
+
 def load_checkpoint(
     path: str | Path,
     *,

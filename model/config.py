@@ -207,6 +207,19 @@ SIZES = {"tiny": _tiny, "small": _small, "base": _base, "large": _large}
 FINETUNE_IMAGE_SIZE = {"tiny": 32, "small": 64, "base": 384, "large": 384}
 
 
+def named_size(vision: tuple[int, int, int], text: tuple[int, int]) -> str | None:
+    """The SIZES name of an architecture given as (vision width, depth, patch size) and (text
+    width, depth), or None when no named size has that shape (a checkpoint of another shape)."""
+    for name, make in SIZES.items():
+        c = make(None)
+        if (c.vision.width, c.vision.depth, c.vision.patch_size) == vision and (
+            c.text.width,
+            c.text.depth,
+        ) == text:
+            return name
+    return None
+
+
 def med_config(size: str, image_size: int | None = None, stem: str = "patch", **text_ids: int) -> MEDConfig:
     """The config of a named size; `stem` picks the image encoder's stem (VisionConfig.stem);
     `text_ids` overrides vocab size and special token ids."""

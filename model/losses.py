@@ -33,12 +33,13 @@ IGNORE = -100  # target id cross-entropy skips; also the "no image" id in idx_qu
 Features = tuple[Tensor, Tensor]  # normalised ITC features (image, text), each (B, embed_dim)
 
 
-def alpha_ramp(step: int, steps_per_epoch: int, alpha: float = 0.4) -> float:
-    """ITC distillation weight at `step` (from 0): BLIP ramps it linearly from 0 to `alpha` over the
-    first epoch, so the untrained momentum model's targets do not steer the start of training."""
+def alpha_ramp(step: int, steps_per_epoch: int, alpha: float = 0.4, epochs: int = 1) -> float:
+    """ITC distillation weight at `step` (from 0), ramped linearly from 0 to `alpha` over the first
+    `epochs` epochs, so the untrained momentum model's targets do not steer the start of training.
+    BLIP ramps over 2 epochs in pre-training (pretrain.py) and 1 in fine-tuning (train_retrieval.py)."""
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-    return alpha * min(1.0, step / steps_per_epoch)
+    return alpha * min(1.0, step / (steps_per_epoch * epochs))
 
 
 def hardness_ramp(step: int, ramp_steps: int) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.errors import CapfiltError
-from capfilt.model.config import SIZES, STEMS
+from capfilt.model.config import FINETUNE_IMAGE_SIZE, SIZES, STEMS
 
 TASKS = ("pretrain", "captioner", "filter")
 BATCHING = ("random", "similar")  # which pairs meet in a batch: pipelines/train_batches.py
@@ -30,6 +30,8 @@ TASK_LOSSES: dict[str, dict[str, bool]] = {
 # From-scratch pre-training of our small MEDs takes a larger rate than BLIP's 1e-5 fine-tuning of
 # ViT-B; fine-tuning a model pre-trained on our small worlds learns well at 1e-4.
 DEFAULT_LR = {"pretrain": 3e-4, "captioner": 1e-4, "filter": 1e-4}
+# Fine-tuning a BLIP-shaped MED (base, large) takes BLIP's recipe: lr 1e-5 at 384 px (blip.md).
+BLIP_FINETUNE_LR = {"base": 1e-5, "large": 1e-5}
 # Arguments that must be the same to resume from a saved state (they fix the model, the data order,
 # the schedule and the losses). max_steps, checkpoint_every, log_every and the hardware may change.
 RESUME_KEYS = (
@@ -73,7 +75,7 @@ class TrainConfig:
     epochs: int = 5
     steps: int | None = None  # a fixed budget of optimiser steps instead of epochs (the data is cycled)
     batch_size: int = 32  # per worker; the global batch is batch_size * max(1, workers)
-    lr: float | None = None  # peak learning rate; None: DEFAULT_LR[task]
+    lr: float | None = None  # peak learning rate; None: DEFAULT_LR[task] (fine-tuning base/large: 1e-5)
     weight_decay: float = 0.05  # AdamW, on every parameter as BLIP
     warmup_steps: int | None = None  # linear warm-up; None: 5% of the run's steps
     min_lr: float = 1e-6  # the cosine decays to this at the last step
@@ -87,7 +89,9 @@ class TrainConfig:
     queue_size: int | None = None  # ITC queue; None: up to 8 global batches (BLIP's 57600 is for 14M pairs)
     momentum: float = 0.995  # EMA of the momentum encoders
     alpha: float = 0.4  # ITC distillation weight, ramped up over the first epoch
-    image_size: int | None = None  # None: the size's (or the init checkpoint's) resolution
+    # None: the size's resolution; fine-tuning a base or large MED from `init`: 384, as BLIP; else
+    # the init checkpoint's own
+    image_size: int | None = None
     max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
     vocab_size: int = 2000  # WordPiece vocabulary of a from-scratch pretrain (smaller corpora give fewer)
     ray_address: str | None = None  # None: Ray's own default (RAY_ADDRESS, else a new local cluster)
@@ -108,8 +112,19 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A validated copy with defaults filled in (`lr`); CapfiltError names a bad argument."""
         cfg = dataclasses.replace(self, data=[self.data] if isinstance(self.data, str) else list(self.data))
+        size = None
+        if cfg.task in ("captioner", "filter") and cfg.init is not None and Path(cfg.init).exists():
+            from capfilt.model.checkpoint import checkpoint_size  # torch: not when the CLI is built
+
+            size, init_image_size = checkpoint_size(cfg.init)
+            if (
+                size in BLIP_FINETUNE_LR
+                and cfg.image_size is None
+                and init_image_size != FINETUNE_IMAGE_SIZE[size]
+            ):
+                cfg.image_size = FINETUNE_IMAGE_SIZE[size]  # BLIP fine-tunes its 224 px pre-training at 384
         if cfg.lr is None:
-            cfg.lr = DEFAULT_LR.get(cfg.task, 1e-4)
+            cfg.lr = BLIP_FINETUNE_LR.get(size or "", DEFAULT_LR.get(cfg.task, 1e-4))
         validate(cfg)
         return cfg
 

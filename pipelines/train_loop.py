@@ -304,7 +304,7 @@ class _Worker:
         self.lr = lr_at(self.step, s.total, s.warmup, cfg.lr or 0.0, cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        self.alpha = alpha_ramp(self.step, s.steps_per_epoch, cfg.alpha)
+        self.alpha = alpha_ramp(self.step, s.steps_per_epoch, cfg.alpha, 2 if cfg.task == "pretrain" else 1)
         self.hardness = hardness_ramp(self.step, cfg.hard_negatives_ramp)
         if self.debug:
             self.debug.before()

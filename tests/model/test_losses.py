@@ -122,6 +122,9 @@ def test_alpha_ramps_over_the_first_epoch() -> None:
     assert alpha_ramp(0, 100) == 0.0
     assert alpha_ramp(50, 100) == pytest.approx(0.2)
     assert alpha_ramp(100, 100) == alpha_ramp(1000, 100) == pytest.approx(0.4)
+    # pre-training ramps over two epochs, as BLIP's pretrain.py
+    assert alpha_ramp(100, 100, epochs=2) == pytest.approx(0.2)
+    assert alpha_ramp(200, 100, epochs=2) == alpha_ramp(900, 100, epochs=2) == pytest.approx(0.4)
     with pytest.raises(ValueError):
         alpha_ramp(1, 0)
 

@@ -511,3 +511,19 @@ def test_tars_joined_with_cat_are_a_read_error_not_a_silent_loss(tmp_path: Path)
     trailing = tmp_path / "trailing.tar"
     trailing.write_bytes(archive(["a"]) + b"not a tar header " * 64)  # junk after the end: ignored
     assert read_input(str(trailing))[1] is None
+
+
+def test_a_directory_of_tars_names_the_image_tables_it_leaves_out(
+    tar_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from capfilt.data import input_files
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tar_dir, mixed)
+    pq.write_table(pa.table({"image": [b"x"], "caption": ["a"]}), mixed / "extra_table.parquet")
+    with caplog.at_level("WARNING", logger="capfilt.data"):
+        found = input_files([str(mixed)])
+    assert found and all(f.endswith(".tar") for f in found)
+    assert "extra_table.parquet" in caplog.text and "not read; name them" in caplog.text

@@ -72,3 +72,42 @@ def test_stem_is_refused_for_a_run_from_init(tmp_path: Path) -> None:
 def test_train_command_names_a_missing_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "filter", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--init" in capsys.readouterr().err
+
+
+def _blip_base_config_dir(directory: Path, image_size: int) -> Path:
+    """A transformers directory's config.json of BLIP-base shapes (the weights are not read)."""
+    directory.mkdir()
+    config = {
+        "model_type": "blip",
+        "vision_config": {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "patch_size": 16,
+            "image_size": image_size,
+        },
+        "text_config": {"hidden_size": 768, "num_hidden_layers": 12},
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("task", ["captioner", "filter"])
+def test_fine_tuning_a_blip_shaped_med_takes_blips_resolution_and_rate(tmp_path: Path, task: str) -> None:
+    """BLIP pre-trains base and large at 224 px and fine-tunes them at 384 px with lr 1e-5; our
+    small sizes keep their own resolution and 1e-4. Given values always win."""
+    from capfilt.pipelines.train_config import TrainConfig
+
+    base = _blip_base_config_dir(tmp_path / "base", 224)
+    cfg = TrainConfig(task=task, data=["x"], out=str(tmp_path / "o"), init=str(base)).resolved()
+    assert (cfg.image_size, cfg.lr) == (384, 1e-5)
+    given = TrainConfig(task=task, data=["x"], out="o", init=str(base), image_size=224, lr=3e-5).resolved()
+    assert (given.image_size, given.lr) == (224, 3e-5)
+    pre = TrainConfig(task="pretrain", data=["x"], out="o", init=str(base)).resolved()
+    assert (pre.image_size, pre.lr) == (None, 3e-4)
+
+
+def test_fine_tuning_a_small_med_keeps_its_resolution(tmp_path: Path, our_filter_dir: Path) -> None:
+    from capfilt.pipelines.train_config import TrainConfig
+
+    cfg = TrainConfig(task="filter", data=["x"], out="o", init=str(our_filter_dir)).resolved()
+    assert (cfg.image_size, cfg.lr) == (None, 1e-4)
