@@ -610,11 +610,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.eval_command == "ablation":
         return _ablation(args)
-    if args.eval_command == "retrieval":
-        result = evaluate.eval_retrieval(args.model, args.data, k=args.k)
-    elif args.eval_command == "caption":
-        result = evaluate.eval_caption(args.model, args.data, args.truth, args.method, args.seed)
-    else:
+    try:
+        if args.eval_command == "retrieval":
+            result = evaluate.eval_retrieval(args.model, args.data, k=args.k)
+        elif args.eval_command == "caption":
+            result = evaluate.eval_caption(args.model, args.data, args.truth, args.method, args.seed)
+        else:
+            result = None
+    except ValueError as err:  # "retrieval needs images and texts; got 0 images", "no captions to score"
+        if isinstance(err, CapfiltError):
+            raise
+        raise CapfiltError(f"eval {args.eval_command} on {' '.join(args.data)}: {err}") from err
+    if result is None:
         if not 0.0 <= args.threshold <= 1.0:
             raise CapfiltError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
         result = evaluate.eval_filter(args.model, args.data, args.truth, args.threshold)

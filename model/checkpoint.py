@@ -514,12 +514,17 @@ def export_transformers(ckpt: Checkpoint, directory: str | Path, kind: str | Non
             "classes have only BLIP's linear patch embedding, so it cannot be exported to them "
             "(train with --stem patch for a checkpoint that can)"
         )
-    if kind is None:
-        if ckpt.config.has_decoder and ckpt.config.has_encoder:
+    if kind is None:  # by role: a fine-tuned captioner or filter still holds both branches
+        if ckpt.role == "captioner":
+            kind = "captioning"
+        elif ckpt.role == "filter":
+            kind = "retrieval"
+        elif ckpt.config.has_decoder and ckpt.config.has_encoder:
             raise CheckpointError(
                 "a pre-trained MED holds both a captioner and a filter; choose --kind captioning or --kind retrieval"
             )
-        kind = "captioning" if ckpt.config.has_decoder else "retrieval"
+        else:
+            kind = "captioning" if ckpt.config.has_decoder else "retrieval"
     if kind == "captioning" and not ckpt.config.has_decoder:
         raise CheckpointError("this checkpoint has no text decoder to export as a captioning model")
     if kind == "retrieval" and not ckpt.config.has_encoder:

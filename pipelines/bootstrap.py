@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError
 from capfilt.images import ImageError, open_image
 from capfilt.inference import BLIP_TOP_K, CAPFILT_SAMPLING, Captioner, Filter
+from capfilt.model.config import STEMS
 from capfilt.world.writer import Sample as ShardSample
 from capfilt.world.writer import write_shard
 
@@ -94,6 +96,27 @@ class BootstrapConfig:
             raise CapfiltError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.num_captions < 1:
             raise CapfiltError(f"num_captions must be at least 1, got {self.num_captions}")
+        # Checked here, not at the stage that uses them: a bad value must not cost hours of training.
+        for name, value, least in (
+            ("pretrain_epochs", self.pretrain_epochs, 1),
+            ("finetune_epochs", self.finetune_epochs, 1),
+            ("batch_size", self.batch_size, 2),  # ITC and ITM need negatives within the batch
+            ("curate_batch", self.curate_batch, 1),
+            ("eval_k", self.eval_k, 1),
+            ("vit_steps", self.vit_steps, 0),
+            ("workers", self.workers, 0),
+            ("top_k", self.top_k, 0),
+        ):
+            if value < least:
+                raise CapfiltError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise CapfiltError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not (math.isfinite(self.threshold) and 0.0 <= self.threshold <= 1.0):
+            raise CapfiltError(f"--threshold is an ITM probability in [0, 1], got {self.threshold}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise CapfiltError(f"--top-p must lie in (0, 1], got {self.top_p}")
+        if self.vit_steps and self.vit_stem not in STEMS:
+            raise CapfiltError(f"unknown --vit-stem {self.vit_stem!r}; choose one of {', '.join(STEMS)}")
         if self.use_gpu and self.device == "cpu":
             if not self.workers:
                 raise CapfiltError(

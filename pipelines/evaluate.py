@@ -46,7 +46,11 @@ def read_truth(path: str | Path | None, split: str) -> dict[str, dict[str, Any]]
         raise CapfiltError(
             f"truth table not found: {p} (a world made by `capfilt data synth` has truth.parquet)"
         )
-    return {r["key"]: r for r in pq.read_table(p).to_pylist() if r["split"] == split}
+    try:
+        rows = pq.read_table(p, columns=None).to_pylist()
+        return {r["key"]: r for r in rows if r["split"] == split}
+    except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's errors are OSError/ValueError
+        raise CapfiltError(f"{p} is not a world's truth table (parquet with key, split, ...): {err}") from err
 
 
 def eval_retrieval(
@@ -92,9 +96,13 @@ def eval_caption(
     captions = [c[0] for c in captioner.caption(images, gen)]
     refs = [sample_captions(s) for s in samples]
     rows = read_truth(truth, "test")
+    missing = [s.key for s in samples if s.key not in rows] if rows else []
+    if missing:
+        raise CapfiltError(
+            f"{len(missing)} test keys (e.g. {missing[0]}) are missing from the truth table {truth}: is it "
+            "the same world?"
+        )
     contents = [rows[s.key]["content"] for s in samples] if rows else None
-    if contents is not None and any(s.key not in rows for s in samples):
-        raise CapfiltError("some test keys are missing from the truth table: is it the same world?")
     metrics = caption_metrics(captions, refs, contents)
     return {**metrics, "method": method, "images": len(samples), "examples": captions[:5]}
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -72,7 +75,10 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     out = Path(cfg.out)
     shards = shard_paths(cfg.data)
     args = cfg.train_args(shards)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CapfiltError(f"--out {out}: cannot create the run directory ({err.strerror or err})") from err
     remove_partial(out)
 
     states = list_states(out)
@@ -185,6 +191,43 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report({"steps": steps})
 
 
+def _check_resources(cfg: TrainConfig, total: dict[str, float]) -> None:
+    """CapfiltError when the cluster cannot place the workers at all (Ray would wait for ever)."""
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_cpus = cfg.workers * cfg.cpus_per_worker
+    if need_cpus > cpus:
+        raise CapfiltError(
+            f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker} need {need_cpus} CPUs; this "
+            f"Ray cluster has {cpus:g}: lower them, or pass --ray-address of a larger cluster"
+        )
+    if cfg.use_gpu and cfg.workers > gpus:
+        raise CapfiltError(
+            f"--workers {cfg.workers} with --gpu need {cfg.workers} GPUs; this Ray cluster has {gpus:g}"
+        )
+
+
+def _user_error(err: BaseException) -> CapfiltError | None:
+    """The CapfiltError a Ray worker raised, found through Ray's wrappers (causes, contexts and
+    the errors they carry), or None when the failure is not a user's mistake."""
+    seen: set[int] = set()
+    todo: list[object] = [err]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, CapfiltError) and type(item).__module__.startswith("capfilt"):
+            return CapfiltError(str(item))  # ours, not a Ray wrapper that inherits from it
+        todo += [item.__cause__, item.__context__, getattr(item, "cause", None), getattr(item, "error", None)]
+        for value in vars(item).values() if hasattr(item, "__dict__") else ():
+            if isinstance(value, dict):
+                todo += list(value.values())
+            elif isinstance(value, (list, tuple)):
+                todo += list(value)
+    match = re.search(r"CapfiltError: (.+)", str(err))  # a wrapper that kept only the text
+    return CapfiltError(match.group(1).strip()) if match else None
+
+
 def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -195,6 +238,12 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
     started = not ray.is_initialized()
     if started:  # address None: Ray's default, RAY_ADDRESS or else a new local cluster
         ray.init(address=cfg.ray_address)
+    if started and cfg.ray_address is None and not os.environ.get("RAY_ADDRESS"):  # this machine alone
+        try:
+            _check_resources(cfg, ray.cluster_resources())
+        except CapfiltError:
+            ray.shutdown()
+            raise
     # (A Ray Queue is falsy while empty: always compare it with None.)
     queue = Queue(actor_options={"num_cpus": 0}) if progress is not None else None
     done = threading.Event()
@@ -222,15 +271,19 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
             name=f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}",
         ),
     )
+    sigint = signal.getsignal(signal.SIGINT)  # Ray's handler must not outlive the run
     try:
         if relay_thread is not None:
             relay_thread.start()
         trainer.fit()
     except Exception as err:
-        if isinstance(err, CapfiltError):
-            raise
+        user = _user_error(err)  # Ray wraps a worker's CapfiltError: the user's mistake, not a crash
+        if user is not None:
+            raise user from err
         raise RuntimeError(f"training on Ray failed: {err}") from err
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
         done.set()
         if relay_thread is not None:
             relay_thread.join()

@@ -215,6 +215,7 @@ def validate(cfg: TrainConfig) -> None:
             f"queue size must be a positive multiple of the global batch {cfg.global_batch} "
             f"(batch size {cfg.batch_size} x {cfg.world_size} workers), got {cfg.queue_size}",
         )
+    _need(cfg.image_size is None or cfg.image_size > 0, f"image size must be positive, got {cfg.image_size}")
     if cfg.image_size is not None and cfg.init is None:
         patch = SIZES[cfg.size](None).vision.patch_size
         _need(

@@ -92,7 +92,30 @@ class VitTrainConfig:
         )
         need(0 <= self.held_out < 0.5, f"held_out is a fraction below 0.5, got {self.held_out}")
         need(self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}")
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"weight decay must not be negative, got {self.weight_decay}",
+        )
+        need(self.grad_clip >= 0, f"grad clip must be >= 0 (0: none), got {self.grad_clip}")
+        need(self.log_every >= 1, f"log every must be at least 1 step, got {self.log_every}")
+        if self.image_size is not None:
+            from capfilt.model.config import med_config
+
+            patch = med_config(self.size, stem=self.stem).vision.patch_size
+            need(
+                self.image_size >= patch and self.image_size % patch == 0,
+                f"image size must be a positive multiple of the {self.size} encoder's patch size {patch}, "
+                f"got {self.image_size}",
+            )
         need(not self.use_gpu or torch.cuda.is_available(), "--gpu was given but torch sees no CUDA device")
+
+
+def _make_out(out: Path) -> None:
+    """The run directory, or CapfiltError naming it (a file in its place, no permission)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CapfiltError(f"--out {out}: cannot create the run directory ({err.strerror or err})") from err
 
 
 @dataclass(frozen=True)
@@ -184,7 +207,7 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
         x = normalize_pixels(pixels[rows], config.image_mean, config.image_std, device)
         return x, target[rows].to(device)
 
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     metrics = (out / "metrics.jsonl").open("w")
     rng = np.random.default_rng(cfg.seed)
     queue: list[int] = []

@@ -1,0 +1,113 @@
+"""Training errors a user causes end as one `error:` line and exit code 2, wherever they arise:
+in a Ray worker (wrapped by Ray), from resources the local cluster cannot have, from options the
+bootstrap would otherwise meet only hours later, from evaluation inputs, from --out."""
+
+from __future__ import annotations
+
+import pytest
+
+from capfilt.cli import main
+from capfilt.errors import CapfiltError
+from capfilt.pipelines.train import _check_resources, _user_error
+from capfilt.pipelines.train_config import TrainConfig
+
+
+def test_a_workers_capfilt_error_is_found_through_rays_wrappers() -> None:
+    """Ray re-raises a worker's exception as a class that inherits from it (its own module) inside
+    a TrainingFailedError that keeps the failures in a dict: the user's message is what remains."""
+    original = CapfiltError("no usable image-text pairs in ['bad.tar']")
+    wrapper = type("RayTaskError(CapfiltError)", (CapfiltError,), {"__module__": "ray.exceptions"})(
+        "Traceback (most recent call last):\n  ...\ncapfilt.errors.CapfiltError: no usable image-text pairs"
+    )
+    wrapper.cause = original
+
+    class TrainingFailedError(RuntimeError):
+        def __init__(self) -> None:
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = {0: wrapper}
+
+    found = _user_error(TrainingFailedError())
+    assert isinstance(found, CapfiltError) and str(found) == str(original)
+    text_only = RuntimeError(
+        "worker 0 failed:\ncapfilt.errors.CapfiltError: batch size 64 exceeds the data\n"
+    )
+    assert str(_user_error(text_only)) == "batch size 64 exceeds the data"
+    assert _user_error(RuntimeError("segfault in a worker")) is None
+
+
+def test_workers_the_local_cluster_cannot_place_are_refused() -> None:
+    cfg = TrainConfig(task="pretrain", data=["x"], out="o", workers=3, cpus_per_worker=1)
+    with pytest.raises(
+        CapfiltError, match=r"--workers 3 x --cpus-per-worker 1 need 3 CPUs; this Ray cluster has 2"
+    ):
+        _check_resources(cfg, {"CPU": 2.0})
+    _check_resources(cfg, {"CPU": 4.0})
+    gpu = TrainConfig(task="pretrain", data=["x"], out="o", workers=2, use_gpu=True)
+    with pytest.raises(CapfiltError, match="need 2 GPUs; this Ray cluster has 1"):
+        _check_resources(gpu, {"CPU": 8.0, "GPU": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--threshold", "2"], "--threshold is an ITM probability in [0, 1], got 2.0"),
+        (["--threshold", "nan"], "--threshold is an ITM probability in [0, 1], got nan"),
+        (["--batch-size", "1"], "--batch-size must be at least 2, got 1"),
+        (["--finetune-epochs", "0"], "--finetune-epochs must be at least 1, got 0"),
+    ],
+)
+def test_bootstrap_refuses_bad_options_before_any_training(world, tmp_path, capsys, extra, says) -> None:
+    out = tmp_path / "boot"
+    argv = ["bootstrap", "--data", str(world), "--size", "tiny", "--vit-steps", "0", "--out", str(out)]
+    assert main([*argv, *extra]) == 2
+    assert says in capsys.readouterr().err
+    assert not (out / "pretrain").exists()
+
+
+def test_eval_inputs_without_samples_or_truth_are_usage_errors(
+    world, our_filter_dir, tmp_path, capsys
+) -> None:
+    import tarfile
+
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    assert main(["eval", "retrieval", "--model", str(our_filter_dir), "--data", str(empty)]) == 2
+    assert "retrieval needs images and texts; got 0 images" in capsys.readouterr().err
+    not_parquet = tmp_path / "truth.parquet"
+    not_parquet.write_text("{}")
+    argv = [
+        "eval",
+        "filter",
+        "--model",
+        str(our_filter_dir),
+        "--data",
+        str(world / "web"),
+        "--truth",
+        str(not_parquet),
+    ]
+    assert main(argv) == 2
+    assert "is not a world's truth table" in capsys.readouterr().err
+
+
+def test_train_out_that_is_a_file_is_a_usage_error(world, tmp_path, capsys) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    argv = ["train", "pretrain", "--data", str(world / "human"), "--out", str(a_file), "--size", "tiny"]
+    assert main([*argv, "--workers", "0", "--steps", "1", "--batch-size", "4"]) == 2
+    assert "cannot create the run directory" in capsys.readouterr().err
+    vit = ["train", "vit", "--data", str(world / "human"), "--out", str(tmp_path / "v"), "--size", "tiny"]
+    assert main([*vit, "--image-size", "33", "--steps", "1"]) == 2
+    assert "multiple of the tiny encoder's patch size 8" in capsys.readouterr().err
+
+
+def test_a_fine_tuned_captioner_exports_by_its_role(tmp_path, pretrained) -> None:
+    """`train captioner` keeps the pre-trained MED's encoder too: the role, not the branches, says
+    which transformers class it is."""
+    import dataclasses
+
+    from capfilt.model.checkpoint import export_transformers, load_checkpoint
+
+    both = load_checkpoint(pretrained)
+    assert both.config.has_encoder and both.config.has_decoder
+    out = export_transformers(dataclasses.replace(both, role="captioner"), tmp_path / "hf")
+    assert '"BlipForConditionalGeneration"' in (out / "config.json").read_text()
