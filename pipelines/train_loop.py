@@ -278,8 +278,14 @@ class _Worker:
                     start=self.step % s.steps_per_epoch,
                     order=self.order,
                 )
+                # Its own generator: iter() of a DataLoader draws a seed from the global RNG, which
+                # a run resumed mid-epoch would draw once more than an uninterrupted one (the hard
+                # negatives drawn after it would differ). The batches come from `sampler` alone.
                 loader = torch.utils.data.DataLoader(
-                    self.dataset, batch_sampler=sampler, collate_fn=self.collate
+                    self.dataset,
+                    batch_sampler=sampler,
+                    collate_fn=self.collate,
+                    generator=torch.Generator().manual_seed(0),
                 )
                 for batch in loader:
                     losses = self._train_step({k: v.to(self.device) for k, v in batch.items()})

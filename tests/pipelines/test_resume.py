@@ -45,15 +45,18 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-def test_resumed_run_equals_uninterrupted_run(world: Path, pretrained: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split", [10, 12], ids=["at_an_epoch_boundary", "mid_epoch"])
+def test_resumed_run_equals_uninterrupted_run(
+    world: Path, pretrained: Path, tmp_path: Path, split: int
+) -> None:
     # Both start from one checkpoint: a from-scratch vocabulary differs between two trainings
     # (huggingface/tokenizers#1794), while a resumed run reuses the one saved in its state.
     init = str(pretrained)
     whole = train(_config(world, tmp_path / "whole", max_steps=20, init=init))
-    first = train(_config(world, tmp_path / "split", max_steps=10, init=init))
-    assert first.steps == 10 and first.resumed_from is None
+    first = train(_config(world, tmp_path / "split", max_steps=split, init=init))
+    assert first.steps == split and first.resumed_from is None
     second = train(_config(world, tmp_path / "split", max_steps=20, init=init))
-    assert second.resumed_from == 10 and second.steps == 20
+    assert second.resumed_from == split and second.steps == 20
     assert _steps(tmp_path / "split") == list(range(1, 21))
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
     assert a.keys() == b.keys()
