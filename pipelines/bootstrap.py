@@ -473,11 +473,45 @@ def _save_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+ARGUMENTS = "arguments.json"  # what decides a run's results: a rerun continues only with the same
+FREE_ARGUMENTS = ("out", "workers", "use_gpu")  # where and on what it runs: free to change
+
+
+def _same_arguments(out: Path, cfg: BootstrapConfig, also_free: tuple[str, ...] = ()) -> None:
+    """Create `out`, or continue in it only with the arguments it was started with: every stage
+    is skipped when its results exist, so other arguments would mix two runs' results."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CapfiltError(f"--out {out}: cannot create the run directory ({err.strerror or err})") from err
+    args = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in (*FREE_ARGUMENTS, *also_free)}
+    args["data"] = str(Path(cfg.data).resolve())
+    path = out / ARGUMENTS
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as err:
+            raise CapfiltError(f"{path} is damaged ({err}); restore it, or choose another --out") from err
+        diff = [
+            f"{k}: saved {saved.get(k)!r}, now {args.get(k)!r}"
+            for k in sorted(set(args) | set(saved))
+            if saved.get(k) != args.get(k)
+        ]
+        if diff:
+            raise CapfiltError(
+                f"--out {out} holds a run started with other arguments ({'; '.join(diff)}); rerun with "
+                "the saved ones to continue it, or choose another --out"
+            )
+    elif any(out.iterdir()):
+        log.warning("%s holds files but no %s: continuing it with these arguments", out, ARGUMENTS)
+    path.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
+
+
 def run_bootstrap(cfg: BootstrapConfig, progress: Progress | None = None) -> dict[str, Any]:
     """The whole loop; writes `out/summary.json` and `out/summary.md` and returns the summary."""
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _same_arguments(out, cfg)
     times = StageTimes()
     t0 = time.perf_counter()
     first = first_generation(cfg, times, progress)
@@ -519,7 +553,7 @@ def run_ablation(
     if not seeds:
         raise CapfiltError("the ablation needs at least one seed")
     root = Path(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
+    _same_arguments(root, cfg, also_free=("seed",))
     per_seed: dict[int, dict[str, Any]] = {}
     times = StageTimes()
     result: dict[str, Any] = {}

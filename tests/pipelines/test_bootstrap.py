@@ -84,6 +84,27 @@ def test_bootstrap_rerun_continues_instead_of_retraining(world, tmp_path, capsys
     again = _bootstrap(world, tmp_path / "run", capsys, "--max-steps", "2")
     assert (tmp_path / "run" / "pretrain" / "model.safetensors").stat().st_mtime_ns == stamp
     assert again["stages"]["pretrain"] < 1.0
+    # Other arguments would mix two runs' results (each stage is skipped when its results exist).
+    code = main(
+        [
+            "bootstrap",
+            "--data",
+            str(world),
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+            "--vit-steps",
+            "3",
+            "--max-steps",
+            "2",
+            "--threshold",
+            "0.3",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "holds a run started with other arguments (threshold: saved 0.5, now 0.3)" in err
+    assert (tmp_path / "run" / "pretrain" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_bootstrap_names_a_folder_that_is_not_a_world(tmp_path, capsys):
