@@ -136,6 +136,11 @@ def _prepare_start(cfg: TrainConfig, shards: list[Path], out: Path) -> str:
     """Check the data holds a global batch; return the checkpoint training starts from: `init`,
     or (from-scratch pretrain) a new MED with a WordPiece vocabulary trained on the data's texts."""
     texts = [pre_caption(c, MAX_WORDS) for s in iter_samples(shards) for c in sample_captions(s)]
+    if not texts:
+        raise CapfiltError(
+            f"{', '.join(cfg.data)} hold no image-text pairs: each sample needs an image member and a text "
+            "(.txt, or a caption in its .json); check the paths name img2dataset webdataset shards"
+        )
     if len(texts) < cfg.global_batch:
         raise CapfiltError(
             f"{', '.join(cfg.data)} hold {len(texts)} pairs, fewer than one global batch of "

@@ -170,7 +170,15 @@ def truncate_metrics(out: Path, last_step: int) -> None:
     path = out / METRICS
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"] if line else None
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill or a full disk
+            log.warning("%s: dropping a damaged line: %.80s", path, line)
+            continue
+        if step is not None and step <= last_step:
+            kept.append(line)
     tmp = out / f"{_TMP}{METRICS}"
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

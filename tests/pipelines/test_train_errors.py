@@ -111,3 +111,22 @@ def test_a_fine_tuned_captioner_exports_by_its_role(tmp_path, pretrained) -> Non
     assert both.config.has_encoder and both.config.has_decoder
     out = export_transformers(dataclasses.replace(both, role="captioner"), tmp_path / "hf")
     assert '"BlipForConditionalGeneration"' in (out / "config.json").read_text()
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path) -> None:
+    from capfilt.pipelines.train_state import METRICS, truncate_metrics
+
+    (tmp_path / METRICS).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    truncate_metrics(tmp_path, 2)
+    assert (tmp_path / METRICS).read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n'
+
+
+def test_data_without_pairs_says_what_a_pair_needs(tmp_path, capsys) -> None:
+    import tarfile
+
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    argv = ["train", "pretrain", "--data", str(empty), "--out", str(tmp_path / "p"), "--size", "tiny"]
+    assert main([*argv, "--workers", "0", "--steps", "1", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "hold no image-text pairs: each sample needs an image member and a text" in err
