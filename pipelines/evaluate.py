@@ -113,10 +113,12 @@ def eval_filter(
     """The filter's keep/drop decisions on web texts against the truth (positive class: noisy)."""
     from capfilt.evaluation import filter_report
 
+    truth_rows = read_truth(truth, "web")
     filt = Filter(_checkpoint(filter_ckpt, "score"), batch_size=batch_size)
     rule = Rule(threshold=threshold)
     kept: dict[str, bool] = {}
     batch: list = []
+    other_texts = 0  # samples whose key the truth lists with another web text: another split's shards
 
     def flush() -> None:
         images = [open_image(s.image, name=s.key) for s in batch]
@@ -127,12 +129,20 @@ def eval_filter(
         batch.clear()
 
     for sample in iter_samples(data):
+        row = truth_rows.get(sample.key)
+        other_texts += row is not None and row.get("text") is not None and row["text"] != sample.text
         batch.append(sample)
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
-    report = filter_report(list(read_truth(truth, "web").values()), kept, split="web")
+    if other_texts > len(kept) // 2:
+        raise CapfiltError(
+            f"{other_texts} of the {len(kept)} samples of {data} carry other texts than the web split of "
+            f"{truth} lists under their keys (keys repeat across a world's splits): pass the world's web "
+            "shards (WORLD/web) with its truth.parquet"
+        )
+    report = filter_report(list(truth_rows.values()), kept, split="web")
     return {**report.to_dict(), "threshold": threshold, "markdown": report.to_markdown()}
 
 

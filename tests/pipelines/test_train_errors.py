@@ -130,3 +130,11 @@ def test_data_without_pairs_says_what_a_pair_needs(tmp_path, capsys) -> None:
     assert main([*argv, "--workers", "0", "--steps", "1", "--batch-size", "4"]) == 2
     err = capsys.readouterr().err
     assert "hold no image-text pairs: each sample needs an image member and a text" in err
+
+
+def test_eval_filter_on_another_split_is_refused(world, our_filter_dir, capsys) -> None:
+    """Keys repeat across a world's splits: test shards against the web truth would give figures."""
+    argv = ["eval", "filter", "--model", str(our_filter_dir), "--truth", str(world / "truth.parquet")]
+    assert main([*argv, "--data", str(world / "test")]) == 2
+    assert "carry other texts than the web split" in capsys.readouterr().err
+    assert main([*argv, "--data", str(world / "web")]) == 0
