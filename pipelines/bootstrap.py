@@ -37,6 +37,7 @@ from capfilt.world.writer import write_shard
 from .evaluate import eval_caption, eval_retrieval, read_truth
 from .train import train
 from .train_config import TrainConfig
+from .train_state import make_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -480,10 +481,7 @@ FREE_ARGUMENTS = ("out", "workers", "use_gpu")  # where and on what it runs: fre
 def _same_arguments(out: Path, cfg: BootstrapConfig, also_free: tuple[str, ...] = ()) -> None:
     """Create `out`, or continue in it only with the arguments it was started with: every stage
     is skipped when its results exist, so other arguments would mix two runs' results."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CapfiltError(f"--out {out}: cannot create the run directory ({err.strerror or err})") from err
+    make_run_dir(out)
     args = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in (*FREE_ARGUMENTS, *also_free)}
     args["data"] = str(Path(cfg.data).resolve())
     path = out / ARGUMENTS

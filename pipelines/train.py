@@ -40,6 +40,7 @@ from .train_state import (
     METRICS,
     differing,
     list_states,
+    make_run_dir,
     read_args,
     read_metrics,
     remove_partial,
@@ -75,10 +76,7 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     out = Path(cfg.out)
     shards = shard_paths(cfg.data)
     args = cfg.train_args(shards)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CapfiltError(f"--out {out}: cannot create the run directory ({err.strerror or err})") from err
+    make_run_dir(out)
     remove_partial(out)
 
     states = list_states(out)

@@ -30,6 +30,17 @@ from capfilt.model.checkpoint import Checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
+
+def make_run_dir(out: Path) -> None:
+    """A run directory (`--out`), or CapfiltError naming it: a file in its place, no permission."""
+    from capfilt.errors import CapfiltError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CapfiltError(f"--out {out}: cannot create the run directory ({err.strerror or err})") from err
+
+
 STATE_DIR = "train_state"
 INIT_DIR = "init"
 METRICS = "metrics.jsonl"

@@ -43,6 +43,7 @@ from capfilt.model.config import SIZES, STEMS, VisionConfig, med_config
 from capfilt.model.vit import VisionTransformer
 
 from .train_config import lr_at
+from .train_state import make_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,6 @@ class VitTrainConfig:
                 f"got {self.image_size}",
             )
         need(not self.use_gpu or torch.cuda.is_available(), "--gpu was given but torch sees no CUDA device")
-
-
-def _make_out(out: Path) -> None:
-    """The run directory, or CapfiltError naming it (a file in its place, no permission)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CapfiltError(f"--out {out}: cannot create the run directory ({err.strerror or err})") from err
 
 
 @dataclass(frozen=True)
@@ -207,7 +200,7 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
         x = normalize_pixels(pixels[rows], config.image_mean, config.image_std, device)
         return x, target[rows].to(device)
 
-    _make_out(out)
+    make_run_dir(out)
     metrics = (out / "metrics.jsonl").open("w")
     rng = np.random.default_rng(cfg.seed)
     queue: list[int] = []

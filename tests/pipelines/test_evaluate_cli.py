@@ -111,3 +111,36 @@ def test_eval_errors_name_the_problem(world, our_captioner_dir, our_filter_dir, 
         "2",
     )
     assert code == 2 and "--threshold" in err
+
+
+def test_eval_inputs_without_samples_or_truth_are_usage_errors(
+    world, our_filter_dir, tmp_path, capsys
+) -> None:
+    import tarfile
+
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    assert main(["eval", "retrieval", "--model", str(our_filter_dir), "--data", str(empty)]) == 2
+    assert "retrieval needs images and texts; got 0 images" in capsys.readouterr().err
+    not_parquet = tmp_path / "truth.parquet"
+    not_parquet.write_text("{}")
+    argv = [
+        "eval",
+        "filter",
+        "--model",
+        str(our_filter_dir),
+        "--data",
+        str(world / "web"),
+        "--truth",
+        str(not_parquet),
+    ]
+    assert main(argv) == 2
+    assert "is not a world's truth table" in capsys.readouterr().err
+
+
+def test_eval_filter_on_another_split_is_refused(world, our_filter_dir, capsys) -> None:
+    """Keys repeat across a world's splits: test shards against the web truth would give figures."""
+    argv = ["eval", "filter", "--model", str(our_filter_dir), "--truth", str(world / "truth.parquet")]
+    assert main([*argv, "--data", str(world / "test")]) == 2
+    assert "carry other texts than the web split" in capsys.readouterr().err
+    assert main([*argv, "--data", str(world / "web")]) == 0

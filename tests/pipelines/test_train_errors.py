@@ -1,6 +1,6 @@
 """Training errors a user causes end as one `error:` line and exit code 2, wherever they arise:
 in a Ray worker (wrapped by Ray), from resources the local cluster cannot have, from options the
-bootstrap would otherwise meet only hours later, from evaluation inputs, from --out."""
+bootstrap would otherwise meet only hours later, from --out."""
 
 from __future__ import annotations
 
@@ -64,31 +64,6 @@ def test_bootstrap_refuses_bad_options_before_any_training(world, tmp_path, caps
     assert not (out / "pretrain").exists()
 
 
-def test_eval_inputs_without_samples_or_truth_are_usage_errors(
-    world, our_filter_dir, tmp_path, capsys
-) -> None:
-    import tarfile
-
-    empty = tmp_path / "empty.tar"
-    tarfile.open(empty, "w").close()
-    assert main(["eval", "retrieval", "--model", str(our_filter_dir), "--data", str(empty)]) == 2
-    assert "retrieval needs images and texts; got 0 images" in capsys.readouterr().err
-    not_parquet = tmp_path / "truth.parquet"
-    not_parquet.write_text("{}")
-    argv = [
-        "eval",
-        "filter",
-        "--model",
-        str(our_filter_dir),
-        "--data",
-        str(world / "web"),
-        "--truth",
-        str(not_parquet),
-    ]
-    assert main(argv) == 2
-    assert "is not a world's truth table" in capsys.readouterr().err
-
-
 def test_train_out_that_is_a_file_is_a_usage_error(world, tmp_path, capsys) -> None:
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -130,11 +105,3 @@ def test_data_without_pairs_says_what_a_pair_needs(tmp_path, capsys) -> None:
     assert main([*argv, "--workers", "0", "--steps", "1", "--batch-size", "4"]) == 2
     err = capsys.readouterr().err
     assert "hold no image-text pairs: each sample needs an image member and a text" in err
-
-
-def test_eval_filter_on_another_split_is_refused(world, our_filter_dir, capsys) -> None:
-    """Keys repeat across a world's splits: test shards against the web truth would give figures."""
-    argv = ["eval", "filter", "--model", str(our_filter_dir), "--truth", str(world / "truth.parquet")]
-    assert main([*argv, "--data", str(world / "test")]) == 2
-    assert "carry other texts than the web split" in capsys.readouterr().err
-    assert main([*argv, "--data", str(world / "web")]) == 0
