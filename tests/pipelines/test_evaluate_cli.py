@@ -124,18 +124,9 @@ def test_eval_inputs_without_samples_or_truth_are_usage_errors(
     assert "retrieval needs images and texts; got 0 images" in capsys.readouterr().err
     not_parquet = tmp_path / "truth.parquet"
     not_parquet.write_text("{}")
-    argv = [
-        "eval",
-        "filter",
-        "--model",
-        str(our_filter_dir),
-        "--data",
-        str(world / "web"),
-        "--truth",
-        str(not_parquet),
-    ]
-    assert main(argv) == 2
-    assert "is not a world's truth table" in capsys.readouterr().err
+    code, _, err = _run(capsys, "eval", "filter", "--model", str(our_filter_dir), "--data", str(world / "web"),
+                        "--truth", str(not_parquet))  # fmt: skip
+    assert code == 2 and "is not a world's truth table" in err
 
 
 def test_eval_filter_on_another_split_is_refused(world, our_filter_dir, capsys) -> None:
