@@ -27,7 +27,7 @@ from typing import Any
 from capfilt.curate import Curated, curate
 from capfilt.data import Sample, iter_samples
 from capfilt.decision import Rule, Scored, decide
-from capfilt.errors import CapfiltError
+from capfilt.errors import CapfiltError, changed_arguments
 from capfilt.images import ImageError, open_image
 from capfilt.inference import BLIP_TOP_K, CAPFILT_SAMPLING, Captioner, Filter
 from capfilt.model.config import STEMS
@@ -490,11 +490,7 @@ def _same_arguments(out: Path, cfg: BootstrapConfig, also_free: tuple[str, ...] 
             saved = json.loads(path.read_text())
         except ValueError as err:
             raise CapfiltError(f"{path} is damaged ({err}); restore it, or choose another --out") from err
-        diff = [
-            f"{k}: saved {saved.get(k)!r}, now {args.get(k)!r}"
-            for k in sorted(set(args) | set(saved))
-            if saved.get(k) != args.get(k)
-        ]
+        diff = changed_arguments(saved, args)
         if diff:
             raise CapfiltError(
                 f"--out {out} holds a run started with other arguments ({'; '.join(diff)}); rerun with "

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from capfilt.errors import CapfiltError
+from capfilt.errors import CapfiltError, changed_arguments
 from capfilt.images import ImageError, check_image
 from capfilt.ledger import DPRIME_INDEX_SCHEMA, MISSING_IMAGE, OK, kept_pairs, table
 
@@ -114,11 +114,7 @@ def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
         if not (out / JOB).is_file():
             raise CapfiltError(f"--output {out} holds files but no {JOB}: it is not a clean job's output")
         saved = _read_json(out / JOB, "the arguments the job was started with")
-        diff = [
-            f"{k}: saved {saved.get(k)!r}, now {job.get(k)!r}"
-            for k in sorted(set(job) | set(saved))
-            if saved.get(k) != job.get(k)
-        ]
+        diff = changed_arguments(saved, job)
         if diff:
             raise CapfiltError(
                 f"--resume in {out}: the job was started with other arguments ({'; '.join(diff)}); "
