@@ -27,6 +27,11 @@ from .text import KVCache
 Method = Literal["greedy", "beam", "nucleus"]
 METHODS = ("greedy", "beam", "nucleus")
 _NEG = -1.0e9  # transformers' "impossible" beam score
+# Finished rows leave the batch once they are at least this fraction of the running rows: dropping
+# them copies every running row's cache, so doing it whenever one row finishes cost more than the
+# finished rows' steps. The shipped small captioner, 128 images on 2 cores: 92.9 -> 87.6 ms; with a
+# spread of caption lengths, 113 -> 91 (0.25: 90; 1.0, never: 123). Tokens identical.
+COMPACT_FRACTION = 0.5
 
 
 @dataclass
@@ -339,8 +344,9 @@ def _decode_rows(
     finished = torch.zeros(R, dtype=torch.bool, device=logits.device)  # running rows that chose [SEP]
     # Asking the device whether rows finished makes the host wait for it. On a CPU that costs
     # nothing; on a GPU the host checks every few steps so that it can queue the next steps'
-    # kernels while the device runs. A finished row that runs on until then writes tokens after its
-    # [SEP], which `_cut` drops; rows never interact, so the others' tokens are unchanged.
+    # kernels while the device runs. A finished row that runs on (until then, and until
+    # COMPACT_FRACTION of the rows have finished) writes tokens after its [SEP], which `_cut`
+    # drops; rows never interact, so the others' tokens are unchanged.
     if check_every is None:
         check_every = 1 if logits.device.type == "cpu" else 4
     for t in range(config.max_tokens):
@@ -351,9 +357,10 @@ def _decode_rows(
         if t == config.max_tokens - 1:
             break
         if (t + 1) % check_every == 0:
-            if bool(finished.all()):
+            done = int(finished.sum())
+            if done == finished.shape[0]:
                 break
-            if bool(finished.any()):
+            if done and done >= COMPACT_FRACTION * finished.shape[0]:
                 keep = (~finished).nonzero().squeeze(1)
                 active, tokens, seqs, cache = active[keep], tokens[keep], seqs[keep], cache.select(keep)
                 finished = finished[keep]

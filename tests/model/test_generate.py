@@ -315,16 +315,20 @@ def test_nucleus_reproducible_and_independent_of_batch(med: MED, images: torch.T
     assert generate(med, images, PROMPT, NUCLEUS, seeds=[s + 50 for s in SEEDS]) != captions
 
 
-@pytest.mark.parametrize("check_every", [2, 4])
-def test_looking_for_finished_rows_less_often_changes_no_token(
-    med: MED, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch, check_every: int
+@pytest.mark.parametrize(("check_every", "compact"), [(1, 0.5), (1, 1.0), (2, 0.0), (4, 0.5)])
+def test_when_finished_rows_leave_changes_no_token(
+    med: MED, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch, check_every: int, compact: float
 ) -> None:
-    """On a GPU finished rows are looked for every few steps (the host does not wait on the
-    device every step); the captions must be those of checking every step."""
+    """Finished rows are looked for every few steps on a GPU (the host does not wait on the device
+    every step), and leave the batch only once COMPACT_FRACTION of the rows have finished (1.0:
+    never); the captions must be those of dropping each row the step it finishes."""
     greedy = GenerationConfig(method="greedy", min_tokens=0, max_tokens=15)  # some rows end early
+    monkeypatch.setattr(G, "COMPACT_FRACTION", 0.0)
     expected = [generate(med, images, PROMPT, c, seeds=SEEDS) for c in (greedy, NUCLEUS)]
+    assert len(set(lengths(expected[0]))) > 2  # rows finish at different steps
     decode = G._decode_rows
     monkeypatch.setattr(G, "_decode_rows", functools.partial(decode, check_every=check_every))
+    monkeypatch.setattr(G, "COMPACT_FRACTION", compact)
     assert [generate(med, images, PROMPT, c, seeds=SEEDS) for c in (greedy, NUCLEUS)] == expected
 
 
