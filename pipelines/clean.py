@@ -60,7 +60,7 @@ from .clean_output import (
     write_parquet,
     write_web_shard,
 )
-from .clean_resources import ActorPlan, cluster_nodes, plan_actors
+from .clean_resources import ActorPlan, cluster_nodes, default_batch_size, plan_actors
 from .clean_tables import table_columns, table_schema
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class CleanConfig:
     num_captions: int = 1  # K nucleus samples per image; the best by ITM is judged
     top_p: float = 0.9  # nucleus mass (BLIP's CapFilt: 0.9)
     top_k: int = 50  # sample among the top_k tokens only, 0 for all (BLIP's CapFilt: transformers' 50)
-    batch_size: int = 32  # images per model batch and per Ray Data batch
+    # Images per model batch and per Ray Data batch; None: chosen from the device and the
+    # captioner (`clean_resources.default_batch_size`: 128 for the small model on CPUs).
+    batch_size: int | None = None
     # The model actors; None: chosen from the cluster's resources (`clean_resources`), GPUs when
     # it has any. num_gpus is GPUs per model actor (fractions share a GPU; 0: CPUs only).
     num_gpus: float | None = None
@@ -118,7 +120,7 @@ class CleanConfig:
             raise bad("top-p", f"must be in (0, 1]; got {self.top_p}")
         if self.top_k < 0:
             raise bad("top-k", f"must be >= 0 (0: no top-k cut); got {self.top_k}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise bad("batch-size", f"must be >= 1; got {self.batch_size}")
         if self.num_gpus is not None and not (self.num_gpus >= 0 and math.isfinite(self.num_gpus)):
             raise bad("num-gpus", f"must be >= 0; got {self.num_gpus}")
@@ -170,6 +172,7 @@ class _Model:
     path: str
     digest: str
     image_size: int
+    cache_bytes_per_image: int  # a decoder's cached image keys and values per image, fp32 (0: none)
 
 
 def inspect_checkpoint(path: str, task: str, option: str) -> _Model:
@@ -183,7 +186,11 @@ def inspect_checkpoint(path: str, task: str, option: str) -> _Model:
         ckpt.require(task, path)
     except ValueError as err:  # CheckpointError
         raise CapfiltError(f"--{option} {path}: {err}") from err
-    return _Model(str(Path(path).resolve()), ckpt.digest, ckpt.config.vision.image_size)
+    config = ckpt.config
+    cache = config.text.depth * 2 * (config.vision.num_patches + 1) * config.text.width * 4
+    return _Model(
+        str(Path(path).resolve()), ckpt.digest, config.vision.image_size, cache if config.has_decoder else 0
+    )
 
 
 def _shards(entries: list[str], option: str, first_id: int, kind: str) -> list[Shard]:
@@ -348,7 +355,12 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     run_samples = 0
     try:
         plan = plan_actors(cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors)
-        log.info("model actors: %s", plan.as_dict())
+        if config.batch_size is None:
+            config = dataclasses.replace(
+                config,
+                batch_size=default_batch_size(plan.device, cap.cache_bytes_per_image * config.num_captions),
+            )
+        log.info("model actors: %s; %d images per model batch", plan.as_dict(), config.batch_size)
         t0 = time.perf_counter()
         if config.keep_fraction is None:
             threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
@@ -371,7 +383,8 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
         if started:
             ray.shutdown()
     summary = _summary(out, web, human, len(done), threshold, cap, filt, run_samples, start, timings)
-    return dataclasses.replace(summary, report=_report(out, summary.timings), resources=plan.as_dict())
+    resources = {**plan.as_dict(), "batch_size": config.batch_size}
+    return dataclasses.replace(summary, report=_report(out, summary.timings), resources=resources)
 
 
 def _report(out: Path, timings: dict[str, float]) -> Path | None:

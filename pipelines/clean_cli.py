@@ -65,7 +65,14 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=50,
         help="sample among the K most likely tokens only, 0 for all (default: 50, as BLIP's sampling)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per model batch (default: on CPUs up to 128 as the captioner's memory allows, "
+        "128 for the small model and 32 for BLIP-base at 384 px; 32 on GPUs, where larger batches "
+        "run faster if they fit)",
+    )
     p.add_argument(
         "--num-gpus",
         type=float,

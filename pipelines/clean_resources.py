@@ -30,6 +30,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+CPU_MAX_BATCH = 128  # images per model batch on CPUs, when --batch-size is not given
+CPU_CACHE_BUDGET = 1.5 * 2**30  # bytes of a captioner batch's cached image keys and values on a CPU
+GPU_BATCH = 32  # images per model batch on GPUs, when --batch-size is not given
+MIN_BATCH = 8
 CAPTIONER_SHARE = 0.55  # of the model actors, when neither count is given
 SMALL_CLUSTER_CPUS = 4  # below this, one actor per pool on a share of a core
 MAX_CPU_ACTORS = 8  # CPU model actors in all, when their counts are not given
@@ -166,3 +170,21 @@ def _cpu_plan(
     actor_cpus = float(threads) if threads * actors <= model_cpus else max(MIN_CPUS, model_cpus / actors)
     task_cpus = max(MIN_CPUS, min(1.0, cpus - actor_cpus * actors))
     return ActorPlan("cpu", captioner, filt, 0.0, actor_cpus, max(1, int(actor_cpus)), task_cpus, cpus, gpus)
+
+
+def default_batch_size(device: str, cache_bytes_per_image: int) -> int:
+    """Images per model batch when the job is not told (`--batch-size`).
+
+    On CPUs, the largest power of two up to CPU_MAX_BATCH whose captioner batch keeps at most
+    CPU_CACHE_BUDGET of the images' cross-attention keys and values (every decoder layer's, fp32),
+    and at least MIN_BATCH: 128 for the small model, 32 for BLIP-base at 384 px. Measured on the
+    2-core Xeon of `docs/benchmarks.md`: the small job's steady rate 278 pairs/s at 32, 329 at
+    128; base's (b) 1.63x transformers at 32, 1.49x at 8. On GPUs GPU_BATCH: what fits a GPU
+    depends on its memory, which the job's driver does not see; `docs/benchmarks.md` ran BLIP-base
+    at 1,024 on an 80 GB H100, so there, pass a larger --batch-size."""
+    if device != "cpu":
+        return GPU_BATCH
+    batch = CPU_MAX_BATCH
+    while batch > MIN_BATCH and batch * cache_bytes_per_image > CPU_CACHE_BUDGET:
+        batch //= 2
+    return batch

@@ -73,7 +73,7 @@ class DemoConfig:
     noise: float = 0.4
     world_seed: int = 0
     threshold: float = 0.5  # BLIP's
-    batch_size: int = 32  # images per model batch in the clean job
+    batch_size: int | None = None  # images per model batch in the clean job; None: the job chooses
     dashboard: bool = True
     train: bool = False  # train the recipe's checkpoints instead of using the shipped ones
     shipped: str | None = None  # shipped checkpoints' directory; None: capfilt/weights/small

@@ -140,7 +140,8 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
         argv += ["--keep-fraction", repr(request.keep_fraction)]
     argv += ["--num-captions", str(request.num_captions), "--top-p", repr(request.top_p)]
     argv += ["--top-k", str(request.top_k)]
-    argv += ["--batch-size", str(request.batch_size)]
+    if request.batch_size is not None:
+        argv += ["--batch-size", str(request.batch_size)]
     if request.num_gpus is not None:
         argv += ["--num-gpus", repr(request.num_gpus)]
     if request.captioner_actors is not None:

@@ -223,7 +223,12 @@ class JobRequest(_Request):
     num_captions: NumCaptions = 1
     top_p: TopP = 0.9
     top_k: TopK = 50
-    batch_size: int = Field(32, ge=1, le=4096, description="images per model batch")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="images per model batch (default: on CPUs up to 128 as the captioner's memory allows; 32 on GPUs)",
+    )
     num_gpus: float | None = Field(
         None, ge=0.0, le=64.0, description="GPUs per model actor; 0: CPUs only (default: from the cluster)"
     )

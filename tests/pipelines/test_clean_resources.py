@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from capfilt.pipelines.clean_resources import MAX_CPU_ACTORS, Node, plan_actors
+from capfilt.model.config import med_config
+from capfilt.pipelines.clean_resources import MAX_CPU_ACTORS, Node, default_batch_size, plan_actors
 
 
 def _counts(plan):
@@ -80,3 +81,27 @@ def test_an_autoscaling_cluster_with_nothing_yet_takes_the_plan_as_given(caplog)
     assert "need 4 GPUs" in caplog.text and "has 0 now" in caplog.text
     bare = plan_actors([Node(0)])  # CPU workers to come: one actor per pool
     assert _counts(bare) == ("cpu", 1, 1)
+
+
+def _cache_bytes(size: str, image_size: int | None = None) -> int:
+    """A decoder's cached image keys and values per image (fp32), as the job computes them."""
+    config = med_config(size, image_size=image_size)
+    return config.text.depth * 2 * (config.vision.num_patches + 1) * config.text.width * 4
+
+
+@pytest.mark.parametrize(
+    ("size", "image_size", "captions", "expected"),
+    [
+        ("small", None, 1, 128),  # 199 KB an image
+        ("small", None, 5, 128),
+        ("base", 384, 1, 32),  # 42.5 MB an image: 32 fit 1.5 GiB, 64 do not
+        ("base", 384, 5, 8),  # five captions an image: five times the rows, and never below 8
+        ("base", 224, 1, 64),
+    ],
+)
+def test_batch_size_on_cpus_fits_the_decoding_cache(size, image_size, captions, expected):
+    assert default_batch_size("cpu", _cache_bytes(size, image_size) * captions) == expected
+
+
+def test_batch_size_on_gpus_is_the_gpu_default():
+    assert default_batch_size("cuda", _cache_bytes("base", 384)) == 32

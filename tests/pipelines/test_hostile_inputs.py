@@ -329,8 +329,7 @@ def _config(inputs: list[str], out: Path, captioner: Path, filt: Path) -> CleanC
         output=str(out),
         captioner=str(captioner),
         filter=str(filt),
-        threshold=0.0,
-        batch_size=8,
+        threshold=0.0,  # and no batch size: the job chooses one
     )
 
 
@@ -570,3 +569,8 @@ def test_human_pairs_that_cannot_go_into_dprime_are_listed_with_reasons(job: Cle
         "h_blank": "no_text",
     }
     assert human["skipped_reasons"] == {"image_empty": 1, "image_undecodable": 1, "no_text": 1}
+
+
+def test_the_job_chose_its_batch_size(job: CleanSummary) -> None:
+    # No --batch-size: on CPUs the largest up to 128 whose decoding cache fits (the tiny model's does).
+    assert job.resources["batch_size"] == 128
