@@ -309,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CapfiltError as err:  # includes CheckpointError via _user_errors
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        console.print("interrupted")
+    except KeyboardInterrupt as err:
+        console.print(str(err) or "interrupted", highlight=False, soft_wrap=True)
         return 130
 
 

@@ -262,7 +262,24 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
 
     relay_thread = threading.Thread(target=relay, daemon=True) if queue is not None else None
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    trainer = TorchTrainer(
+    interrupted = threading.Event()
+
+    class Trainer(TorchTrainer):  # type: ignore[misc, valid-type]
+        """Ray's trainer, whose Ctrl-C handler (it aborts the run, then exits 1 with no word) first
+        notes the interrupt, so that the user hears what happened and how to go on."""
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)
+            rays = signal.getsignal(signal.SIGINT)
+
+            def handler(signum: int, frame: Any) -> None:
+                interrupted.set()
+                if callable(rays):
+                    rays(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    trainer = (Trainer if hasattr(TorchTrainer, "_register_sigint_handler") else TorchTrainer)(
         _ray_worker,
         train_loop_config={"spec": spec, "queue": queue},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -279,7 +296,11 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
         if relay_thread is not None:
             relay_thread.start()
         trainer.fit()
-    except Exception as err:
+    except BaseException as err:
+        if interrupted.is_set():
+            raise KeyboardInterrupt(_interrupted(cfg)) from err
+        if not isinstance(err, Exception):
+            raise
         user = _user_error(err)  # Ray wraps a worker's CapfiltError: the user's mistake, not a crash
         if user is not None:
             raise user from err
@@ -294,5 +315,16 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
             queue.shutdown()
         if started:
             ray.shutdown()
+    if interrupted.is_set():  # Ray's abort can also end the run without an error
+        raise KeyboardInterrupt(_interrupted(cfg))
     states = list_states(Path(cfg.out))
     return state_step(states[-1]) if states else 0
+
+
+def _interrupted(cfg: TrainConfig) -> str:
+    states = list_states(Path(cfg.out))
+    where = f"its last saved state is step {state_step(states[-1])}" if states else "no state was saved yet"
+    return (
+        f"training interrupted; {where} in {cfg.out} (one every --checkpoint-every steps): "
+        "run the same command again to resume from it"
+    )

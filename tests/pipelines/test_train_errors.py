@@ -1,6 +1,6 @@
 """Training errors a user causes end as one `error:` line and exit code 2, wherever they arise:
 in a Ray worker (wrapped by Ray), from resources the local cluster cannot have, from options the
-bootstrap would otherwise meet only hours later, from --out."""
+bootstrap would otherwise meet only hours later, from --out; and Ctrl-C ends one with how to resume."""
 
 from __future__ import annotations
 
@@ -105,3 +105,38 @@ def test_data_without_pairs_says_what_a_pair_needs(tmp_path, capsys) -> None:
     assert main([*argv, "--workers", "0", "--steps", "1", "--batch-size", "4"]) == 2
     err = capsys.readouterr().err
     assert "hold no image-text pairs: each sample needs an image member and a text" in err
+
+
+@pytest.mark.parametrize("rays_handler", ["exits", "aborts"])
+def test_ctrl_c_during_ray_training_says_how_to_resume(
+    world, tmp_path, ray_cluster, monkeypatch, capsys, rays_handler
+) -> None:
+    """Ray Train's Ctrl-C handler aborts the run, then either exits (status 1, no word) or lets
+    `fit` return: either way the CLI says the run was interrupted, where its state is, and exits 130."""
+    import signal
+    import sys
+
+    import ray.train.torch
+
+    class FakeTrainer:  # Ray's handler as Ray 2.60 installs it, without starting a run
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def _register_sigint_handler(self, controller) -> None:
+            signal.signal(
+                signal.SIGINT, lambda signum, frame: sys.exit(0) if rays_handler == "exits" else None
+            )
+
+        def fit(self) -> None:
+            self._register_sigint_handler(None)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    argv = ["train", "pretrain", "--data", str(world / "web"), "--out", str(out), "--size", "tiny"]
+    assert main([*argv, "--workers", "2", "--steps", "4", "--batch-size", "4"]) == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"training interrupted; no state was saved yet in {out}" in said
+    assert "run the same command again to resume" in said
+    assert signal.getsignal(signal.SIGINT) is before  # Ray's handler does not outlive the run
