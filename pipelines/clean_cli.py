@@ -19,8 +19,8 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="CapFilt img2dataset shards or parquet image tables on Ray: D', a ledger, per-shard stats",
         description=(
             "Caption every image, score web and synthetic texts with the filter, keep those above the "
-            "threshold. Writes OUT/dprime (webdataset shards + parquet index), OUT/ledger (one row per "
-            "input sample), OUT/stats and OUT/manifest.jsonl. Rerun with --resume to skip finished shards. "
+            "threshold. Writes OUT/dprime (webdataset shards), OUT/dprime_index (their parquet index), OUT/ledger "
+            "(one row per input sample), OUT/stats, OUT/manifest.jsonl, OUT/job.json and OUT/report.html. Rerun with --resume to skip finished shards. "
             "Inputs: webdataset tars (img2dataset's X.parquet beside X.tar is read as their sidecar) or parquet "
             "image tables (image bytes in image/jpg/png/webp/image_bytes or a Hugging Face Image struct, or "
             "a path in image_path/path/file relative to the table; text in caption/text/txt; optional key, "

@@ -73,7 +73,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="pairs (vit: images) per worker and step (default: 32; vit: 64)",
     )
     p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: 3e-4 pretrain, else 1e-4)"
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 3e-4 pretrain; fine-tuning 1e-5 for base and large, else 1e-4)",
     )
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
     p.add_argument(
@@ -111,7 +114,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the model's)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="training resolution (default: the model's; 384 when fine-tuning base or large)",
+    )
     p.add_argument("--queue-size", type=int, default=None, help="ITC queue length (default: up to 8 batches)")
     p.add_argument(
         "--vocab-size", type=int, default=2000, help="WordPiece vocabulary, from scratch (default: 2000)"

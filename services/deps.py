@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .actors import ModelPool, ModelUnavailable
 from .config import ServeConfig
+from .errors import ClientError, ServiceUnavailable
 from .jobs import JobManager
 
 
@@ -25,7 +26,20 @@ def get_models(request: Request) -> ModelPool:
 
 
 def get_jobs(request: Request) -> JobManager:
-    return request.app.state.jobs
+    jobs: JobManager | None = request.app.state.jobs
+    if jobs is None:  # `capfilt serve` found no Ray dashboard, so no Ray Jobs to submit to
+        config: ServeConfig = request.app.state.config
+        if not config.jobs_enabled:
+            raise ClientError(
+                403,
+                "jobs are disabled on this service: start it with --input-root and --output-root",
+                "jobs_disabled",
+            )
+        raise ServiceUnavailable(
+            "the Ray cluster this service runs on has no dashboard, so it cannot reach Ray Jobs: "
+            "start Ray with its dashboard (ray[default]; `ray start --head --include-dashboard=true`)"
+        )
+    return jobs
 
 
 ConfigDep = Annotated[ServeConfig, Depends(get_config)]

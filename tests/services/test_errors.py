@@ -292,3 +292,28 @@ def test_serve_refuses_wrong_checkpoints_before_ray_starts(
     assert code == 2 and out == ""
     path = paths[flag.removeprefix("--")]
     assert err.startswith(f"error: {flag} {path}: ") and words in err, err
+
+
+@pytest.mark.parametrize("roots", [True, False])
+def test_job_endpoints_without_ray_jobs_answer_503_or_jobs_disabled(tmp_path: Path, roots: bool) -> None:
+    """`capfilt serve` on a Ray without its dashboard has no Ray Jobs: the job endpoints say so (503),
+    or, with jobs off anyway, 403 jobs_disabled as always; never a 500."""
+    from fastapi.testclient import TestClient
+
+    from capfilt.services.app import create_app
+
+    dirs = dict(input_roots=(tmp_path,), output_roots=(tmp_path,)) if roots else {}
+    app = create_app(ServeConfig(captioner="unused", filter="unused", **dirs), None, None)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answers = [
+            client.get("/v1/jobs"),
+            client.get("/v1/jobs/raysubmit_abc"),
+            client.delete("/v1/jobs/raysubmit_abc"),
+            client.post("/v1/jobs", json={"input": [str(tmp_path)], "output": str(tmp_path / "out")}),
+        ]
+    for answer in answers:
+        if roots:
+            assert answer.status_code == 503 and answer.json()["reason"] == "unavailable"
+            assert "no dashboard" in answer.json()["detail"]
+        else:
+            assert answer.status_code == 403 and answer.json()["reason"] == "jobs_disabled"
