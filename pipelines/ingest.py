@@ -71,8 +71,15 @@ CHILD_ENV = {
     "NO_ALBUMENTATIONS_UPDATE": "1",  # else each of its processes asks PyPI for a newer albumentations
     "WANDB_MODE": "disabled",
 }
-# The child: img2dataset's own entry point with typed keyword arguments (no fire parsing).
-RUNNER = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
+# The child: img2dataset's own entry point with typed keyword arguments (no fire parsing), its
+# workers fetching through `ingest_fetch` (http and https only, a deadline, a size and pixel limit).
+RUNNER = (
+    "import functools, importlib, json, sys; from capfilt.pipelines import ingest_fetch; "
+    "m = importlib.import_module('img2dataset.main'); "  # the module: the package's `main` is a function
+    "kwargs = json.loads(sys.argv[1]); "
+    "m.Downloader = functools.partial(ingest_fetch.SafeDownloader, limits=kwargs.pop('capfilt_limits')); "
+    "m.download(**kwargs)"
+)
 
 
 @dataclass
@@ -87,7 +94,9 @@ class IngestConfig:
     shard_size: int = 10_000  # urls per shard (img2dataset's number_sample_per_shard)
     processes: int = 1  # img2dataset's processes_count: shards downloaded at once
     threads: int = 16  # img2dataset's thread_count: downloads at once per process
-    timeout: float = 10.0  # seconds per request
+    timeout: float = 10.0  # seconds a connection or a read may wait (urllib's timeout)
+    deadline: float = 60.0  # seconds a url may take in all, its body included
+    max_bytes: int = 64 * 2**20  # the largest body fetched; a larger one is that url's failure
     retries: int = 0  # extra tries of a failed url (a 404 is tried again too)
     resize_mode: str = "no"  # "no": keep the served size (BLIP resizes at load time)
     image_size: int = 384  # with a resize_mode: the side to shrink to (BLIP's fine-tuning size)
@@ -111,6 +120,10 @@ class IngestConfig:
                 raise bad(name.replace("_", "-"), f"must be >= 1; got {getattr(self, name)}")
         if not self.timeout > 0:
             raise bad("timeout", f"must be > 0 seconds; got {self.timeout}")
+        if not self.deadline >= self.timeout:
+            raise bad("deadline", f"must be at least --timeout ({self.timeout:g} s); got {self.deadline}")
+        if self.max_bytes < 1:
+            raise bad("max-bytes", f"must be >= 1; got {self.max_bytes}")
         if self.retries < 0:
             raise bad("retries", f"must be >= 0; got {self.retries}")
         if self.resize_mode not in RESIZE_MODES:
@@ -143,6 +156,10 @@ class IngestConfig:
             incremental_mode="incremental",  # never "overwrite": it deletes OUT
             enable_wandb=False,
             distributor="multiprocessing",
+            capfilt_limits={
+                "max_bytes": self.max_bytes,
+                "deadline_s": self.deadline,
+            },  # RUNNER's, not img2dataset's
         )
 
 

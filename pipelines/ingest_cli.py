@@ -51,7 +51,21 @@ def add_ingest_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--processes", type=int, default=1, help="shards downloaded at once, one process each (default: 1)"
     )
     p.add_argument("--threads", type=int, default=16, help="downloads at once per process (default: 16)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: 10)")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds a connection or a read may wait (default: 10)"
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        help="seconds a url may take in all, its body included; slower ones are failures (default: 60)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=64 * 2**20,
+        help="the largest body fetched; larger ones are failures (default: 67108864, 64 MiB)",
+    )
     p.add_argument("--retries", type=int, default=0, help="extra tries of a failed url (default: 0)")
     p.add_argument(
         "--resize-mode",
@@ -89,6 +103,8 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
         processes=args.processes,
         threads=args.threads,
         timeout=args.timeout,
+        deadline=args.deadline,
+        max_bytes=args.max_bytes,
         retries=args.retries,
         resize_mode=args.resize_mode,
         image_size=args.image_size,

@@ -1,0 +1,131 @@
+"""The fetch img2dataset's download workers run for `capfilt ingest`, with the limits it lacks.
+
+img2dataset fetches a url with `urllib.request.urlopen(url, timeout)` and buffers the whole body.
+That opens any scheme urllib knows (`file:///etc/passwd` became a sample), bounds each socket read
+but not the request (a server sending a byte a second held a shard forever), reads bodies of any
+size (three 2 GB answers took 6 GB), and decodes any image (a 2.6 MB PNG of 30000 x 30000 pixels
+took 2.7 GB and was stored). Here, each url:
+
+- is fetched only over http or https, and redirects only to http or https;
+- gets `deadline_s` in all, its body read in chunks against that deadline;
+- may carry at most `max_bytes` (a Content-Length above it is refused before any body is read);
+- is refused when its image header declares more than MAX_PIXELS pixels.
+
+Each refusal is the url's error message in the shard's parquet and `_stats.json`, as img2dataset's
+own failures are. `SafeDownloader` carries the limits to the worker processes (img2dataset's pool
+spawns them): unpickling it there imports this module, which puts `download_image` in place of
+img2dataset's in that process.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from img2dataset import downloader as _img2dataset
+from PIL import Image
+
+SCHEMES = ("http", "https")
+MAX_PIXELS = 64_000_000  # as `capfilt.images.MAX_PIXELS` (that module imports torch; a worker need not)
+CHUNK = 1 << 16
+LIMITS: dict[str, float] = {"max_bytes": 64 * 2**20, "deadline_s": 60.0}  # set by SafeDownloader
+USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
+
+
+class _Refused(Exception):
+    """A url this fetch will not (or can no longer) read: the message is its recorded error."""
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in SCHEMES:
+            raise _Refused(f"redirected to a {scheme or 'schemeless'} url: only http and https are fetched")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+def fetch(url: str, timeout: float, user_agent: str = USER_AGENT) -> tuple[bytes | None, Any, str | None]:
+    """(body, headers, None) or (None, None, why)."""
+    max_bytes, deadline_s = int(LIMITS["max_bytes"]), float(LIMITS["deadline_s"])
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if scheme not in SCHEMES:
+            raise _Refused(f"unsupported url scheme {scheme or '(none)'!r}: only http and https are fetched")
+        deadline = time.monotonic() + deadline_s
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
+        with _OPENER.open(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+                raise _Refused(f"body of {int(declared)} bytes is over the limit of {max_bytes}")
+            body = bytearray()
+            while chunk := response.read(CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _Refused(f"body is over the limit of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise _Refused(f"timed out: the body took longer than {deadline_s:g} s")
+            headers = response.headers
+        _check_pixels(bytes(body))
+        return bytes(body), headers, None
+    except _Refused as err:
+        return None, None, str(err)
+    except Exception as err:  # every failure is this url's recorded error, as in img2dataset
+        return None, None, str(err)
+
+
+def _check_pixels(body: bytes) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS; a body PIL cannot identify passes
+    (img2dataset's decoder then records it as failed_to_resize, or --keep-bytes stores it)."""
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise _Refused(f"image over the limit of {MAX_PIXELS} pixels ({err})") from err
+    except Exception:  # not an image PIL knows: not this check's to judge
+        return
+    if width * height > MAX_PIXELS:
+        raise _Refused(f"image of {width}x{height} pixels is over the limit of {MAX_PIXELS}")
+
+
+def download_image(row: Any, timeout: float, user_agent_token: Any, disallowed_header_directives: Any) -> Any:
+    """img2dataset's `download_image`, through `fetch`: -> (key, BytesIO or None, error or None)."""
+    key, url = row
+    agent = USER_AGENT
+    if user_agent_token:
+        agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+    body, headers, error = fetch(url, timeout, agent)
+    if body is None:
+        return key, None, error
+    if disallowed_header_directives and _img2dataset.is_disallowed(
+        headers, user_agent_token, disallowed_header_directives
+    ):
+        return key, None, "Use of image disallowed by X-Robots-Tag directive"
+    return key, io.BytesIO(body), None
+
+
+def install() -> None:
+    """Make img2dataset's workers in this process fetch through `download_image`."""
+    _img2dataset.download_image = download_image
+
+
+class SafeDownloader(_img2dataset.Downloader):
+    """img2dataset's Downloader, carrying `limits` to the processes that unpickle it."""
+
+    def __init__(self, *args: Any, limits: dict[str, float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = dict(limits)
+        LIMITS.update(self.limits)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        LIMITS.update(state["limits"])
+
+
+install()  # on import: in the child that runs img2dataset and in every worker it spawns
