@@ -32,12 +32,20 @@ Layout written (img2dataset's, see shared/reference/ecosystem.md):
 
 Resume: img2dataset skips a shard whose `_stats.json` exists (it is written last), so a rerun with
 `resume` downloads only the shards a killed or failed run left unfinished. No other `*.json` may
-sit in OUT: img2dataset reads every one as a shard number.
+sit in OUT: img2dataset reads every one as a shard number. A resume must repeat the options that
+decide the shards and read the same url list: job.json keeps each url file's size and a hash of
+its first and last MiB. Ctrl-C, SIGTERM and SIGHUP stop img2dataset's process group too.
+
+Before any download, the url list's columns are checked as img2dataset will read them: a missing
+one, one img2dataset would rename onto a column the list already has, or a url or caption column
+of bytes, dates or decimals (img2dataset would drop every downloaded sample of such a list while
+counting it a success) stop the job with what to change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -45,9 +53,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,7 +202,12 @@ def ingest(config: IngestConfig, progress: ProgressFn | None = None) -> IngestSu
     files = _url_files(url_list, input_format)
     shards_total = sum(math.ceil(_check_url_file(f, input_format, config) / config.shard_size) for f in files)
     out = Path(config.out).absolute()
-    job = {"url_list": str(url_list), "input_format": input_format, **_shard_options(config)}
+    job = {
+        "url_list": str(url_list),
+        "input_format": input_format,
+        **_shard_options(config),
+        "url_files": [_fingerprint(f) for f in files],
+    }
     _prepare(out, job, config.resume)
 
     names = [f"{i:05d}" for i in range(shards_total)]  # img2dataset's oom_shard_count is 5
@@ -210,7 +224,14 @@ def ingest(config: IngestConfig, progress: ProgressFn | None = None) -> IngestSu
     start = time.perf_counter()
     if skipped < shards_total:
         log.info("img2dataset: %d shards (%d done before), log in %s", shards_total, skipped, log_path)
-        _run_img2dataset(config.download_kwargs(url_list, input_format, out), log_path, report)
+        try:
+            _run_img2dataset(config.download_kwargs(url_list, input_format, out), log_path, report)
+        except KeyboardInterrupt as err:
+            report()
+            raise KeyboardInterrupt(
+                f"ingest {err or 'interrupted'}: {len(done)} of {shards_total} shards are finished in {out}; "
+                "rerun the same command with --resume to fetch the rest"
+            ) from err
     report()
     return _summary(out, names, done, skipped, time.perf_counter() - start, log_path)
 
@@ -218,7 +239,7 @@ def ingest(config: IngestConfig, progress: ProgressFn | None = None) -> IngestSu
 def _run_img2dataset(kwargs: dict[str, Any], log_path: Path, poll: Callable[[], None]) -> None:
     """`img2dataset.download(**kwargs)` in a child process whose output is appended to `log_path`;
     `poll()` every POLL_S seconds while it runs. Raises RuntimeError when img2dataset fails."""
-    with log_path.open("ab") as sink:
+    with log_path.open("ab") as sink, _signals_interrupt():
         proc = subprocess.Popen(
             [sys.executable, "-c", RUNNER, json.dumps(kwargs)],
             stdout=sink,
@@ -305,24 +326,46 @@ def _url_files(url_list: Path, input_format: str) -> list[Path]:
 
 
 def _check_url_file(path: Path, input_format: str, config: IngestConfig) -> int:
-    """Rows of one url file, read as img2dataset reads it; raises CapfiltError naming a missing column."""
-    columns, rows = _columns_and_rows(path, input_format)
+    """Rows of one url file, read as img2dataset reads it; raises CapfiltError naming a missing
+    column, one img2dataset would rename onto another, or one of a type it would lose."""
+    schema, rows = _schema_and_rows(path, input_format)
     if rows == 0:
         raise CapfiltError(f"--url-list {path} holds no urls")
     if input_format.startswith("txt"):
         return rows
-    wanted = {"--url-col": config.url_col, "--caption-col": config.caption_col}
-    for option, column in wanted.items():
-        if column is not None and column not in columns:
+    columns = schema.names
+    wanted = {"--url-col": (config.url_col, "url"), "--caption-col": (config.caption_col, "caption")}
+    for option, (column, renamed) in wanted.items():
+        if column is None:
+            continue
+        if column not in columns:
             hint = " (or --no-captions to fetch images only)" if option == "--caption-col" else ""
             raise CapfiltError(
                 f"--url-list {path} has no column {column!r} (it has: {', '.join(columns) or 'none'}); "
                 f"name the right one with {option}{hint}"
             )
+        if column != renamed and renamed in columns:  # img2dataset renames `column` to `renamed`
+            raise CapfiltError(
+                f"--url-list {path}: img2dataset renames column {column!r} to {renamed!r}, which the list "
+                f"also has; rename or drop its {renamed!r} column"
+            )
+        kind = schema.field(column).type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or _lossy(kind):
+            what = "bytes that are not UTF-8 text" if "binary" in str(kind) else f"{kind} values"
+            raise CapfiltError(
+                f"--url-list {path}: column {column!r} is read as {what}; img2dataset would drop every "
+                f"downloaded sample while counting it a success. Write the list as UTF-8 text, or as "
+                f"parquet with a string {column!r} column"
+            )
     return rows
 
 
-def _columns_and_rows(path: Path, input_format: str) -> tuple[list[str], int]:
+def _lossy(kind: pa.DataType) -> bool:
+    """Types img2dataset cannot write into a sample's .json (dates, times, decimals)."""
+    return pa.types.is_temporal(kind) or pa.types.is_decimal(kind)
+
+
+def _schema_and_rows(path: Path, input_format: str) -> tuple[pa.Schema, int]:
     import pyarrow.csv as pa_csv
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
@@ -331,12 +374,12 @@ def _columns_and_rows(path: Path, input_format: str) -> tuple[list[str], int]:
     try:
         if fmt == "parquet":
             meta = pq.ParquetFile(path).metadata
-            return meta.schema.to_arrow_schema().names, meta.num_rows
+            return meta.schema.to_arrow_schema(), meta.num_rows
         if fmt == "json":  # a JSON array of records, read by pandas as img2dataset does
             import pandas as pd
 
             frame = pd.read_json(path)
-            return [str(c) for c in frame.columns], len(frame)
+            return pa.Table.from_pandas(frame).schema, len(frame)
         if fmt == "jsonl":
             table = pa_json.read_json(path)
         elif fmt == "txt":
@@ -346,9 +389,9 @@ def _columns_and_rows(path: Path, input_format: str) -> tuple[list[str], int]:
             table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
     except (pa.ArrowException, ValueError, OSError) as err:
         if "Empty CSV file" in str(err):
-            return [], 0
+            return pa.schema([]), 0
         raise CapfiltError(f"--url-list {path} cannot be read as {input_format}: {err}") from err
-    return table.column_names, table.num_rows
+    return table.schema, table.num_rows
 
 
 def _shard_options(config: IngestConfig) -> dict[str, Any]:
@@ -371,7 +414,14 @@ def _prepare(out: Path, job: dict[str, Any], resume: bool) -> None:
         if not record.is_file():
             raise CapfiltError(f"--out {out} holds files but no {RECORD}/job.json: not an ingest output")
         saved = json.loads(record.read_text())
-        diff = [f"{k}: saved {saved.get(k)!r}, now {job[k]!r}" for k in job if saved.get(k) != job[k]]
+        # (a job.json written before url files were fingerprinted resumes on its options alone)
+        diff = [
+            "the url list's contents changed since (its rows would land in other shards)"
+            if k == "url_files"
+            else f"{k}: saved {saved.get(k)!r}, now {job[k]!r}"
+            for k in job
+            if saved.get(k) != job[k] and (k in saved or k != "url_files")
+        ]
         if diff:
             raise CapfiltError(
                 f"--resume in {out}: the download was started with other arguments ({'; '.join(diff)}); "
@@ -379,6 +429,38 @@ def _prepare(out: Path, job: dict[str, Any], resume: bool) -> None:
             )
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(job, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt here, as Ctrl-C does, so that the child's
+    process group is stopped (it runs in its own session, so no signal to us reaches it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    saved = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _fingerprint(path: Path, edge: int = 2**20) -> dict[str, Any]:
+    """What identifies a url file's contents for a resume: its size and a hash of its first and
+    last MiB (a row added, removed or moved at either end changes it), cheap for any size."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(edge))
+        if size > edge:
+            f.seek(max(edge, size - edge))
+            digest.update(f.read(edge))
+    return {"path": str(path), "bytes": size, "sha256_ends": digest.hexdigest()}
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -268,6 +268,20 @@ def test_cli_resume_downloads_only_unfinished_shards(fetched, site, tmp_path, ca
     assert printed["shards_skipped"] == 2 and printed["urls"] == 8 and printed["errors"] == first.errors
     assert (out / "_ingest" / "img2dataset.log").stat().st_size == log_size
 
+    # A url list whose rows changed would put other rows in the unfinished shards: refused.
+    moved = tmp_path / "moved.parquet"
+    shutil.copy(url_list, moved)
+    job = json.loads((out / "_ingest" / "job.json").read_text())
+    job["url_list"] = job["url_files"][0]["path"] = str(moved)
+    (out / "_ingest" / "job.json").write_text(json.dumps(job))
+    moved_args = [*args[:1], str(moved), *args[2:], "--shard-size", str(SHARD_SIZE), "--resume"]
+    assert _cli(moved_args) == 0  # the same rows: resumes (nothing left to do)
+    capsys.readouterr()
+    rows = pq.read_table(moved).to_pylist()
+    pq.write_table(pa.Table.from_pylist([rows[1], rows[0], *rows[2:]]), moved)
+    with pytest.raises(CapfiltError, match=r"the url list's contents changed since"):
+        _cli(moved_args)
+
 
 def test_user_errors_name_the_input(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -276,6 +290,10 @@ def test_user_errors_name_the_input(tmp_path: Path) -> None:
     (tmp_path / "links.csv").write_text("link,caption\nhttp://x/a.jpg,an a\n")
     (tmp_path / "nocaps.tsv").write_text("url\talt\nhttp://x/a.jpg\tan a\n")
     (tmp_path / "urls.xml").write_text("<urls/>")
+    (tmp_path / "latin1.csv").write_bytes(b"url,caption\nhttp://x/a.jpg,caf\xe9\nhttp://x/b.jpg,tea\n")
+    (tmp_path / "dates.csv").write_text("url,caption\nhttp://x/a.jpg,2020-01-01\n")
+    (tmp_path / "alt.csv").write_text("url,caption,alt\nhttp://x/a.jpg,a,an a\n")
+    (tmp_path / "both.csv").write_text("link,url,caption\nhttp://x/a.jpg,http://x/b.jpg,an a\n")
     cases = [
         (["--url-list", str(tmp_path / "nope.parquet")], r"--url-list .*nope\.parquet does not exist"),
         (["--url-list", str(tmp_path / "empty.txt")], r"--url-list .*empty\.txt holds no urls"),
@@ -292,6 +310,25 @@ def test_user_errors_name_the_input(tmp_path: Path) -> None:
             r"--keep-bytes .* excludes --resize-mode keep_ratio",
         ),
         (["--url-list", str(tmp_path / "links.csv"), "--threads", "0"], r"--threads must be >= 1; got 0"),
+        # img2dataset would drop every downloaded sample of these while counting it a success
+        (
+            ["--url-list", str(tmp_path / "latin1.csv")],
+            r"column 'caption' is read as bytes that are not UTF-8",
+        ),
+        (["--url-list", str(tmp_path / "dates.csv")], r"column 'caption' is read as date32\[day\] values"),
+        # ... and rename these onto a column the list already has (it crashed after minutes of retries)
+        (
+            ["--url-list", str(tmp_path / "alt.csv"), "--caption-col", "alt"],
+            r"renames column 'alt' to 'caption', which the list also has",
+        ),
+        (
+            ["--url-list", str(tmp_path / "both.csv"), "--url-col", "link"],
+            r"renames column 'link' to 'url', which the list also has",
+        ),
+        (
+            ["--url-list", str(tmp_path / "links.csv"), "--url-col", "link", "--deadline", "1"],
+            r"--deadline must be at least --timeout \(10 s\); got 1",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(CapfiltError, match=message):
@@ -313,10 +350,11 @@ def test_cli_flags_map_onto_the_config_without_importing_torch() -> None:
         "from capfilt.pipelines.ingest_cli import add_ingest_parser, config_from_args\n"
         "p = argparse.ArgumentParser(); add_ingest_parser(p.add_subparsers())\n"
         "c = config_from_args(p.parse_args(['ingest', '--url-list', 'u.csv', '--out', 'o', '--no-captions',"
-        " '--resize-mode', 'keep_ratio', '--processes', '2']))\n"
+        " '--resize-mode', 'keep_ratio', '--processes', '2', '--deadline', '30', '--max-bytes', '1000']))\n"
         "assert 'torch' not in sys.modules, 'ingest must not import torch'\n"
-        "print(c.caption_col, c.resize_mode, c.image_size, c.processes, c.threads, c.keep_bytes, c.resume)\n"
+        "print(c.caption_col, c.resize_mode, c.image_size, c.processes, c.threads, c.keep_bytes, c.resume,"
+        " c.deadline, c.max_bytes)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["None", "keep_ratio", "384", "2", "16", "False", "False"]
+    assert done.stdout.split() == ["None", "keep_ratio", "384", "2", "16", "False", "False", "30.0", "1000"]

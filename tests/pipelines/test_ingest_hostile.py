@@ -155,3 +155,60 @@ def test_the_pixel_limit_is_the_clean_jobs() -> None:
     from capfilt.images import MAX_PIXELS
 
     assert ingest_fetch.MAX_PIXELS == MAX_PIXELS
+
+
+def test_sigterm_stops_img2dataset_too_and_says_how_to_resume(
+    hostile_site: tuple[str, Path], tmp_path: Path
+) -> None:
+    """img2dataset runs in its own session, so a SIGTERM to `capfilt ingest` never reaches it: the
+    CLI must stop it (it used to exit and leave img2dataset writing into OUT)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    base, _ = hostile_site
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text(f"{base}/trickle.jpg\n")
+    out = tmp_path / "out"
+    argv = [
+        "-m",
+        "capfilt.cli",
+        "ingest",
+        "--url-list",
+        str(url_list),
+        "--out",
+        str(out),
+        "--deadline",
+        "600",
+    ]
+    proc = subprocess.Popen([sys.executable, *argv], stderr=subprocess.PIPE, text=True)
+    log = out / "_ingest" / "img2dataset.log"
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and "Starting the downloading" in log.read_text(errors="replace")):
+        assert proc.poll() is None and time.monotonic() < deadline, "img2dataset did not start"
+        time.sleep(0.2)
+    children = _processes_naming(str(out))
+    assert children  # img2dataset's processes (their arguments name OUT)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    said = " ".join(stderr.split())
+    assert f"ingest stopped by SIGTERM: 0 of 1 shards are finished in {out}" in said
+    assert "rerun the same command with --resume" in said
+    time.sleep(1)
+    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not alive, f"img2dataset's processes outlived ingest: {alive}"
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Processes whose command line holds `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
