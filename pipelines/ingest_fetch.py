@@ -7,6 +7,9 @@ size (three 2 GB answers took 6 GB), and decodes any image (a 2.6 MB PNG of 3000
 took 2.7 GB and was stored). Here, each url:
 
 - is fetched only over http or https, and redirects only to http or https;
+- is sent percent-encoded where it holds spaces or other characters a request line cannot carry
+  (web alt-text datasets hold such urls: urllib refused them, and their images were lost), with
+  a non-ASCII host name in IDNA;
 - gets `deadline_s` in all, its body read in chunks against that deadline;
 - may carry at most `max_bytes` (a Content-Length above it is refused before any body is read);
 - is refused when its image header declares more than MAX_PIXELS pixels.
@@ -20,11 +23,14 @@ img2dataset's in that process.
 from __future__ import annotations
 
 import io
+import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations would ask PyPI
 
 from img2dataset import downloader as _img2dataset
 from PIL import Image
@@ -59,7 +65,7 @@ def fetch(url: str, timeout: float, user_agent: str = USER_AGENT) -> tuple[bytes
         if scheme not in SCHEMES:
             raise _Refused(f"unsupported url scheme {scheme or '(none)'!r}: only http and https are fetched")
         deadline = time.monotonic() + deadline_s
-        request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
+        request = urllib.request.Request(quoted(url), data=None, headers={"User-Agent": user_agent})
         with _OPENER.open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
@@ -78,6 +84,33 @@ def fetch(url: str, timeout: float, user_agent: str = USER_AGENT) -> tuple[bytes
         return None, None, str(err)
     except Exception as err:  # every failure is this url's recorded error, as in img2dataset
         return None, None, str(err)
+
+
+# What a url may hold unescaped (RFC 3986's reserved and unreserved characters, and `%`, so that
+# existing escapes are kept as they are).
+_SAFE = "/?#[]@!$&'()*+,;=:%~-._"
+
+
+def quoted(url: str) -> str:
+    """`url` with spaces, controls and non-ASCII characters percent-encoded (UTF-8), and a non-ASCII
+    host in IDNA; an ASCII url without spaces is returned as it is."""
+    if url.isascii() and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return url
+    parts = urllib.parse.urlsplit(url.strip())
+    netloc = parts.netloc
+    if not netloc.isascii():
+        host = parts.hostname or ""
+        ascii_host = host.encode("idna").decode("ascii")
+        netloc = netloc.replace(host, ascii_host) if host in netloc else netloc
+    return urllib.parse.urlunsplit(
+        (
+            parts.scheme,
+            urllib.parse.quote(netloc, safe=_SAFE),
+            urllib.parse.quote(parts.path, safe=_SAFE),
+            urllib.parse.quote(parts.query, safe=_SAFE),
+            urllib.parse.quote(parts.fragment, safe=_SAFE),
+        )
+    )
 
 
 def _check_pixels(body: bytes) -> None:

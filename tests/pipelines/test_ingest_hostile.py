@@ -45,7 +45,7 @@ def hostile_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path == "/ok.jpg":
+            if self.path in ("/ok.jpg", "/h%C3%A9llo%20world.jpg"):
                 self._send(ROUTES["/red.jpg"][1])
             elif self.path == "/bomb.png":
                 self._send(_png_header(9000, 9000), "image/png")  # 81 M pixels
@@ -106,6 +106,7 @@ def test_hostile_urls_are_failures_with_reasons_and_local_files_are_never_read(
     base, secret = hostile_site
     urls = {
         "ok": f"{base}/ok.jpg",
+        "unicode": f"{base}/héllo world.jpg",  # sent percent-encoded (urllib refused it)
         "file": secret.as_uri(),
         "data": "data:image/jpeg;base64,/9j/4AAQ",
         "ftp": "ftp://127.0.0.1:1/x.jpg",
@@ -129,7 +130,7 @@ def test_hostile_urls_are_failures_with_reasons_and_local_files_are_never_read(
     start = time.monotonic()
     summary = ingest(config)
     assert time.monotonic() - start < 60  # the trickle alone would take 100,000 s
-    assert summary.complete and summary.count == len(urls) and summary.successes == 1
+    assert summary.complete and summary.count == len(urls) and summary.successes == 2
     rows = {r["caption"]: r for r in pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()}
     assert set(rows) == set(urls)
     expected = {
@@ -146,9 +147,23 @@ def test_hostile_urls_are_failures_with_reasons_and_local_files_are_never_read(
     for name, reason in expected.items():
         assert rows[name]["status"] == "failed_to_download", name
         assert reason in rows[name]["error_message"], (name, rows[name]["error_message"])
-    assert rows["ok"]["status"] == "success"
+    assert rows["ok"]["status"] == rows["unicode"]["status"] == "success"
     samples = _tar(tmp_path / "out" / "00000.tar")
-    assert [s["txt"] for s in samples.values()] == [b"ok"]  # the local file's image was never stored
+    assert sorted(s["txt"] for s in samples.values()) == [b"ok", b"unicode"]  # never the local file's image
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("http://x.org/ok.jpg?a=1&b=%20", "http://x.org/ok.jpg?a=1&b=%20"),  # as it is
+        ("http://x.org/a b.jpg", "http://x.org/a%20b.jpg"),
+        ("http://x.org/h\u00e9llo.jpg?q=caf\u00e9", "http://x.org/h%C3%A9llo.jpg?q=caf%C3%A9"),
+        ("http://b\u00fccher.de/a%20b.jpg", "http://xn--bcher-kva.de/a%20b.jpg"),
+        ("https://u@x.org:8080/\u65e5.png#f", "https://u@x.org:8080/%E6%97%A5.png#f"),
+    ],
+)
+def test_urls_are_sent_percent_encoded(url: str, sent: str) -> None:
+    assert ingest_fetch.quoted(url) == sent
 
 
 def test_the_pixel_limit_is_the_clean_jobs() -> None:
