@@ -186,6 +186,8 @@ class IngestSummary:
     failed_to_download: int = 0
     failed_to_resize: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # img2dataset's error message -> urls, most first
+    # shard -> samples img2dataset counted as successes that its tar does not hold (shards of this run)
+    lost: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     log: Path | None = None
 
@@ -213,6 +215,7 @@ def ingest(config: IngestConfig, progress: ProgressFn | None = None) -> IngestSu
     names = [f"{i:05d}" for i in range(shards_total)]  # img2dataset's oom_shard_count is 5
     done = read_stats(out, names)
     skipped = len(done)
+    before = set(done)
 
     def report() -> None:
         nonlocal done
@@ -233,7 +236,29 @@ def ingest(config: IngestConfig, progress: ProgressFn | None = None) -> IngestSu
                 "rerun the same command with --resume to fetch the rest"
             ) from err
     report()
-    return _summary(out, names, done, skipped, time.perf_counter() - start, log_path)
+    summary = _summary(out, names, done, skipped, time.perf_counter() - start, log_path)
+    summary.lost = lost_samples(out, [n for n in names if n in done and n not in before])
+    if summary.lost:
+        log.warning("img2dataset counted successes its tars do not hold: %s (see %s)", summary.lost, log_path)
+    return summary
+
+
+def lost_samples(out: Path, names: list[str]) -> dict[str, int]:
+    """Per shard among `names`, how many of its `_stats.json` successes its tar lacks (img2dataset
+    drops a sample it cannot write after counting it), where any are."""
+    import tarfile
+
+    lost = {}
+    for name in names:
+        counted = json.loads((out / f"{name}_stats.json").read_text()).get("successes", 0)
+        try:
+            with tarfile.open(out / f"{name}.tar") as tar:
+                held = len({m.name.partition(".")[0] for m in tar if m.isfile()})
+        except (OSError, tarfile.TarError):
+            held = 0
+        if held < counted:
+            lost[name] = counted - held
+    return lost
 
 
 def _run_img2dataset(kwargs: dict[str, Any], log_path: Path, poll: Callable[[], None]) -> None:

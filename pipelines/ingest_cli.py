@@ -127,6 +127,7 @@ def summary_dict(s: IngestSummary) -> dict[str, Any]:
         "failed_to_download": s.failed_to_download,
         "failed_to_resize": s.failed_to_resize,
         "errors": s.errors,
+        "lost_samples": sum(s.lost.values()),  # counted as successes, missing from their tars
         "log": str(s.log),
         "wall_s": round(s.wall_s, 3),
     }
@@ -134,7 +135,8 @@ def summary_dict(s: IngestSummary) -> dict[str, Any]:
 
 def run_ingest(args: argparse.Namespace) -> int:
     """Download with a progress bar of shards and urls on stderr, print the summary as JSON on
-    stdout; 0 when every shard is finished, 1 when img2dataset gave up on some (rerun with --resume)."""
+    stdout; 0 when every shard is finished, 1 when img2dataset gave up on some (rerun with --resume)
+    or lost samples it counted as successes (the summary's `lost_samples`; the log says why)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -157,6 +159,13 @@ def run_ingest(args: argparse.Namespace) -> int:
 
         s = ingest(config, progress)
     print(json.dumps(summary_dict(s)))
+    if s.lost:
+        console.print(
+            f"[red]img2dataset counted {sum(s.lost.values())} successes that are not in their tars (shards "
+            f"{', '.join(s.lost)}): see {s.log}[/red]",
+            highlight=False,
+        )
+        return 1
     if not s.complete:
         console.print(
             f"[yellow]img2dataset did not finish {len(s.missing_shards)} shard(s); see {s.log} and rerun "

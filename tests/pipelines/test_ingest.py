@@ -165,7 +165,7 @@ def test_ingest_writes_img2dataset_shards_and_counts_failures(
     assert (
         summary.complete and summary.shards_total == summary.shards_done == 2 and summary.shards_skipped == 0
     )
-    assert (summary.count, summary.successes) == (8, 5)
+    assert (summary.count, summary.successes) == (8, 5) and summary.lost == {}
     assert (summary.failed_to_download, summary.failed_to_resize) == (2, 1)
     assert sum(summary.errors.values()) == 3 and summary.errors["Image decoding error"] == 1
     assert any("404" in e for e in summary.errors) and any("refused" in e.lower() for e in summary.errors)
@@ -358,3 +358,19 @@ def test_cli_flags_map_onto_the_config_without_importing_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None", "keep_ratio", "384", "2", "16", "False", "False", "30.0", "1000"]
+
+
+def test_successes_missing_from_their_tar_are_reported(tmp_path: Path) -> None:
+    """img2dataset counts a sample a success before writing it, and drops it if the write fails:
+    the summary compares each shard's count with its tar."""
+    from capfilt.pipelines.ingest import lost_samples
+
+    for name, successes, keys in (("00000", 2, ["000000", "000001"]), ("00001", 3, ["000010"])):
+        (tmp_path / f"{name}_stats.json").write_text(json.dumps({"successes": successes}))
+        with tarfile.open(tmp_path / f"{name}.tar", "w") as tar:
+            for key in keys:
+                for ext in ("jpg", "txt", "json"):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = 1
+                    tar.addfile(info, io.BytesIO(b"x"))
+    assert lost_samples(tmp_path, ["00000", "00001"]) == {"00001": 2}
