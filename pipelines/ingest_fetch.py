@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import os
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
@@ -78,8 +77,9 @@ def fetch(url: str, timeout: float, user_agent: str = USER_AGENT) -> tuple[bytes
                 if time.monotonic() > deadline:
                     raise _Refused(f"timed out: the body took longer than {deadline_s:g} s")
             headers = response.headers
-        _check_pixels(bytes(body))
-        return bytes(body), headers, None
+        data = bytes(body)
+        _check_pixels(data)
+        return data, headers, None
     except _Refused as err:
         return None, None, str(err)
     except Exception as err:  # every failure is this url's recorded error, as in img2dataset
