@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,12 +222,16 @@ def ingest(config: IngestConfig, progress: ProgressFn | None = None) -> IngestSu
         nonlocal done
         done = read_stats(out, names, done)
         if progress is not None:
-            progress(len(done), shards_total, sum(s["count"] for s in done.values()))
+            finished = sum(s["count"] for s in done.values())
+            progress(
+                len(done), shards_total, finished + read_progress(out, [n for n in names if n not in done])
+            )
 
     log_path = out / RECORD / "img2dataset.log"
     start = time.perf_counter()
     if skipped < shards_total:
         log.info("img2dataset: %d shards (%d done before), log in %s", shards_total, skipped, log_path)
+        shutil.rmtree(out / RECORD / "progress", ignore_errors=True)  # an earlier run's counts
         try:
             _run_img2dataset(config.download_kwargs(url_list, input_format, out), log_path, report)
         except KeyboardInterrupt as err:
@@ -281,6 +286,18 @@ def _run_img2dataset(kwargs: dict[str, Any], log_path: Path, poll: Callable[[], 
                 _stop(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"img2dataset exited with status {proc.returncode}: {_tail(log_path)}")
+
+
+def read_progress(out: Path, names: list[str]) -> int:
+    """Urls answered so far in the unfinished shards `names`, from the files the download workers
+    keep (`ingest_fetch`); a shard not started has none."""
+    total = 0
+    for name in names:
+        try:
+            total += int((out / RECORD / "progress" / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 def read_stats(

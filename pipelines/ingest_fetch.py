@@ -18,15 +18,21 @@ Each refusal is the url's error message in the shard's parquet and `_stats.json`
 own failures are. `SafeDownloader` carries the limits to the worker processes (img2dataset's pool
 spawns them): unpickling it there imports this module, which puts `download_image` in place of
 img2dataset's in that process.
+
+img2dataset writes a shard's statistics only when the shard is done; a worker here also keeps
+`OUT/_ingest/progress/NNNNN` up to date (the urls of shard NNNNN answered so far, at most every
+PROGRESS_S), so that progress moves within a shard (`ingest.read_progress`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations would ask PyPI
@@ -38,6 +44,8 @@ SCHEMES = ("http", "https")
 MAX_PIXELS = 64_000_000  # as `capfilt.images.MAX_PIXELS` (that module imports torch; a worker need not)
 CHUNK = 1 << 16
 LIMITS: dict[str, float] = {"max_bytes": 64 * 2**20, "deadline_s": 60.0}  # set by SafeDownloader
+PROGRESS = ("_ingest", "progress")  # under OUT: a file per shard being downloaded
+PROGRESS_S = 0.5
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
 
 
@@ -134,6 +142,7 @@ def download_image(row: Any, timeout: float, user_agent_token: Any, disallowed_h
     if user_agent_token:
         agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
     body, headers, error = fetch(url, timeout, agent)
+    _PROGRESS.one()
     if body is None:
         return key, None, error
     if disallowed_header_directives and _img2dataset.is_disallowed(
@@ -141,6 +150,56 @@ def download_image(row: Any, timeout: float, user_agent_token: Any, disallowed_h
     ):
         return key, None, "Use of image disallowed by X-Robots-Tag directive"
     return key, io.BytesIO(body), None
+
+
+class _ShardProgress:
+    """The urls of this worker's current shard answered so far, written to its progress file every
+    PROGRESS_S by a thread of its own (the download threads only count)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.path: Path | None = None
+        self.count = 0
+        self.stop = threading.Event()
+        self.writer: threading.Thread | None = None
+
+    def start(self, path: Path) -> None:
+        with self.lock:
+            self.path, self.count = path, 0
+        self._write()
+        self.stop.clear()
+        self.writer = threading.Thread(target=self._keep_writing, daemon=True)
+        self.writer.start()
+
+    def one(self) -> None:
+        with self.lock:
+            self.count += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.writer is not None:
+            self.writer.join()
+        self._write()
+
+    def _keep_writing(self) -> None:
+        while not self.stop.wait(PROGRESS_S):
+            self._write()
+
+    def _write(self) -> None:
+        with self.lock:
+            path, count = self.path, self.count
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".tmp")
+            partial.write_text(str(count))
+            partial.replace(path)  # a reader never sees half a number
+        except OSError:  # progress is a courtesy: never a reason to fail a download
+            pass
+
+
+_PROGRESS = _ShardProgress()
 
 
 def install() -> None:
@@ -159,6 +218,14 @@ class SafeDownloader(_img2dataset.Downloader):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         LIMITS.update(state["limits"])
+
+    def download_shard(self, row: Any) -> Any:
+        shard_id = row[0]
+        _PROGRESS.start(Path(self.output_folder, *PROGRESS, f"{shard_id:0{self.oom_shard_count}d}"))
+        try:
+            return super().download_shard(row)
+        finally:
+            _PROGRESS.finish()
 
 
 install()  # on import: in the child that runs img2dataset and in every worker it spawns

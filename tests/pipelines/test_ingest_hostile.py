@@ -45,7 +45,10 @@ def hostile_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path in ("/ok.jpg", "/h%C3%A9llo%20world.jpg"):
+            if self.path == "/slow.jpg":  # answers after a while: the shard stays open meanwhile
+                time.sleep(4 * ingest_fetch.PROGRESS_S + 1)
+                self._send(ROUTES["/red.jpg"][1])
+            elif self.path in ("/ok.jpg", "/h%C3%A9llo%20world.jpg") or self.path.startswith("/ok.jpg?"):
                 self._send(ROUTES["/red.jpg"][1])
             elif self.path == "/bomb.png":
                 self._send(_png_header(9000, 9000), "image/png")  # 81 M pixels
@@ -227,3 +230,18 @@ def _processes_naming(text: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def test_progress_moves_within_a_shard(hostile_site: tuple[str, Path], tmp_path: Path) -> None:
+    """img2dataset writes a shard's statistics only at its end; the urls answered before that are
+    reported as they come (a 10,000-url shard used to show 0 until it was done)."""
+    base, _ = hostile_site
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text("".join(f"{base}/ok.jpg?{i}\n" for i in range(5)) + f"{base}/slow.jpg\n")
+    seen: list[tuple[int, int, int]] = []
+    summary = ingest(
+        IngestConfig(url_list=str(url_list), out=str(tmp_path / "out"), threads=6), lambda *a: seen.append(a)
+    )
+    assert summary.complete and summary.successes == 6
+    assert (0, 1, 5) in seen  # the five quick urls, while the slow one held the shard open
+    assert seen[-1] == (1, 1, 6)
