@@ -125,8 +125,8 @@ class BootstrapConfig:
                     "on Ray workers with GPUs (--workers N)"
                 )
             log.warning(
-                "no CUDA device in this process: training runs on the Ray workers' GPUs, "
-                "CapFilt and evaluation on this process's CPU"
+                "no CUDA device in this process: training runs on the Ray workers' GPUs, the image "
+                "encoder's pre-training, CapFilt and evaluation on this process's CPU"
             )
 
 
@@ -188,7 +188,7 @@ def _train_vit(cfg: BootstrapConfig, out: Path) -> Path | None:
         stem=cfg.vit_stem,
         steps=steps,
         seed=cfg.seed,
-        use_gpu=cfg.use_gpu,
+        use_gpu=cfg.device == "cuda",  # in this process: its CPU where only the Ray workers have GPUs
     )
     return train_vit(vc).out
 

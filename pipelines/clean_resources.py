@@ -121,7 +121,9 @@ def _gpu_plan(
     filt: int | None,
 ) -> ActorPlan:
     if num_gpus is None:  # the cluster has GPUs now
-        wanted = captioner + filt if captioner is not None and filt is not None else 2
+        # at least the actors given, and one of a pool whose count is not: a plan that asks for
+        # more GPUs than the cluster has would leave a pool waiting for ever on a fixed cluster
+        wanted = (captioner or 1) + (filt or 1)
         share = min(1.0, max(n.gpus for n in nodes), gpus / wanted)  # one GPU: the two pools share it
         while _fit(nodes, share) < wanted:
             share /= 2  # actors that fit on the nodes' GPUs

@@ -270,12 +270,23 @@ def test_ablation_table_names_the_seeds_still_to_run():
     assert "not finished" not in ablation_markdown(table, [0, 1, 2], [0, 1, 2])
 
 
-def test_gpu_with_ray_workers_trains_on_theirs_and_infers_here(world, monkeypatch, caplog):
+def test_gpu_with_ray_workers_trains_on_theirs_and_infers_here(world, monkeypatch, caplog, tmp_path):
+    import types
+
     import torch
 
-    from capfilt.pipelines.bootstrap import BootstrapConfig
+    from capfilt.pipelines import train_vit
+    from capfilt.pipelines.bootstrap import BootstrapConfig, _train_vit
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver without a GPU
     cfg = BootstrapConfig(data=str(world), out="unused", use_gpu=True, workers=2)
     cfg.validate()
     assert cfg.device == "cpu" and "Ray workers' GPUs" in caplog.text
+    # The image encoder's pre-training runs here, so on this CPU (it asked for CUDA and failed).
+    configs = []
+    monkeypatch.setattr(
+        train_vit, "train_vit", lambda vc: configs.append(vc) or types.SimpleNamespace(out=tmp_path)
+    )
+    _train_vit(cfg, tmp_path / "vit")
+    assert len(configs) == 1 and not configs[0].use_gpu
+    configs[0].validate()

@@ -105,3 +105,16 @@ def test_batch_size_on_cpus_fits_the_decoding_cache(size, image_size, captions, 
 
 def test_batch_size_on_gpus_is_the_gpu_default():
     assert default_batch_size("cuda", _cache_bytes("base", 384)) == 32
+
+
+@pytest.mark.parametrize(("captioners", "filters"), [(3, None), (None, 3), (3, 3)])
+def test_actor_counts_given_on_one_gpu_share_it(captioners, filters):
+    """Given one pool's count (or both) and no --num-gpus, the actors share the cluster's one GPU:
+    a plan for more GPUs than a fixed cluster has leaves a pool waiting for ever."""
+    plan = plan_actors([Node(8, 1)], captioner_actors=captioners, filter_actors=filters)
+    assert plan.device == "cuda"
+    assert (plan.captioner_actors + plan.filter_actors) * plan.gpus_per_actor <= 1.0
+    if captioners:
+        assert plan.captioner_actors == captioners
+    if filters:
+        assert plan.filter_actors == filters
