@@ -15,6 +15,7 @@ requests in flight.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -146,16 +147,16 @@ class ModelHost:
             max_tokens = ckpt.config.text.max_positions - len(self.captioner.prompt_ids) + 1
         else:  # one set of weights, texts cleaned or raw
             # batch_size bounds the texts per ITM forward too: a pass of max_batch images brings several each
-            self.filters = {
-                c: Filter(
-                    ckpt,
-                    device=device,
-                    batch_size=max_batch * TEXTS_PER_IMAGE,
-                    clean_text=c,
-                    precision=precision,
-                )
-                for c in (True, False)
-            }
+            cleaned = Filter(
+                ckpt,
+                device=device,
+                batch_size=max_batch * TEXTS_PER_IMAGE,
+                clean_text=True,
+                precision=precision,
+            )
+            raw = copy.copy(cleaned)  # the same model (fast mode's converted copy too), raw texts
+            raw.clean_text = False
+            self.filters = {True: cleaned, False: raw}
             max_tokens = 0
         self.info_ = ModelInfo(role, ckpt.digest, ckpt.config.vision.image_size, max_tokens)
         self.forwards = ForwardStats()

@@ -107,3 +107,15 @@ def test_concurrent_http_requests_share_forward_passes(service: Service, image_f
     with service.client(key=None) as client:
         alone = client.post("/v1/caption", json={**body, "seed": 5}).json()["captions"]
     assert alone == answers[5].json()["captions"]
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_a_filter_actor_holds_one_model_for_cleaned_and_raw_texts(our_filter_dir, precision: str) -> None:
+    """The actor scores texts cleaned (BLIP's pre_caption) or raw with one set of weights: in fast
+    mode each Filter made its own converted copy of the model, twice the memory on a GPU."""
+    from capfilt.services.actors import ModelHost
+
+    host = ModelHost("filter", str(our_filter_dir), "cpu", 1, 4, 0.01, precision=precision)
+    cleaned, raw = host.filters[True], host.filters[False]
+    assert cleaned.med is raw.med and (cleaned.clean_text, raw.clean_text) == (True, False)
+    assert cleaned.precision == raw.precision == precision
