@@ -60,7 +60,7 @@ from .clean_output import (
     write_parquet,
     write_web_shard,
 )
-from .clean_resources import ActorPlan, cluster_nodes, default_batch_size, plan_actors
+from .clean_resources import ActorPlan, cluster_nodes, default_batch_size, gpu_share_problem, plan_actors
 from .clean_tables import table_columns, table_schema
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ class CleanConfig:
             raise bad("top-k", f"must be >= 0 (0: no top-k cut); got {self.top_k}")
         if self.batch_size is not None and self.batch_size < 1:
             raise bad("batch-size", f"must be >= 1; got {self.batch_size}")
-        if self.num_gpus is not None and not (self.num_gpus >= 0 and math.isfinite(self.num_gpus)):
-            raise bad("num-gpus", f"must be >= 0; got {self.num_gpus}")
+        if self.num_gpus is not None and (problem := gpu_share_problem(self.num_gpus)):
+            raise bad("num-gpus", f"{problem}; got {self.num_gpus}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         for name in ("captioner_actors", "filter_actors"):

@@ -174,6 +174,18 @@ def _cpu_plan(
     return ActorPlan("cpu", captioner, filt, 0.0, actor_cpus, max(1, int(actor_cpus)), task_cpus, cpus, gpus)
 
 
+def gpu_share_problem(share: float) -> str | None:
+    """Why Ray would refuse `share` GPUs for an actor, or None: 0 (no GPU), a fraction of one GPU
+    down to Ray's granularity of 0.0001, or whole GPUs."""
+    if not math.isfinite(share) or share < 0:
+        return "must be >= 0"
+    if 0 < share < 1e-4:
+        return "must be 0 (CPUs) or at least 0.0001 (Ray's smallest GPU share)"
+    if share > 1 and share != int(share):
+        return "above 1 must be a whole number of GPUs (Ray's rule)"
+    return None
+
+
 def default_batch_size(device: str, cache_bytes_per_image: int) -> int:
     """Images per model batch when the job is not told (`--batch-size`).
 

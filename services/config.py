@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from capfilt.errors import CapfiltError
+from capfilt.pipelines.clean_resources import gpu_share_problem
 
 Auth = Literal["jobs", "all"]
 MiB = 1024 * 1024
@@ -58,8 +59,8 @@ class ServeConfig:
             raise bad("dashboard-port", f"must be in 1-65535; got {self.dashboard_port}")
         if self.replicas < 1:
             raise bad("replicas", f"must be >= 1; got {self.replicas}")
-        if not (self.num_gpus >= 0 and math.isfinite(self.num_gpus)):
-            raise bad("num-gpus", f"must be >= 0; got {self.num_gpus}")
+        if problem := gpu_share_problem(self.num_gpus):
+            raise bad("num-gpus", f"{problem}; got {self.num_gpus}")
         if not (self.num_cpus >= 0 and math.isfinite(self.num_cpus)):
             raise bad("num-cpus", f"must be >= 0; got {self.num_cpus}")
         if self.precision not in ("exact", "fast"):

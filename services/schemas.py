@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from capfilt.inference import CAPFILT_SAMPLING
 from capfilt.model.generate import GenerationConfig
 from capfilt.pipelines.clean_inputs import key_problem
+from capfilt.pipelines.clean_resources import gpu_share_problem
 
 MAX_SEED = 2**63 - 1  # the ledger stores seeds as int64
 MAX_TEXTS = 64  # texts per /v1/score request
@@ -42,6 +43,13 @@ def _usable_key(value: str) -> str:
     problem = key_problem(value)
     if problem is not None:
         raise ValueError(f"{problem}: the cleaning job marks such a sample invalid_key")
+    return value
+
+
+def _ray_gpu_share(value: float) -> float:
+    problem = gpu_share_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -229,8 +237,12 @@ class JobRequest(_Request):
         le=4096,
         description="images per model batch (default: on CPUs up to 128 as the captioner's memory allows; 32 on GPUs)",
     )
-    num_gpus: float | None = Field(
-        None, ge=0.0, le=64.0, description="GPUs per model actor; 0: CPUs only (default: from the cluster)"
+    num_gpus: Annotated[float, AfterValidator(_ray_gpu_share)] | None = Field(
+        None,
+        ge=0.0,
+        le=64.0,
+        description="GPUs per model actor: 0 for CPUs only, a share of one GPU (at least 0.0001), or whole "
+        "GPUs (default: from the cluster)",
     )
     captioner_actors: int | None = Field(None, ge=1, le=1024, description="default: from the cluster")
     filter_actors: int | None = Field(None, ge=1, le=1024, description="default: from the cluster")

@@ -7,7 +7,13 @@ import logging
 import pytest
 
 from capfilt.model.config import med_config
-from capfilt.pipelines.clean_resources import MAX_CPU_ACTORS, Node, default_batch_size, plan_actors
+from capfilt.pipelines.clean_resources import (
+    MAX_CPU_ACTORS,
+    Node,
+    default_batch_size,
+    gpu_share_problem,
+    plan_actors,
+)
 
 
 def _counts(plan):
@@ -118,3 +124,21 @@ def test_actor_counts_given_on_one_gpu_share_it(captioners, filters):
         assert plan.captioner_actors == captioners
     if filters:
         assert plan.filter_actors == filters
+
+
+@pytest.mark.parametrize(
+    ("share", "problem"),
+    [
+        (0, None),
+        (0.5, None),
+        (1e-4, None),
+        (3, None),
+        (1e-5, "at least 0.0001"),  # Ray refused it only when it made the actor, mid-job
+        (1.5, "whole number"),
+        (-1, ">= 0"),
+        (float("nan"), ">= 0"),
+    ],
+)
+def test_gpu_shares_ray_would_refuse_are_named_before_the_job(share, problem):
+    found = gpu_share_problem(share)
+    assert found is None if problem is None else problem in found

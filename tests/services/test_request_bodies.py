@@ -119,3 +119,11 @@ def test_a_body_over_the_limit_is_the_same_413_declared_or_chunked(media: str) -
             "detail": "the request body is larger than the limit of 1024 bytes",
             "reason": "body_too_large",
         }
+
+
+@pytest.mark.parametrize("num_gpus", [1e-5, 1.5])
+def test_job_gpu_shares_ray_would_refuse_are_422(num_gpus: float) -> None:
+    from capfilt.services.schemas import JobRequest
+
+    with pytest.raises(ValueError, match="num_gpus"):
+        JobRequest.model_validate({"input": ["/x"], "output": "/y", "num_gpus": num_gpus})
