@@ -78,7 +78,7 @@ def fetch(url: str, timeout: float, user_agent: str = USER_AGENT) -> tuple[bytes
             if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
                 raise _Refused(f"body of {int(declared)} bytes is over the limit of {max_bytes}")
             body = bytearray()
-            while chunk := response.read(CHUNK):
+            while chunk := response.read1(CHUNK):  # what has arrived: read() would wait for CHUNK bytes
                 body += chunk
                 if len(body) > max_bytes:
                     raise _Refused(f"body is over the limit of {max_bytes} bytes")

@@ -65,7 +65,7 @@ def hostile_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
                 self.send_response(200)
                 self.send_header("Content-Length", "100000")
                 self.end_headers()
-                for _ in range(int(4 * DEADLINE_S / 0.25)):
+                for _ in range(int(600 / 0.25)):  # ten minutes
                     self.wfile.write(b"\xff")
                     self.wfile.flush()
                     time.sleep(0.25)
@@ -132,7 +132,7 @@ def test_hostile_urls_are_failures_with_reasons_and_local_files_are_never_read(
     )
     start = time.monotonic()
     summary = ingest(config)
-    assert time.monotonic() - start < 60  # the trickle alone would take 100,000 s
+    assert time.monotonic() - start < 60  # the trickle alone would take ten minutes
     assert summary.complete and summary.count == len(urls) and summary.successes == 2
     rows = {r["caption"]: r for r in pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()}
     assert set(rows) == set(urls)
