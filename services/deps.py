@@ -10,8 +10,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .actors import ModelPool, ModelUnavailable
 from .config import ServeConfig
-from .errors import ClientError, ServiceUnavailable
-from .jobs import JobManager
+from .errors import ServiceUnavailable
+from .jobs import JobManager, require_jobs_enabled
 
 
 def get_config(request: Request) -> ServeConfig:
@@ -28,13 +28,7 @@ def get_models(request: Request) -> ModelPool:
 def get_jobs(request: Request) -> JobManager:
     jobs: JobManager | None = request.app.state.jobs
     if jobs is None:  # `capfilt serve` found no Ray dashboard, so no Ray Jobs to submit to
-        config: ServeConfig = request.app.state.config
-        if not config.jobs_enabled:
-            raise ClientError(
-                403,
-                "jobs are disabled on this service: start it with --input-root and --output-root",
-                "jobs_disabled",
-            )
+        require_jobs_enabled(request.app.state.config)
         raise ServiceUnavailable(
             "the Ray cluster this service runs on has no dashboard, so it cannot reach Ray Jobs: "
             "start Ray with its dashboard (ray[default]; `ray start --head --include-dashboard=true`)"

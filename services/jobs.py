@@ -240,6 +240,16 @@ def read_progress(output: Path) -> JobProgress | None:
     )
 
 
+def require_jobs_enabled(config: ServeConfig) -> None:
+    """403 jobs_disabled unless the service was started with input and output roots."""
+    if not config.jobs_enabled:
+        raise ClientError(
+            403,
+            "jobs are disabled on this service: start it with --input-root and --output-root",
+            "jobs_disabled",
+        )
+
+
 class JobManager:
     """CapFilt's jobs on one Ray cluster, through Ray's own JobSubmissionClient.
 
@@ -272,12 +282,7 @@ class JobManager:
         return f"{self.dashboard_url}/#/jobs/{job_id}"
 
     def _require_enabled(self) -> None:
-        if not self.config.jobs_enabled:
-            raise ClientError(
-                403,
-                "jobs are disabled on this service: start it with --input-root and --output-root",
-                "jobs_disabled",
-            )
+        require_jobs_enabled(self.config)
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         """`fn(*args)` on the JobSubmissionClient, its errors as the service's."""
