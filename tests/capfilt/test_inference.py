@@ -171,6 +171,39 @@ def test_texts_grouped_per_image_score_as_each_text_alone(our_filter_dir):
             assert score.itc == pytest.approx(alone.itc, abs=1e-5)
 
 
+def test_images_with_different_numbers_of_texts_are_scored_in_groups_without_copies(
+    our_filter_dir, monkeypatch
+):
+    """A chunk mixing images with 0, 1, 2 and 3 texts (web texts missing, several candidates)
+    scores each count's images as one group, their keys and values never copied per text, and
+    every score is what the text gets alone."""
+    f = Filter(our_filter_dir, batch_size=16)  # one chunk holds every image
+    texts = [["a red circle", "blue"], [], ["two squares"], ["a", "b c", "d e f"], ["x y"], ["p", "q"]]
+    images = _images(len(texts))
+    calls = []
+    itm_logits = f.med.itm_logits
+
+    def spy(embeds, ids, mask, **kw):
+        calls.append((embeds.shape[0], ids.shape[0], kw))
+        return itm_logits(embeds, ids, mask, **kw)
+
+    monkeypatch.setattr(f.med, "itm_logits", spy)
+    scores = f.score(images, texts)
+    monkeypatch.undo()
+    assert sorted((n_img, n_txt, kw.get("texts_per_image")) for n_img, n_txt, kw in calls) == [
+        (1, 3, 3),
+        (2, 2, 1),
+        (2, 4, 2),
+    ]
+    assert all("image_index" not in kw for _, _, kw in calls)
+    for image, row, scored in zip(images, texts, scores):
+        assert [s.text for s in scored] == row
+        for text, score in zip(row, scored):
+            alone = Filter(our_filter_dir).score([image], [[text]])[0][0]
+            assert score.itm == pytest.approx(alone.itm, abs=1e-5)
+            assert score.itc == pytest.approx(alone.itc, abs=1e-5)
+
+
 def test_texts_are_scored_in_chunks_of_like_length_cut_to_their_longest(our_filter_dir, monkeypatch):
     """Short and long texts mixed in one batch: chunks hold texts (ITC) or images (ITM) of like
     length, each padded only to its own longest text, and every score is what the text gets alone."""

@@ -26,6 +26,7 @@ from capfilt.model.generate import (
     _nucleus_chooser,
     _repetition_penalty,
     _sample_among_top_k,
+    _sample_in_window,
     _top_k,
     _top_p,
     generate,
@@ -454,6 +455,72 @@ def test_sampling_among_the_top_k_picks_the_whole_rows_token(kind: str) -> None:
         for top_p in (0.5, 0.9, 1.0):
             whole = _inverse_cdf(_top_p(_top_k(scores, k), top_p).softmax(dim=-1), u)
             assert torch.equal(_sample_among_top_k(scores, u, k, top_p), whole), (k, top_p)
+
+
+@pytest.mark.parametrize("kind", ["flat", "peaked", "bf16", "ties", "masked"])
+def test_sampling_in_a_window_picks_the_whole_rows_token(kind: str) -> None:
+    """The GPU's way (the top k + `extra` candidates, no host sync) picks the whole row's token
+    wherever it does not say the row spilled; rows with ties at the k-th value within the window
+    (bf16 logits have them) are picked right, and rows whose ties fill the window are flagged."""
+    torch.manual_seed(7)
+    R, V = 128, 30524
+    scores = {
+        "flat": torch.randn(R, V) * 0.02,
+        "peaked": torch.randn(R, V) * 4,
+        "bf16": (torch.randn(R, V) * 2).bfloat16().float(),  # ties near the k-th value are common
+        "ties": torch.randint(-4, 4, (R, V)).float(),  # thousands tie the k-th: every row spills
+        "masked": torch.randn(R, V).masked_fill(torch.rand(R, V) < 0.3, -math.inf),
+    }[kind]
+    u = torch.rand(R, 1, dtype=torch.float64)
+    tied_inside = compared = 0
+    for k in (1, 5, 50):
+        values = torch.topk(scores, k + 1, dim=-1).values
+        tied_inside += int((values[:, k] == values[:, k - 1]).sum())
+        top = _top_k(scores, k)
+        for top_p in (0.5, 0.9, 1.0):
+            nucleus = _top_p(top, top_p)
+            whole = _inverse_cdf(nucleus.softmax(dim=-1), u)
+            picked, spilled = _sample_in_window(scores, u, k, top_p, extra=16)
+            # Where the nucleus's edge cuts through equal values, which of them stay is the sort's
+            # order of ties, on the whole row as in the window: there any token top-k kept will do.
+            lowest_kept = nucleus.masked_fill(nucleus.isinf(), math.inf).min(dim=-1, keepdim=True).values
+            cut = ((top == lowest_kept) & nucleus.isinf()).any(dim=-1)
+            sure = ~spilled & ~cut
+            assert torch.equal(picked[sure], whole[sure]), (k, top_p)
+            assert top.gather(1, picked[~spilled, None]).isfinite().all()
+            if kind == "ties":
+                assert bool(spilled.all())
+            else:
+                assert not bool(spilled.any())
+            compared += int(sure.sum())
+    if kind != "ties":
+        assert compared > 0.8 * 9 * R  # the exact comparison covered most rows
+    if kind == "bf16":
+        assert tied_inside > 0  # the window really held ties
+
+
+def test_windowed_sampling_gives_the_same_captions_and_decodes_again_when_ties_spill(
+    med: MED, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate with the GPU's windowed top-k (forced here on the CPU) writes the captions of the
+    whole-row masks; when a row's ties may run past the window, the batch is decoded again."""
+    config = GenerationConfig(**{**NUCLEUS.__dict__, "top_k": 10})
+    expected = generate(med, images, PROMPT, config, seeds=SEEDS)
+    chooser = G._nucleus_chooser
+    monkeypatch.setattr(
+        G,
+        "_nucleus_chooser",
+        lambda u, c, windowed=None: chooser(u, c, windowed=True if windowed is None else windowed),
+    )
+    prefills = []
+    prefill = G._prefill
+    monkeypatch.setattr(G, "_prefill", lambda *a: prefills.append(1) or prefill(*a))
+    monkeypatch.setattr(G, "TIE_WINDOW", 4)
+    assert generate(med, images, PROMPT, config, seeds=SEEDS) == expected
+    assert len(prefills) == 1  # random fp32 logits: no ties, no second decode
+    monkeypatch.setattr(G, "TIE_WINDOW", 0)  # the k-th is the last candidate: every row "spills"
+    assert generate(med, images, PROMPT, config, seeds=SEEDS) == expected
+    assert len(prefills) == 3  # decoded again through whole-row masks
 
 
 # ----------------------------------------------------------------------------- validation
