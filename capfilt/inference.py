@@ -134,15 +134,29 @@ def fast_cpu_kind() -> str:
 FAST_TEXT_MIN_WIDTH = 512
 
 
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether this GPU multiplies bf16 matrices natively: NVIDIA's from Ampere (compute
+    capability 8) on, and AMD's. Older ones (V100, T4) only emulate bf16, slowly; fast mode runs
+    fp16 there."""
+    if torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).major >= 8
+
+
 def fast_dtype(device: torch.device) -> torch.dtype:
-    """The dtype fast mode's activations (and pixels) take on `device`."""
-    if device.type == "cuda" or fast_cpu_kind() == "bf16":
+    """The dtype fast mode's activations (and pixels) take on `device`: bf16 on GPUs that have it
+    and on CPUs with AMX, fp16 on older GPUs, else fp32 (int8 weights on such CPUs)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if gpu_has_bf16(device) else torch.float16
+    if fast_cpu_kind() == "bf16":
         return torch.bfloat16
     return torch.float32
 
 
 def fast_model(med: MED, device: torch.device, inplace: bool = False) -> MED:
-    """The MED for fast mode: bf16 weights on a GPU and on a CPU with AMX; elsewhere on a CPU,
+    """The MED for fast mode: bf16 weights on a GPU and on a CPU with AMX (fp16 on GPUs older
+    than Ampere, `gpu_has_bf16`); elsewhere on a CPU,
     int8 dynamic quantisation of every Linear (weights int8 per output channel, activations
     quantised per batch; attention stays fp32). `FAST_CPU_ENV` picks for a CPU. On a CPU, a text
     side narrower than FAST_TEXT_MIN_WIDTH stays fp32 and only the image encoder runs fast.
@@ -153,8 +167,9 @@ def fast_model(med: MED, device: torch.device, inplace: bool = False) -> MED:
     med = med if inplace else copy.deepcopy(med)
     whole = device.type == "cuda" or med.config.text.width >= FAST_TEXT_MIN_WIDTH
     target = med if whole else med.visual_encoder  # converted in place
-    if fast_dtype(device) == torch.bfloat16:
-        target.to(torch.bfloat16)
+    dtype = fast_dtype(device)
+    if dtype != torch.float32:  # bf16, or fp16 on GPUs without bf16
+        target.to(dtype)
         return med
     with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated in favour of torchao
         warnings.simplefilter("ignore")
@@ -167,8 +182,8 @@ class _Hosted:
     """A checkpoint held for inference, with its preprocessing.
 
     precision "exact": fp32, the same outputs as transformers on the same weights; "fast":
-    `fast_model` (bf16 on a GPU and on a CPU with AMX, int8 on other CPUs), for throughput at a
-    measured cost in agreement.
+    `fast_model` (bf16 on a GPU, fp16 on one before Ampere, bf16 on a CPU with AMX, int8 on other
+    CPUs), for throughput at a measured cost in agreement.
     """
 
     task = ""

@@ -82,7 +82,7 @@ class MED(nn.Module):
 
     def image_feature(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Unimodal image feature for ITC: normalised projection of the image `[CLS]`, (B, embed_dim)."""
-        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        return _normalized(self.vision_proj(image_embeds[:, 0]))
 
     # ------------------------------------------------------------------ text
     def _with_mode_token(self, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ class MED(nn.Module):
         """Unimodal text feature for ITC from `[CLS]`, (B, embed_dim), normalised."""
         ids = self._with_mode_token(input_ids, self.config.text.cls_token_id)
         hidden = self.text(ids, attention_mask, mode="text", keep=slice(0, 1))
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        return _normalized(self.text_proj(hidden[:, 0]))
 
     def itm_logits(
         self,
@@ -155,3 +155,9 @@ class MED(nn.Module):
         return {
             n: p for n, p in self.text.named_parameters() if ".attention." not in n or "crossattention" in n
         }
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last dimension, computed in float32 and returned in x's dtype: in fp16,
+    F.normalize's epsilon (1e-12) underflows to 0, so a tiny vector would become NaN."""
+    return F.normalize(x.float(), dim=-1).to(x.dtype)

@@ -20,7 +20,7 @@ def add_bench_throughput_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Time CapFilt (one nucleus caption per image, ITM on the web text and the caption) over the same "
             "decoded pairs and identical weights: (a) transformers' BLIP classes as a user would call them, "
-            "(b) our Captioner + Filter in exact (fp32) and fast (bf16 on GPU and AMX CPUs, int8 on other CPUs) "
+            "(b) our Captioner + Filter in exact (fp32) and fast (bf16 on GPU (fp16 before Ampere) and AMX CPUs, int8 on other CPUs) "
             "mode, (c) the whole `capfilt clean` job on a local Ray. Prints pairs/s, the ratios, the exactness checks and the model "
             "FLOP utilisation against a dense matmul measured in the same run."
         ),

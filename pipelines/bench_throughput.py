@@ -9,8 +9,8 @@ of a named size unless given), and exports both to transformers' BLIP classes. T
                        and on (image, synthetic caption); every call encodes the image again.
     (b) exact / fast   our `curate` (Captioner + Filter, as the cleaning job runs them): one image
                        encoding per model, KV cache with the image's cross-attention keys and values,
-                       finished rows leave the batch; "fast" is bf16 on a GPU or an AMX CPU, int8
-                       on other CPUs.
+                       finished rows leave the batch; "fast" is bf16 on a GPU (fp16 before
+                       Ampere) or an AMX CPU, int8 on other CPUs.
     (c) job            the whole `capfilt clean` job on a local Ray over the same pairs.
 
 and checks what makes the comparison fair: greedy captions identical to transformers', ITM
@@ -179,6 +179,9 @@ def capfilt_flops(
         + caption_flops(cap, prompt, generated)
         + 2 * n * (text_flops(filt, text_len, True) + text_flops(filt, text_len, False))
     )
+
+
+FAST_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # matmul_tflops keys of fast mode's dtypes
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -607,10 +610,12 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
         }
         exact_dtype = torch.float32
         result["matmul_tflops"] = {"fp32": matmul_tflops(device, torch.float32)}
-        # fast mode's MFU is against the matmul of its dtype: bf16 on a GPU or an AMX CPU
-        fast_key = "bf16" if "fast" in config.paths and fast_dtype(device) == torch.bfloat16 else "fp32"
-        if device.type == "cuda" or fast_key == "bf16":
-            result["matmul_tflops"]["bf16"] = matmul_tflops(device, torch.bfloat16)
+        # fast mode's MFU is against the matmul of its dtype: bf16 on a GPU or an AMX CPU, fp16 on
+        # GPUs without bf16; the int8 CPU path is held against fp32. A GPU's is measured always.
+        fast_torch_dtype = fast_dtype(device)
+        fast_key = FAST_KEYS.get(fast_torch_dtype, "fp32")
+        if fast_key != "fp32" and (device.type == "cuda" or "fast" in config.paths):
+            result["matmul_tflops"][fast_key] = matmul_tflops(device, fast_torch_dtype)
         gen = dataclasses.replace(CAPFILT_SAMPLING, max_tokens=config.max_tokens, seed=config.seed)
         paths: dict[str, PathResult] = {}
 
@@ -683,7 +688,7 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
                 caption_lengths(fcap, fast_rows, gen),
                 fast_key,
                 round_seconds=rounds["fast"],
-                kind="bf16" if device.type == "cuda" else fast_cpu_kind(),
+                kind=fast_key if device.type == "cuda" else fast_cpu_kind(),
                 **agreement,
             )
             result["vit_fast"] = _vit_stage(
@@ -732,7 +737,7 @@ def run_throughput(config: ThroughputConfig, progress: Callable[[str], None] | N
 
 PATH_TITLES = {
     "exact": "(b) exact: our Captioner + Filter, fp32",
-    "fast": "(b) fast: bf16 on a GPU or an AMX CPU, int8 dynamic quantisation on other CPUs",
+    "fast": "(b) fast: bf16 on a GPU (fp16 before Ampere) or an AMX CPU, int8 dynamic quantisation on other CPUs",
     "transformers": "(a) transformers: BlipForConditionalGeneration.generate + BlipForImageTextRetrieval",
 }
 

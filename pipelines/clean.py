@@ -95,7 +95,7 @@ class CleanConfig:
     filter_actors: int | None = None
     resume: bool = False  # continue a job in `output`: finished shards are skipped
     seed: int = 0  # a sample's sampling seed comes from (seed, key)
-    precision: str = "exact"  # "fast": bf16 on GPUs and AMX CPUs, int8 on other CPUs (docs/benchmarks.md)
+    precision: str = "exact"  # "fast": bf16 on GPUs (fp16 before Ampere) and AMX CPUs, int8 on other CPUs (docs/benchmarks.md)
     ray_address: str | None = None  # default: the running Ray, RAY_ADDRESS, or a new local one
 
     def validate(self) -> None:

@@ -104,7 +104,7 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--precision",
         choices=["exact", "fast"],
         default="exact",
-        help="exact: fp32; fast: bf16 on GPUs and CPUs with AMX, int8 on other CPUs; a few decisions may differ (default: exact)",
+        help="exact: fp32; fast: bf16 on GPUs (fp16 before Ampere) and CPUs with AMX, int8 on other CPUs; a few decisions may differ (default: exact)",
     )
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     return p

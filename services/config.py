@@ -30,9 +30,8 @@ class ServeConfig:
     num_gpus: float = 0.0  # GPUs per actor (fractions share a GPU)
     num_cpus: float = 0.0  # CPUs each actor reserves: 0 leaves every CPU to cleaning jobs on a small Ray
     threads: int = 1  # torch threads per actor
-    precision: str = (
-        "exact"  # "fast": bf16 on GPUs and AMX CPUs, int8 on other CPUs (capfilt clean --precision)
-    )
+    # "fast": bf16 on GPUs (fp16 before Ampere) and AMX CPUs, int8 on other CPUs (capfilt clean --precision)
+    precision: str = "exact"
     max_batch: int = 16  # requests per forward pass; 1 turns micro-batching off
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     api_key: str | None = field(default=None, repr=False)  # bearer key; None: no key is asked

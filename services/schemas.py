@@ -250,7 +250,7 @@ class JobRequest(_Request):
     seed: Seed = 0
     precision: Literal["exact", "fast"] = Field(
         "exact",
-        description="fast: bf16 on GPUs and CPUs with AMX, int8 on other CPUs (agreement: docs/benchmarks.md)",
+        description="fast: bf16 on GPUs (fp16 before Ampere) and CPUs with AMX, int8 on other CPUs (agreement: docs/benchmarks.md)",
     )
     captioner: PathText | None = Field(None, description="default: the service's captioner")
     filter: PathText | None = Field(None, description="default: the service's filter")

@@ -70,7 +70,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--precision",
         choices=["exact", "fast"],
         default="exact",
-        help="exact: fp32; fast: bf16 on GPUs and CPUs with AMX, int8 on other CPUs (default: exact)",
+        help="exact: fp32; fast: bf16 on GPUs (fp16 before Ampere) and CPUs with AMX, int8 on other CPUs (default: exact)",
     )
     p.add_argument(
         "--max-batch",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import platform
 
 import numpy as np
@@ -382,6 +383,57 @@ def test_fast_mode_in_bf16_runs_a_wide_text_side_in_bf16(our_filter_dir, our_cap
     monkeypatch.setattr(inference, "FAST_TEXT_MIN_WIDTH", 16)
     fast = _fast_scores_and_captions(monkeypatch, "bf16", our_filter_dir, our_captioner_dir)
     assert {p.dtype for p in fast.med.parameters()} == {torch.bfloat16}
+
+
+def test_fast_mode_on_a_gpu_takes_bf16_where_it_is_native_and_fp16_before(monkeypatch):
+    from types import SimpleNamespace
+
+    from capfilt import inference
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    asked = []
+    for major, want in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+
+        def properties(index, major=major):
+            asked.append(index)
+            return SimpleNamespace(major=major)
+
+        monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+        assert inference.fast_dtype(torch.device("cuda")) == want
+        assert inference.fast_dtype(torch.device("cuda", 1)) == want
+    assert asked == [0, 1] * 3  # the current device, or the one named
+
+
+def test_fast_mode_in_fp16_converts_the_whole_model_and_scores_as_exact_mode(
+    our_filter_dir, our_captioner_dir, monkeypatch
+):
+    """What fast mode makes of a model for a GPU without bf16 (V100, T4), run here on the CPU:
+    every weight in fp16, the caller's model left in fp32, scores near exact mode's, captions
+    written."""
+    from capfilt import inference
+
+    monkeypatch.setattr(inference, "gpu_has_bf16", lambda device: False)
+    gpu = torch.device("cuda")
+    assert inference.fast_dtype(gpu) == torch.float16
+    f = Filter(our_filter_dir)
+    half = inference.fast_model(f.med, gpu)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    assert {p.dtype for p in f.med.parameters()} == {torch.float32}
+    images, texts = _images(3), [["a red circle"], ["two green squares", "a cat"], []]
+    exact = f.score(images, texts)
+    f.med, f.dtype = half, torch.float16
+    for want, got in zip(exact, f.score(images, texts)):
+        assert len(got) == len(want)
+        for w, g in zip(want, got):
+            assert g.itm == pytest.approx(w.itm, abs=0.05)
+            # The tiny random model's image [CLS] (~1e-8) is below fp16's range, so its ITC image
+            # feature is zero here (a trained model's is of order 1); it must not be NaN.
+            assert math.isfinite(g.itc)
+    c = Captioner(our_captioner_dir, generation=GenerationConfig(method="greedy", max_tokens=6, min_tokens=2))
+    c.med, c.dtype = inference.fast_model(c.med, gpu), torch.float16
+    captions = c.caption(images)
+    assert [len(x) for x in captions] == [1, 1, 1] and all(x[0].strip() for x in captions)
 
 
 def test_fast_mode_on_a_cpu_follows_amx_unless_told(monkeypatch, our_filter_dir):
