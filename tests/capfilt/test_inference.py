@@ -172,6 +172,15 @@ def test_texts_grouped_per_image_score_as_each_text_alone(our_filter_dir):
             assert score.itc == pytest.approx(alone.itc, abs=1e-5)
 
 
+def _assert_each_text_scores_as_alone(filter_dir, images, texts, scores) -> None:
+    for image, row, scored in zip(images, texts, scores):
+        assert [s.text for s in scored] == row
+        for text, score in zip(row, scored):
+            alone = Filter(filter_dir).score([image], [[text]])[0][0]
+            assert score.itm == pytest.approx(alone.itm, abs=1e-5)
+            assert score.itc == pytest.approx(alone.itc, abs=1e-5)
+
+
 def test_images_with_different_numbers_of_texts_are_scored_in_groups_without_copies(
     our_filter_dir, monkeypatch
 ):
@@ -197,12 +206,7 @@ def test_images_with_different_numbers_of_texts_are_scored_in_groups_without_cop
         (2, 4, 2),
     ]
     assert all("image_index" not in kw for _, _, kw in calls)
-    for image, row, scored in zip(images, texts, scores):
-        assert [s.text for s in scored] == row
-        for text, score in zip(row, scored):
-            alone = Filter(our_filter_dir).score([image], [[text]])[0][0]
-            assert score.itm == pytest.approx(alone.itm, abs=1e-5)
-            assert score.itc == pytest.approx(alone.itc, abs=1e-5)
+    _assert_each_text_scores_as_alone(our_filter_dir, images, texts, scores)
 
 
 def test_texts_are_scored_in_chunks_of_like_length_cut_to_their_longest(our_filter_dir, monkeypatch):
@@ -233,12 +237,7 @@ def test_texts_are_scored_in_chunks_of_like_length_cut_to_their_longest(our_filt
     assert narrow < full
     assert widths["itc"] == [narrow, full]  # 6 of the 8 short texts, then 2 short and 4 long ones
     assert widths["itm"] == [narrow, full]  # 3 images a chunk, those with only short texts first
-    for image, row, scored in zip(images, texts, scores):
-        assert [s.text for s in scored] == row
-        for text, score in zip(row, scored):
-            alone = Filter(our_filter_dir).score([image], [[text]])[0][0]
-            assert score.itm == pytest.approx(alone.itm, abs=1e-5)
-            assert score.itc == pytest.approx(alone.itc, abs=1e-5)
+    _assert_each_text_scores_as_alone(our_filter_dir, images, texts, scores)
 
 
 def test_length_chunks_order_and_budget():
