@@ -3,7 +3,7 @@
 Greedy and beam search follow transformers' `generate` step by step (same logits processors in the
 same order, same beam bookkeeping), so identical weights give token-identical captions. Nucleus
 sampling gives every (image, sample) row its own random stream seeded from (image seed, sample
-index), so a caption never depends on which images share its batch.
+index), so a caption never depends on which images share its batch (the token choices: `sampling`).
 
 All three reuse one KV cache: the prompt and the image's cross-attention keys/values are computed
 once per image, then repeated for the rows (samples or beams) of that image.
@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .med import MED
+from .sampling import Nucleus, repetition_penalty, row_uniforms
 from .step import DecodeStep
 from .text import KVCache
 
@@ -32,13 +32,6 @@ _NEG = -1.0e9  # transformers' "impossible" beam score
 # finished rows' steps. The shipped small captioner, 128 images on 2 cores: 92.9 -> 87.6 ms; with a
 # spread of caption lengths, 113 -> 91 (0.25: 90; 1.0, never: 123). Tokens identical.
 COMPACT_FRACTION = 0.5
-# Nucleus sampling with a top-k, on a GPU: the top-k keeps this many candidates beyond the k-th, so
-# that tokens tied with the k-th value (transformers keeps them all) are among the candidates
-# without the host asking the device which rows have ties. A row whose ties may run past them is
-# noted on the device; when decoding ends, a batch with such a row is decoded again through
-# whole-row masks. Base at 384 px on an H100, 512 images: the sort of the whole vocabulary and its
-# scans took about 60 of a decode's 263 ms of GPU time.
-TIE_WINDOW = 16
 
 
 @dataclass
@@ -149,10 +142,10 @@ def generate(
             if config.method != "nucleus":
                 choose = _argmax
             else:
-                uniforms = _row_uniforms(seeds, K, config.max_tokens).to(image_embeds.device)
+                uniforms = row_uniforms(seeds, K, config.max_tokens).to(image_embeds.device)
                 choose = _nucleus_chooser(uniforms, config)
             rows = _decode_rows(step, logits, cache, prompt, config, text.sep_token_id, choose)
-            if isinstance(choose, _Nucleus) and choose.spilled():  # ties ran past the window
+            if isinstance(choose, Nucleus) and choose.spilled():  # ties ran past the window
                 logits, cache = _prefill(med, image_embeds, prompt, K)
                 cache.reserve(P + config.max_tokens)
                 choose = _nucleus_chooser(uniforms, config, windowed=False)
@@ -184,17 +177,8 @@ def _prefill(
 
 
 # ----------------------------------------------------------------------------- logits processors
-# transformers' RepetitionPenalty, MinNewTokensLength, Temperature, TopK and TopP, in its order.
-
-
-def _repetition_penalty(scores: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
-    """scores (R, V), changed in place; seqs (R, T) every token so far, prompt included. Applied
-    once per distinct token (every copy of a repeated token gets the value gathered before)."""
-    if penalty == 1.0:
-        return scores
-    seen = scores.gather(1, seqs)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return scores.scatter_(1, seqs, seen)
+# transformers' RepetitionPenalty, MinNewTokensLength, Temperature, TopK and TopP, in its order:
+# the first two here, the sampling ones in `sampling`.
 
 
 def _process(
@@ -202,56 +186,10 @@ def _process(
 ) -> torch.Tensor:
     """Repetition penalty, then no [SEP] before `min_tokens` generated tokens. Changes `scores`
     in place (a step's fresh logits: a (R, V) copy costs as much as the rest of the processing)."""
-    scores = _repetition_penalty(scores, seqs, config.repetition_penalty)
+    scores = repetition_penalty(scores, seqs, config.repetition_penalty)
     if generated < config.min_tokens:
         scores[:, sep] = -math.inf
     return scores
-
-
-def _top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Mask (-inf) every token scoring below the k-th best (transformers' TopKLogitsWarper: ties
-    with the k-th are kept)."""
-    if top_k <= 0 or top_k >= scores.shape[-1]:
-        return scores
-    kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # (R, 1)
-    return scores.masked_fill(scores < kth, -math.inf)
-
-
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask (-inf) tokens outside the nucleus; the most likely token is always kept.
-
-    transformers' TopPLogitsWarper, token for token: it sorts ascending and removes the prefix
-    whose cumulative probability is <= 1 - top_p. On a GPU that is what runs (a sort gives its
-    indices for free there, and no step waits on the device). On a CPU, that prefix is every token
-    below the first kept value, so only the sorted *values* are needed (numpy's SIMD sort, several
-    times faster than an argsort); rows where tied values straddle the boundary take the argsort path.
-    """
-    if top_p >= 1.0:
-        return scores
-    if scores.device.type != "cpu":
-        return scores.masked_fill(_top_p_by_argsort(scores, top_p), -math.inf)
-    if scores.dtype == torch.float32:
-        sorted_scores = torch.from_numpy(np.sort(scores.numpy(), axis=-1))
-    else:
-        sorted_scores = torch.sort(scores, dim=-1).values
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    removed = (cumulative <= (1 - top_p)).sum(dim=-1).clamp(max=scores.shape[-1] - 1)  # (R,)
-    lowest_kept = sorted_scores.gather(1, removed[:, None])  # (R, 1)
-    remove = scores < lowest_kept
-    tied = remove.sum(dim=-1) != removed  # equal values on both sides of the boundary
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        remove[rows] = _top_p_by_argsort(scores[rows], top_p)
-    return scores.masked_fill(remove, -math.inf)
-
-
-def _top_p_by_argsort(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The removal mask of TopPLogitsWarper, computed as it computes it (an ascending argsort)."""
-    sorted_scores, order = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
-    remove[..., -1:] = False
-    return remove.scatter(1, order, remove)
 
 
 # ----------------------------------------------------------------------------- greedy and nucleus
@@ -263,125 +201,10 @@ def _argmax(scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor
     return scores.argmax(dim=-1)
 
 
-def _row_uniforms(seeds: Sequence[int], K: int, steps: int) -> torch.Tensor:
-    """(B * K, steps) float64 uniforms; row (i, k) depends only on (seeds[i], k)."""
-    rows = []
-    for seed in seeds:
-        for k in range(K):
-            # SeedSequence mixes (seed, k) so nearby seeds give unrelated streams.
-            state = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-            generator = torch.Generator(device="cpu").manual_seed(state)
-            rows.append(torch.rand(steps, generator=generator, dtype=torch.float64))
-    return torch.stack(rows)
-
-
-class _Nucleus:
-    """Sample by inverse CDF with each row's own uniform for this step (no global RNG).
-
-    With a top-k, on a CPU the top-k candidates alone are sorted (`_sample_among_top_k`); on other
-    devices (`windowed`, the default there) the candidates are the top k + TIE_WINDOW, and
-    `spilled()` says, once decoding is over, whether some row's ties at the k-th value may have
-    run past them (its tokens are then not to be trusted: the caller decodes again with
-    `windowed=False`, whole-row masks)."""
-
-    def __init__(self, uniforms: torch.Tensor, config: GenerationConfig, windowed: bool | None = None):
-        self.uniforms, self.config = uniforms, config
-        self.windowed = uniforms.device.type != "cpu" if windowed is None else windowed
-        self._spilled: torch.Tensor | None = None  # on the device: no host sync per step
-
-    def __call__(self, scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
-        config = self.config
-        if config.temperature != 1.0:
-            scores = scores / config.temperature
-        u = self.uniforms[rows, step, None]  # (R, 1)
-        if 0 < config.top_k < scores.shape[-1]:
-            if self.windowed:
-                picked, spilled = _sample_in_window(scores, u, config.top_k, config.top_p, TIE_WINDOW)
-                spilled = spilled.any()
-                self._spilled = spilled if self._spilled is None else self._spilled | spilled
-                return picked
-            if scores.device.type == "cpu":
-                return _sample_among_top_k(scores, u, config.top_k, config.top_p)
-        probs = _top_p(_top_k(scores, config.top_k), config.top_p).softmax(dim=-1)  # 0 outside the nucleus
-        return _inverse_cdf(probs, u)
-
-    def spilled(self) -> bool:
-        """Whether a row's tokens tied with the k-th value may have run past the window (waits
-        for the device)."""
-        return self._spilled is not None and bool(self._spilled)
-
-
 def _nucleus_chooser(
     uniforms: torch.Tensor, config: GenerationConfig, windowed: bool | None = None
-) -> _Nucleus:
-    return _Nucleus(uniforms, config, windowed)
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """probs (R, C), u (R, 1) in [0, 1): per row, the first column whose cumulative probability
-    (in column order) exceeds u times the row's total. -> (R,) column indices."""
-    cdf = probs.double().cumsum(dim=-1)
-    target = u * cdf[:, -1:]  # (R, 1), in [0, total)
-    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)  # first column with cdf > target
-    # cdf only rises at columns with mass, so `picked` is one; but rounding can push `target`
-    # to the total (picked == C): those rows take their last column with mass.
-    C = probs.shape[1]
-    over = picked >= C
-    if picked.device.type != "cpu":  # no branch: the host never waits for the device
-        last = C - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-        return torch.where(over, last, picked)
-    if bool(over.any()):
-        last = C - 1 - (probs[over] > 0).flip(-1).int().argmax(dim=-1)
-        picked = picked.masked_scatter(over, last)
-    return picked
-
-
-def _sample_among_top_k(scores: torch.Tensor, u: torch.Tensor, k: int, top_p: float) -> torch.Tensor:
-    """The token `_top_p(_top_k(scores, k))` and `_inverse_cdf` pick, computed on the k candidates
-    alone: a top-k instead of a sort of the whole vocabulary (on a CPU, most of a sampling step's
-    cost). The tokens outside the top k have no probability, so the nucleus and the cumulative
-    sums over the candidates in token order are those of the whole row. Rows where a tie at the
-    k-th value lets more than k tokens in take the whole-row path, as transformers keeps ties."""
-    values, index = torch.topk(scores, k + 1, dim=-1)  # (R, k + 1), descending; k < V
-    tied = values[:, k] == values[:, k - 1]  # the (k+1)-th ties the k-th: more than k tokens kept
-    values, index = values[:, :k], index[:, :k]
-    nucleus = _top_p(values, top_p)  # -inf outside the nucleus, as on the whole row
-    # Token order, as the whole row's cumulative sum runs (the indices are distinct, so any sort
-    # gives it; numpy's SIMD argsort took a third of torch's time for 128 rows of 50).
-    if index.device.type == "cpu":
-        order = torch.from_numpy(np.argsort(index.numpy(), axis=-1))
-    else:
-        order = index.argsort(dim=-1)
-    index = index.gather(1, order)
-    picked = index.gather(1, _inverse_cdf(nucleus.gather(1, order).softmax(dim=-1), u)[:, None]).squeeze(1)
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        probs = _top_p(_top_k(scores[rows], k), top_p).softmax(dim=-1)
-        picked[rows] = _inverse_cdf(probs, u[rows])
-    return picked
-
-
-def _sample_in_window(
-    scores: torch.Tensor, u: torch.Tensor, k: int, top_p: float, extra: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token `_top_p(_top_k(scores, k))` and `_inverse_cdf` pick, computed on the k + `extra`
-    best candidates with no host sync: candidates below the k-th value are masked as `_top_k`
-    masks them, so tokens tied with it (up to `extra` of them beyond the k-th) stay in. -> (picked
-    (R,), spilled (R,) bool): rows whose last candidate still ties the k-th value, whose ties may
-    go on past the window, so whose pick is not to be trusted."""
-    R, V = scores.shape
-    width = min(V, k + extra)
-    values, index = torch.topk(scores, width, dim=-1)  # (R, width), descending
-    kth = values[:, k - 1 : k]  # (R, 1)
-    if width < V:
-        spilled = values[:, -1] == kth[:, 0]
-    else:
-        spilled = torch.zeros(R, dtype=torch.bool, device=scores.device)
-    nucleus = _top_p(values.masked_fill(values < kth, -math.inf), top_p)  # as on the whole row
-    order = index.argsort(dim=-1)  # token order, as the whole row's cumulative sum runs
-    index = index.gather(1, order)
-    picked = index.gather(1, _inverse_cdf(nucleus.gather(1, order).softmax(dim=-1), u)[:, None]).squeeze(1)
-    return picked, spilled
+) -> Nucleus:
+    return Nucleus(uniforms, config.top_k, config.top_p, config.temperature, windowed)
 
 
 def _decode_rows(

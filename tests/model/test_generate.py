@@ -19,19 +19,18 @@ from transformers.generation.logits_process import (
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
 from capfilt.model import generate as G
+from capfilt.model import sampling as S
 from capfilt.model.config import med_config
-from capfilt.model.generate import (
-    GenerationConfig,
-    _inverse_cdf,
-    _nucleus_chooser,
-    _repetition_penalty,
-    _sample_among_top_k,
-    _sample_in_window,
-    _top_k,
-    _top_p,
-    generate,
-)
+from capfilt.model.generate import GenerationConfig, _nucleus_chooser, generate
 from capfilt.model.med import MED
+from capfilt.model.sampling import (
+    inverse_cdf,
+    mask_top_k,
+    mask_top_p,
+    repetition_penalty,
+    sample_among_top_k,
+    sample_in_window,
+)
 
 TOKENS = dict(vocab_size=64, pad_token_id=0, cls_token_id=1, sep_token_id=2, dec_token_id=62, enc_token_id=63)
 SEP, DEC = 2, 62
@@ -378,15 +377,15 @@ def test_processors_match_transformers() -> None:
     seqs = torch.randint(0, 64, (8, 10))
     for penalty in (1.1, 0.7):
         ours = scores.clone()
-        assert _repetition_penalty(ours, seqs, penalty) is ours  # in place: a step's logits are its own
+        assert repetition_penalty(ours, seqs, penalty) is ours  # in place: a step's logits are its own
         assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(penalty)(seqs, scores.clone()))
     for top_p in (0.05, 0.5, 0.9, 1.0):
-        assert torch.equal(_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
+        assert torch.equal(mask_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
     ties = torch.randint(-3, 3, (8, 64)).float()
     for k in (1, 5, 50, 63):
         for s in (scores, ties):
-            assert torch.equal(_top_k(s, k), TopKLogitsWarper(k)(seqs, s))
-    assert torch.equal(_top_k(scores, 0), scores) and torch.equal(_top_k(scores, 64), scores)
+            assert torch.equal(mask_top_k(s, k), TopKLogitsWarper(k)(seqs, s))
+    assert torch.equal(mask_top_k(scores, 0), scores) and torch.equal(mask_top_k(scores, 64), scores)
 
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties", "masked"])
@@ -402,7 +401,7 @@ def test_top_p_equals_transformers_on_a_real_vocabulary(kind: str) -> None:
     }[kind]
     seqs = torch.zeros(64, 1, dtype=torch.long)
     for top_p in (0.1, 0.5, 0.9, 0.99):
-        assert torch.equal(_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
+        assert torch.equal(mask_top_p(scores, top_p), TopPLogitsWarper(top_p)(seqs, scores))
 
 
 def test_sampler_draws_from_the_nucleus() -> None:
@@ -412,7 +411,7 @@ def test_sampler_draws_from_the_nucleus() -> None:
     uniforms = torch.rand(N, 1, dtype=torch.float64)
     picked = _nucleus_chooser(uniforms, config)(scores, torch.arange(N), 0)
     frequency = torch.bincount(picked, minlength=64).double() / N
-    expected = _top_p(scores[:1] / 0.7, 0.8).softmax(-1)[0].double()
+    expected = mask_top_p(scores[:1] / 0.7, 0.8).softmax(-1)[0].double()
     assert (expected > 0).sum() > 3  # a real nucleus, not just the top token
     assert torch.all(frequency[expected == 0] == 0)
     assert (frequency - expected).abs().max() < 0.01  # ~4 standard deviations at N = 40k
@@ -428,9 +427,9 @@ def test_sampler_draws_from_the_top_k_then_the_nucleus() -> None:
     scores = row.expand(N, -1)
     picked = _nucleus_chooser(torch.rand(N, 1, dtype=torch.float64), config)(scores, torch.arange(N), 0)
     frequency = torch.bincount(picked, minlength=64).double() / N
-    expected = _top_p(_top_k(row, 3), 0.9).softmax(-1)[0].double()
+    expected = mask_top_p(mask_top_k(row, 3), 0.9).softmax(-1)[0].double()
     assert (expected > 0).sum() == 3
-    assert _top_p(row, 0.9).isfinite().sum() > 3  # top-p alone keeps more
+    assert mask_top_p(row, 0.9).isfinite().sum() > 3  # top-p alone keeps more
     assert torch.all(frequency[expected == 0] == 0)
     assert (frequency - expected).abs().max() < 0.01
 
@@ -453,8 +452,8 @@ def test_sampling_among_the_top_k_picks_the_whole_rows_token(kind: str) -> None:
     u = torch.rand(R, 1, dtype=torch.float64)
     for k in (1, 5, 50):
         for top_p in (0.5, 0.9, 1.0):
-            whole = _inverse_cdf(_top_p(_top_k(scores, k), top_p).softmax(dim=-1), u)
-            assert torch.equal(_sample_among_top_k(scores, u, k, top_p), whole), (k, top_p)
+            whole = inverse_cdf(mask_top_p(mask_top_k(scores, k), top_p).softmax(dim=-1), u)
+            assert torch.equal(sample_among_top_k(scores, u, k, top_p), whole), (k, top_p)
 
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "bf16", "ties", "masked"])
@@ -476,11 +475,11 @@ def test_sampling_in_a_window_picks_the_whole_rows_token(kind: str) -> None:
     for k in (1, 5, 50):
         values = torch.topk(scores, k + 1, dim=-1).values
         tied_inside += int((values[:, k] == values[:, k - 1]).sum())
-        top = _top_k(scores, k)
+        top = mask_top_k(scores, k)
         for top_p in (0.5, 0.9, 1.0):
-            nucleus = _top_p(top, top_p)
-            whole = _inverse_cdf(nucleus.softmax(dim=-1), u)
-            picked, spilled = _sample_in_window(scores, u, k, top_p, extra=16)
+            nucleus = mask_top_p(top, top_p)
+            whole = inverse_cdf(nucleus.softmax(dim=-1), u)
+            picked, spilled = sample_in_window(scores, u, k, top_p, extra=16)
             # Where the nucleus's edge cuts through equal values, which of them stay is the sort's
             # order of ties, on the whole row as in the window: there any token top-k kept will do.
             lowest_kept = nucleus.masked_fill(nucleus.isinf(), math.inf).min(dim=-1, keepdim=True).values
@@ -515,10 +514,10 @@ def test_windowed_sampling_gives_the_same_captions_and_decodes_again_when_ties_s
     prefills = []
     prefill = G._prefill
     monkeypatch.setattr(G, "_prefill", lambda *a: prefills.append(1) or prefill(*a))
-    monkeypatch.setattr(G, "TIE_WINDOW", 4)
+    monkeypatch.setattr(S, "TIE_WINDOW", 4)
     assert generate(med, images, PROMPT, config, seeds=SEEDS) == expected
     assert len(prefills) == 1  # random fp32 logits: no ties, no second decode
-    monkeypatch.setattr(G, "TIE_WINDOW", 0)  # the k-th is the last candidate: every row "spills"
+    monkeypatch.setattr(S, "TIE_WINDOW", 0)  # the k-th is the last candidate: every row "spills"
     assert generate(med, images, PROMPT, config, seeds=SEEDS) == expected
     assert len(prefills) == 3  # decoded again through whole-row masks
 
@@ -567,7 +566,7 @@ def test_sampler_at_the_top_of_the_cdf_picks_the_last_token_with_mass() -> None:
     """A uniform that rounds to the total mass must still pick a token in the nucleus."""
     config = GenerationConfig(top_p=0.5)
     scores = torch.tensor([[0.0, 3.0, -math.inf, 2.0, -1.0, -math.inf]])
-    kept = _top_p(scores, 0.5)[0] > -math.inf
+    kept = mask_top_p(scores, 0.5)[0] > -math.inf
     picked = _nucleus_chooser(torch.ones(1, 1, dtype=torch.float64), config)(scores, torch.arange(1), 0)
     assert kept[picked].all()
     assert int(picked) == int(kept.nonzero().max())
