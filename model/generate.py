@@ -145,11 +145,18 @@ def generate(
                 uniforms = row_uniforms(seeds, K, config.max_tokens).to(image_embeds.device)
                 choose = _nucleus_chooser(uniforms, config)
             rows = _decode_rows(step, logits, cache, prompt, config, text.sep_token_id, choose)
-            if isinstance(choose, Nucleus) and choose.spilled():  # ties ran past the window
-                logits, cache = _prefill(med, image_embeds, prompt, K)
-                cache.reserve(P + config.max_tokens)
-                choose = _nucleus_chooser(uniforms, config, windowed=False)
-                rows = _decode_rows(step, logits, cache, prompt, config, text.sep_token_id, choose)
+            if isinstance(choose, Nucleus):  # rows whose ties ran past the window: decode them again
+                last_steps = [min(len(r), config.max_tokens - 1) for r in rows]
+                redo = sorted({r // K for r in choose.untrusted(last_steps)})
+                if redo:
+                    index = torch.tensor(redo, device=image_embeds.device)
+                    logits, cache = _prefill(med, image_embeds.index_select(0, index), prompt, K)
+                    cache.reserve(P + config.max_tokens)
+                    again = uniforms.view(B, K, -1).index_select(0, index).flatten(0, 1)
+                    choose = _nucleus_chooser(again, config, windowed=False)
+                    fixed = _decode_rows(step, logits, cache, prompt, config, text.sep_token_id, choose)
+                    for j, i in enumerate(redo):
+                        rows[i * K : (i + 1) * K] = fixed[j * K : (j + 1) * K]
             return [rows[i * K : (i + 1) * K] for i in range(B)]
     finally:
         for module, training in modes:

@@ -17,8 +17,8 @@ import torch
 # Nucleus sampling with a top-k, on a GPU: the top-k keeps this many candidates beyond the k-th, so
 # that tokens tied with the k-th value (transformers keeps them all) are among the candidates
 # without the host asking the device which rows have ties. A row whose ties may run past them is
-# noted on the device; when decoding ends, a batch with such a row is decoded again through
-# whole-row masks. Base at 384 px on an H100, 512 images: the sort of the whole vocabulary and its
+# noted on the device; when decoding ends, the images of such rows are decoded again (alone)
+# through whole-row masks. Base at 384 px on an H100, 512 images: the sort of the whole vocabulary and its
 # scans took about 60 of a decode's 263 ms of GPU time.
 TIE_WINDOW = 16
 
@@ -97,10 +97,10 @@ class Nucleus:
     original indices and the step, it returns their tokens (R_running,).
 
     With a top-k, on a CPU the top-k candidates alone are sorted (`sample_among_top_k`); on other
-    devices (`windowed`, the default there) the candidates are the top k + TIE_WINDOW, and
-    `spilled()` says, once decoding is over, whether some row's ties at the k-th value may have
-    run past them (its tokens are then not to be trusted: the caller decodes again with
-    `windowed=False`, whole-row masks)."""
+    devices (`windowed`, the default there) the candidates are the top k + TIE_WINDOW, and each
+    row's first step whose ties at the k-th value may have run past them is kept on the device:
+    `untrusted` names, once decoding is over, the rows to decode again with `windowed=False`
+    (whole-row masks). Only those rows: each row's tokens depend on its own logits alone."""
 
     def __init__(
         self,
@@ -112,7 +112,8 @@ class Nucleus:
     ) -> None:
         self.uniforms, self.top_k, self.top_p, self.temperature = uniforms, top_k, top_p, temperature
         self.windowed = uniforms.device.type != "cpu" if windowed is None else windowed
-        self._spilled: torch.Tensor | None = None  # on the device: no host sync per step
+        self._never = uniforms.shape[1]  # a step no row reaches
+        self._first_spill: torch.Tensor | None = None  # (R,) on the device: no host sync per step
 
     def __call__(self, scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
         if self.temperature != 1.0:
@@ -122,18 +123,26 @@ class Nucleus:
         if 0 < k < scores.shape[-1]:
             if self.windowed:
                 picked, spilled = sample_in_window(scores, u, k, top_p, TIE_WINDOW)
-                spilled = spilled.any()
-                self._spilled = spilled if self._spilled is None else self._spilled | spilled
+                if self._first_spill is None:
+                    self._first_spill = torch.full(
+                        (self.uniforms.shape[0],), self._never, dtype=torch.long, device=scores.device
+                    )
+                first = self._first_spill[rows]
+                self._first_spill[rows] = torch.where(spilled, torch.clamp(first, max=step), first)
                 return picked
             if scores.device.type == "cpu":
                 return sample_among_top_k(scores, u, k, top_p)
         probs = mask_top_p(mask_top_k(scores, k), top_p).softmax(dim=-1)  # 0 outside the nucleus
         return inverse_cdf(probs, u)
 
-    def spilled(self) -> bool:
-        """Whether a row's tokens tied with the k-th value may have run past the window (waits
-        for the device)."""
-        return self._spilled is not None and bool(self._spilled)
+    def untrusted(self, last_steps: Sequence[int]) -> list[int]:
+        """The rows whose ties ran past the window at or before `last_steps[r]`, the step of row
+        r's last token ([SEP] included); a finished row sampled on after it does not count.
+        Waits for the device."""
+        if self._first_spill is None:
+            return []
+        first = self._first_spill.tolist()
+        return [r for r, (f, last) in enumerate(zip(first, last_steps)) if f <= last]
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -185,15 +194,17 @@ def sample_in_window(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The token `mask_top_p(mask_top_k(scores, k))` and `inverse_cdf` pick, computed on the
     k + `extra` best candidates with no host sync: candidates below the k-th value are masked as
-    `mask_top_k` masks them, so tokens tied with it (up to `extra` of them beyond the k-th) stay in. -> (picked
-    (R,), spilled (R,) bool): rows whose last candidate still ties the k-th value, whose ties may
-    go on past the window, so whose pick is not to be trusted."""
+    `mask_top_k` masks them, so tokens tied with it (up to `extra` of them beyond the k-th) stay
+    in. Where the nucleus's edge cuts through equal values, which of them stay is the sort's order
+    of ties, here as on the whole row, and the two orders may differ. -> (picked (R,), spilled (R,)
+    bool): rows whose last candidate still ties a finite k-th value, whose ties may go on past the
+    window, so whose pick is not to be trusted."""
     R, V = scores.shape
     width = min(V, k + extra)
     values, index = torch.topk(scores, width, dim=-1)  # (R, width), descending
     kth = values[:, k - 1 : k]  # (R, 1)
-    if width < V:
-        spilled = values[:, -1] == kth[:, 0]
+    if width < V:  # a k-th value of -inf: fewer than k finite tokens, all of them in the window
+        spilled = (values[:, -1] == kth[:, 0]) & kth[:, 0].isfinite()
     else:
         spilled = torch.zeros(R, dtype=torch.bool, device=scores.device)
     nucleus = mask_top_p(values.masked_fill(values < kth, -math.inf), top_p)  # as on the whole row

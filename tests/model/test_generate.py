@@ -502,7 +502,7 @@ def test_windowed_sampling_gives_the_same_captions_and_decodes_again_when_ties_s
     med: MED, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """generate with the GPU's windowed top-k (forced here on the CPU) writes the captions of the
-    whole-row masks; when a row's ties may run past the window, the batch is decoded again."""
+    whole-row masks; rows whose ties may run past the window are decoded again."""
     config = GenerationConfig(**{**NUCLEUS.__dict__, "top_k": 10})
     expected = generate(med, images, PROMPT, config, seeds=SEEDS)
     chooser = G._nucleus_chooser
@@ -520,6 +520,82 @@ def test_windowed_sampling_gives_the_same_captions_and_decodes_again_when_ties_s
     monkeypatch.setattr(S, "TIE_WINDOW", 0)  # the k-th is the last candidate: every row "spills"
     assert generate(med, images, PROMPT, config, seeds=SEEDS) == expected
     assert len(prefills) == 3  # decoded again through whole-row masks
+
+
+def _windowed(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Force the GPU's windowed sampling on the CPU; -> the rows each generate decodes again."""
+    chooser = G._nucleus_chooser
+    monkeypatch.setattr(
+        G,
+        "_nucleus_chooser",
+        lambda u, c, windowed=None: chooser(u, c, windowed=True if windowed is None else windowed),
+    )
+    redone: list[list[int]] = []
+    untrusted = S.Nucleus.untrusted
+    monkeypatch.setattr(
+        S.Nucleus, "untrusted", lambda self, last: redone.append(untrusted(self, last)) or redone[-1]
+    )
+    return redone
+
+
+def test_rows_whose_ties_spill_are_decoded_again_alone_so_captions_do_not_depend_on_the_batch(
+    med: MED, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Coarse logits (as bf16 or fp16 make them, here rounded to steps of 2) tie by the dozen at the
+    k-th value: some images' rows spill past the window and some don't. Only the spilled rows are
+    decoded again, so each image's captions are the same alone and in any batch."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        many = med.encode_image(torch.randn(12, 3, 32, 32))
+
+    def coarse(logits: torch.Tensor) -> torch.Tensor:
+        return (logits / 2.0).round() * 2.0
+
+    step_call, prefill = G.DecodeStep.__call__, G._prefill
+    monkeypatch.setattr(G.DecodeStep, "__call__", lambda self, t, c: coarse(step_call(self, t, c)))
+    monkeypatch.setattr(G, "_prefill", lambda *a: (lambda lc: (coarse(lc[0]), lc[1]))(prefill(*a)))
+    redone = _windowed(monkeypatch)
+    config = GenerationConfig(method="nucleus", top_k=10, max_tokens=20, min_tokens=3)
+    seeds = list(range(100, 112))
+    alone = [generate(med, many[i : i + 1], PROMPT, config, seeds=[seeds[i]])[0] for i in range(12)]
+    spilled_alone = [bool(r) for r in redone]
+    assert 0 < sum(spilled_alone) < 12  # some images spill, some don't
+    redone.clear()
+    assert generate(med, many, PROMPT, config, seeds=seeds) == alone
+    assert sorted(redone[0]) == [i for i in range(12) if spilled_alone[i]]  # those rows alone
+    assert generate(med, many.flip(0), PROMPT, config, seeds=seeds[::-1]) == alone[::-1]
+
+
+def test_a_spill_counts_only_up_to_the_rows_last_token() -> None:
+    """A finished row is sampled on until finished rows leave the batch; ties after its [SEP]
+    must not send it (and its image) to be decoded again."""
+    nucleus = S.Nucleus(torch.rand(3, 6, dtype=torch.float64), top_k=2, top_p=0.9, windowed=True)
+    scores = torch.randn(3, 40)
+    scores[1, :5] = 10.0  # row 1: five tokens tie the 2nd best, more than the window of 2 + 0 holds
+    S.TIE_WINDOW, window = 0, S.TIE_WINDOW
+    try:
+        for step in range(4):
+            nucleus(scores, torch.arange(3), step)
+    finally:
+        S.TIE_WINDOW = window
+    assert nucleus.untrusted([5, 5, 5]) == [0, 1, 2]  # TIE_WINDOW 0: every row's last candidate is the k-th
+    nucleus = S.Nucleus(torch.rand(3, 6, dtype=torch.float64), top_k=2, top_p=0.9, windowed=True)
+    for step in range(4):
+        nucleus(scores, torch.arange(3), step)
+    assert nucleus.untrusted([5, 5, 5]) == []  # the window (2 + 16) holds row 1's five ties
+    nucleus(scores[1:2].index_fill(1, torch.arange(20), 10.0), torch.tensor([1]), 4)  # 20 ties at step 4
+    assert nucleus.untrusted([5, 3, 5]) == []  # row 1 ended at step 3
+    assert nucleus.untrusted([5, 4, 5]) == [1]
+
+
+def test_fewer_finite_tokens_than_k_is_no_spill() -> None:
+    scores = torch.full((2, 100), -math.inf)
+    scores[0, :3] = torch.tensor([1.0, 2.0, 3.0])
+    scores[1, :1] = 0.5
+    u = torch.tensor([[0.3], [0.9]], dtype=torch.float64)
+    picked, spilled = sample_in_window(scores, u, 10, 0.9, extra=2)
+    assert not bool(spilled.any())
+    assert torch.equal(picked, inverse_cdf(mask_top_p(mask_top_k(scores, 10), 0.9).softmax(dim=-1), u))
 
 
 # ----------------------------------------------------------------------------- validation
