@@ -156,9 +156,8 @@ def fast_dtype(device: torch.device) -> torch.dtype:
 
 def fast_model(med: MED, device: torch.device, inplace: bool = False) -> MED:
     """The MED for fast mode: bf16 weights on a GPU and on a CPU with AMX (fp16 on GPUs older
-    than Ampere, `gpu_has_bf16`); elsewhere on a CPU,
-    int8 dynamic quantisation of every Linear (weights int8 per output channel, activations
-    quantised per batch; attention stays fp32). `FAST_CPU_ENV` picks for a CPU. On a CPU, a text
+    than Ampere, `gpu_has_bf16`); elsewhere on a CPU, int8 dynamic quantisation of every Linear
+    (weights int8 per output channel, activations quantised per batch; attention stays fp32). `FAST_CPU_ENV` picks for a CPU. On a CPU, a text
     side narrower than FAST_TEXT_MIN_WIDTH stays fp32 and only the image encoder runs fast.
     Per channel rather than per tensor: on random base weights the filter's ITM moved by 0.007 on
     average instead of 0.035, and 48/48 web decisions matched exact mode instead of 42/48, at the

@@ -167,21 +167,13 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def sample_among_top_k(scores: torch.Tensor, u: torch.Tensor, k: int, top_p: float) -> torch.Tensor:
     """The token `mask_top_p(mask_top_k(scores, k))` and `inverse_cdf` pick, computed on the k
     candidates alone: a top-k instead of a sort of the whole vocabulary (on a CPU, most of a
-    sampling step's cost). The tokens outside the top k have no probability, so the nucleus and the cumulative
-    sums over the candidates in token order are those of the whole row. Rows where a tie at the
+    sampling step's cost). The tokens outside the top k have no probability, so the nucleus and
+    the cumulative sums over the candidates in token order are those of the whole row. Rows where a tie at the
     k-th value lets more than k tokens in take the whole-row path, as transformers keeps ties."""
     values, index = torch.topk(scores, k + 1, dim=-1)  # (R, k + 1), descending; k < V
     tied = values[:, k] == values[:, k - 1]  # the (k+1)-th ties the k-th: more than k tokens kept
     values, index = values[:, :k], index[:, :k]
-    nucleus = mask_top_p(values, top_p)  # -inf outside the nucleus, as on the whole row
-    # Token order, as the whole row's cumulative sum runs (the indices are distinct, so any sort
-    # gives it; numpy's SIMD argsort took a third of torch's time for 128 rows of 50).
-    if index.device.type == "cpu":
-        order = torch.from_numpy(np.argsort(index.numpy(), axis=-1))
-    else:
-        order = index.argsort(dim=-1)
-    index = index.gather(1, order)
-    picked = index.gather(1, inverse_cdf(nucleus.gather(1, order).softmax(dim=-1), u)[:, None]).squeeze(1)
+    picked = _pick_among(mask_top_p(values, top_p), index, u)  # the nucleus as on the whole row
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         probs = mask_top_p(mask_top_k(scores[rows], k), top_p).softmax(dim=-1)
@@ -208,7 +200,17 @@ def sample_in_window(
     else:
         spilled = torch.zeros(R, dtype=torch.bool, device=scores.device)
     nucleus = mask_top_p(values.masked_fill(values < kth, -math.inf), top_p)  # as on the whole row
-    order = index.argsort(dim=-1)  # token order, as the whole row's cumulative sum runs
+    return _pick_among(nucleus, index, u), spilled
+
+
+def _pick_among(nucleus: torch.Tensor, index: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token `inverse_cdf` picks among candidates: nucleus (R, C) their masked scores, index
+    (R, C) their token ids. The candidates go in token order first, as the whole row's cumulative
+    sum runs (the ids are distinct, so any sort gives it; on a CPU numpy's SIMD argsort took a
+    third of torch's time for 128 rows of 50). -> (R,) token ids."""
+    if index.device.type == "cpu":
+        order = torch.from_numpy(np.argsort(index.numpy(), axis=-1))
+    else:
+        order = index.argsort(dim=-1)
     index = index.gather(1, order)
-    picked = index.gather(1, inverse_cdf(nucleus.gather(1, order).softmax(dim=-1), u)[:, None]).squeeze(1)
-    return picked, spilled
+    return index.gather(1, inverse_cdf(nucleus.gather(1, order).softmax(dim=-1), u)[:, None]).squeeze(1)
