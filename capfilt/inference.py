@@ -134,14 +134,23 @@ def fast_cpu_kind() -> str:
 FAST_TEXT_MIN_WIDTH = 512
 
 
+# AMD architectures whose matrix units take bf16 (ROCm's gcnArchName starts with one of these):
+# CDNA (MI100 gfx908, MI200 gfx90a, MI300 gfx94x, MI350 gfx95x) and RDNA 3/4 (gfx11, gfx12). Before
+# them (MI50/MI60 gfx906, Vega gfx900, RDNA 1/2 gfx10) bf16 is emulated, and fp16 is the fast type.
+AMD_BF16_ARCHS = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
+
+
 def gpu_has_bf16(device: torch.device) -> bool:
     """Whether this GPU multiplies bf16 matrices natively: NVIDIA's from Ampere (compute
-    capability 8) on, and AMD's. Older ones (V100, T4) only emulate bf16, slowly; fast mode runs
-    fp16 there."""
-    if torch.version.hip:
-        return True
+    capability 8) on, AMD's from CDNA and RDNA 3 on (`AMD_BF16_ARCHS`; an architecture name ROCm
+    does not give counts as bf16-capable). Older ones (V100, T4, MI50) only emulate bf16, slowly;
+    fast mode runs fp16 there."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).major >= 8
+    props = torch.cuda.get_device_properties(index)
+    if torch.version.hip:
+        arch = str(getattr(props, "gcnArchName", "") or "").lower()
+        return not arch.startswith("gfx") or arch.startswith(AMD_BF16_ARCHS)
+    return props.major >= 8
 
 
 def fast_dtype(device: torch.device) -> torch.dtype:

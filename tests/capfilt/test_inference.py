@@ -404,6 +404,30 @@ def test_fast_mode_on_a_gpu_takes_bf16_where_it_is_native_and_fp16_before(monkey
     assert asked == [0, 1] * 3  # the current device, or the one named
 
 
+def test_fast_mode_on_amd_takes_bf16_from_cdna_and_rdna3_on_and_fp16_before(monkeypatch):
+    from types import SimpleNamespace
+
+    from capfilt import inference
+
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cases = {
+        "gfx906:sramecc+:xnack-": torch.float16,  # MI50/MI60: bf16 emulated
+        "gfx900": torch.float16,
+        "gfx1030": torch.float16,  # RDNA 2
+        "gfx908:sramecc+:xnack-": torch.bfloat16,  # MI100
+        "gfx90a:sramecc+:xnack-": torch.bfloat16,  # MI200
+        "gfx942:sramecc+:xnack-": torch.bfloat16,  # MI300
+        "gfx1100": torch.bfloat16,  # RDNA 3
+        "": torch.bfloat16,  # no name given: assume a current GPU
+    }
+    for arch, want in cases.items():
+        # major 9 for every one: on ROCm the compute capability says nothing about bf16
+        props = SimpleNamespace(major=9, gcnArchName=arch)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, props=props: props)
+        assert inference.fast_dtype(torch.device("cuda")) == want, arch
+
+
 def test_fast_mode_in_fp16_converts_the_whole_model_and_scores_as_exact_mode(
     our_filter_dir, our_captioner_dir, monkeypatch
 ):
