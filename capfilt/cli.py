@@ -7,6 +7,7 @@ names it). Heavy imports happen inside the commands so `capfilt --help` is insta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -314,6 +315,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Any:
+    """Send what is printed on stdout to stderr while a command's work runs: stdout carries the
+    command's result (JSON), and Ray's driver prints its raylet and worker messages (out-of-memory
+    retries, task errors) on stdout. The work shuts Ray down before the result is printed."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def _load(path: str, device: str, **kwargs: Any):  # -> Checkpoint
     from capfilt.model.checkpoint import CheckpointError, load_checkpoint
 
@@ -491,7 +501,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     from capfilt.pipelines.clean_cli import run_clean
 
-    print(json.dumps(run_clean(args)))
+    with stdout_to_stderr():
+        summary = run_clean(args)
+    print(json.dumps(summary))
     return 0
 
 
@@ -526,7 +538,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from capfilt.pipelines.train_cli import run_train
 
-    print(json.dumps(run_train(args)))
+    with stdout_to_stderr():
+        summary = run_train(args)
+    print(json.dumps(summary))
     return 0
 
 
@@ -582,7 +596,7 @@ def _with_stage_bar(label: str, total: int, run: Any) -> Any:
     """Run `run(progress)` under a transient progress bar of named stages on stderr."""
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar, stdout_to_stderr():
         task = bar.add_task(label, total=total)
 
         def progress(stage: str, done: int, _total: int) -> None:

@@ -71,6 +71,8 @@ def add_bench_throughput_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_bench_throughput_cli(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from capfilt.cli import stdout_to_stderr
+
     from .bench_throughput import ThroughputConfig, run_throughput
 
     config = ThroughputConfig(
@@ -91,7 +93,8 @@ def run_bench_throughput_cli(args: argparse.Namespace) -> int:
         workdir=args.workdir,
     )
     console = Console(stderr=True)
-    result = run_throughput(config, progress=lambda message: console.print(f"[dim]{message}[/dim]"))
+    with stdout_to_stderr():  # stdout is the result's; the job path runs Ray
+        result = run_throughput(config, progress=lambda message: console.print(f"[dim]{message}[/dim]"))
     if args.json:
         print(json.dumps(result, default=str))
     else:

@@ -266,6 +266,7 @@ def _finished(run: Path, steps: int) -> bool:
 
 
 def _train_bar(name: str, total: int) -> Callable[[int, int, dict[str, float]], None]:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(
@@ -274,6 +275,7 @@ def _train_bar(name: str, total: int) -> Callable[[int, int, dict[str, float]], 
         MofNCompleteColumn(),
         TextColumn("{task.fields[losses]}"),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout is the result's (`--json`)
         transient=False,
     )
     task = bar.add_task(name, total=total, losses="")
@@ -401,6 +403,7 @@ def run_demo(cfg: DemoConfig, step: Step | None = None) -> DemoResult:
 
 
 def _clean_bar() -> Callable[[int, int, int], None]:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     bar = Progress(
@@ -408,6 +411,7 @@ def _clean_bar() -> Callable[[int, int, int], None]:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[n]} samples"),
+        console=Console(stderr=True),  # stdout is the result's (`--json`)
     )
     task = bar.add_task("clean", total=None, n=0)
 

@@ -54,6 +54,7 @@ def run_demo_cli(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from capfilt.cli import stdout_to_stderr
     from capfilt.errors import CapfiltError
 
     from .demo import DemoConfig, run_demo, ship_checkpoints, shipped_root
@@ -75,9 +76,10 @@ def run_demo_cli(args: argparse.Namespace) -> int:
         dashboard=not args.no_dashboard,
         train=args.train,
     )
-    result = run_demo(
-        cfg, lambda message: console.print(f"[bold cyan]>[/bold cyan] {message}", highlight=False)
-    )
+    with stdout_to_stderr():  # stdout is the result's
+        result = run_demo(
+            cfg, lambda message: console.print(f"[bold cyan]>[/bold cyan] {message}", highlight=False)
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -236,3 +236,39 @@ def test_building_the_cli_does_not_import_torch():
     code = "import sys; from capfilt.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _ray_prints_on_stdout() -> None:
+    """What Ray's driver does while a job runs: a background thread prints raylet and worker
+    messages on whatever `sys.stdout` is then."""
+    import threading
+
+    thread = threading.Thread(target=lambda: print("(raylet) Task _map_task failed due to oom; retrying"))
+    thread.start()
+    thread.join()
+
+
+@pytest.mark.parametrize("command", ["clean", "train", "demo"])
+def test_stdout_holds_only_the_result_while_ray_prints(command, monkeypatch, capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from capfilt.pipelines import clean_cli, demo, train_cli
+
+    result = {"samples": 3, "status": {"kept": 3}}
+
+    def work(*args, **kwargs):
+        _ray_prints_on_stdout()
+        return SimpleNamespace(to_dict=lambda: result) if command == "demo" else result
+
+    monkeypatch.setattr(clean_cli, "run_clean", work)
+    monkeypatch.setattr(train_cli, "run_train", work)
+    monkeypatch.setattr(demo, "run_demo", work)
+    argv = {
+        "clean": ["clean", "--input", "in", "--output", "out", "--captioner", "c", "--filter", "f"],
+        "train": ["train", "pretrain", "--data", "d", "--out", str(tmp_path / "t")],
+        "demo": ["demo", "--out", str(tmp_path / "demo"), "--json"],
+    }[command]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out) == result  # the result alone: Ray's line went to stderr
+    assert "(raylet) Task _map_task failed" in err

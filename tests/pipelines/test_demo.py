@@ -89,3 +89,18 @@ def test_demo_cli_checks_its_arguments_and_prints_what_a_new_user_needs(first, c
     assert f"{out}/dprime" in text and f"{out}/ledger" in text and "report.html" in text
     assert "pairs/s" in text
     assert json.loads(json.dumps(result.to_dict()))["clean"]["output"] == out
+
+
+def test_the_demo_progress_bars_write_to_stderr(capsys):
+    """stdout is the demo's result (`--json`): its progress bars draw on stderr."""
+    from capfilt.pipelines.demo import _clean_bar, _train_bar
+
+    clean = _clean_bar()
+    clean(0, 2, 0)
+    clean(2, 2, 40)
+    train = _train_bar("captioner", 3)
+    train(1, 3, {"lm_loss": 2.5})
+    train(3, 3, {"lm_loss": 1.5})
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "clean shards" in err and "captioner" in err
