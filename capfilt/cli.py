@@ -630,16 +630,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         elif args.eval_command == "caption":
             result = evaluate.eval_caption(args.model, args.data, args.truth, args.method, args.seed)
         else:
-            result = None
+            if not 0.0 <= args.threshold <= 1.0:
+                raise CapfiltError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
+            result = evaluate.eval_filter(args.model, args.data, args.truth, args.threshold)
+            Console(stderr=True).print(result["markdown"], highlight=False)
     except ValueError as err:  # "retrieval needs images and texts; got 0 images", "no captions to score"
         if isinstance(err, CapfiltError):
             raise
         raise CapfiltError(f"eval {args.eval_command} on {' '.join(args.data)}: {err}") from err
-    if result is None:
-        if not 0.0 <= args.threshold <= 1.0:
-            raise CapfiltError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
-        result = evaluate.eval_filter(args.model, args.data, args.truth, args.threshold)
-        Console(stderr=True).print(result["markdown"], highlight=False)
     print(evaluate.dump(result))
     return 0
 

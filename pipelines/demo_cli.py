@@ -104,9 +104,10 @@ def print_result(result: Any, console: Any) -> None:  # result: DemoResult
     for row in q["by_type"]:
         quality.add_row(row["noise_type"], str(row["count"]), str(row["rejected"]), f"{row['rate']:.3f}")
     console.print(quality)
+    ratio = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731  (null: nothing to divide by)
     console.print(
-        f"precision [bold]{q['precision']:.3f}[/bold]  recall [bold]{q['recall']:.3f}[/bold]  "
-        f"F1 {q['f1']:.3f}  (threshold {c['threshold']:.2f})"
+        f"precision [bold]{ratio(q['precision'])}[/bold]  recall [bold]{ratio(q['recall'])}[/bold]  "
+        f"F1 {ratio(q['f1'])}  (threshold {c['threshold']:.2f})"
     )
     out = c["output"]
     console.print(

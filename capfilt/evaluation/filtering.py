@@ -33,7 +33,8 @@ class TypeRow:
 
 @dataclass(frozen=True)
 class FilterReport:
-    """Rejection quality of one set of decisions; ratios are 0.0 where their denominator is 0."""
+    """Rejection quality of one set of decisions; ratios are 0.0 where their denominator is 0
+    (`to_dict` gives null there, `to_markdown` "n/a")."""
 
     texts: int  # texts with a decision that the truth knows
     noisy: int
@@ -61,23 +62,25 @@ class FilterReport:
         return (self.rejected - self.true_rejections) / clean if clean else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain numbers for JSON (summary.json)."""
+        """Plain numbers for JSON (summary.json); a ratio with nothing to divide by is null (no
+        text rejected, no noisy text, or no clean one), not a 0.0 that reads as the worst filter."""
+        clean = self.texts - self.noisy
         return {
             "texts": self.texts,
             "noisy": self.noisy,
             "rejected": self.rejected,
             "true_rejections": self.true_rejections,
             "missing": self.missing,
-            "precision": self.precision,
-            "recall": self.recall,
-            "f1": self.f1,
-            "false_rejection_rate": self.false_rejection_rate,
+            "precision": self.precision if self.rejected else None,
+            "recall": self.recall if self.noisy else None,
+            "f1": self.f1 if self.rejected and self.noisy else None,
+            "false_rejection_rate": self.false_rejection_rate if clean else None,
             "by_type": [asdict(row) | {"rate": row.rate} for row in self.by_type],
         }
 
     def to_markdown(self) -> str:
         """A summary line and the per-type table, for docs/results.md. A ratio with nothing to
-        divide by reads "n/a" here (0.0 in `to_dict`): no noisy texts, or none rejected."""
+        divide by reads "n/a" here (null in `to_dict`): no noisy texts, or none rejected."""
 
         def ratio(value: float, defined: bool) -> str:
             return f"{value:.3f}" if defined else "n/a"

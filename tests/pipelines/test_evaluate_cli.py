@@ -133,5 +133,22 @@ def test_eval_filter_on_another_split_is_refused(world, our_filter_dir, capsys) 
     """Keys repeat across a world's splits: test shards against the web truth would give figures."""
     argv = ["eval", "filter", "--model", str(our_filter_dir), "--truth", str(world / "truth.parquet")]
     assert main([*argv, "--data", str(world / "test")]) == 2
-    assert "carry other texts than the web split" in capsys.readouterr().err
+    assert "carries another text than the web split" in capsys.readouterr().err
     assert main([*argv, "--data", str(world / "web")]) == 0
+
+
+def test_eval_filter_against_another_worlds_truth_is_refused(world, our_filter_dir, tmp_path, capsys) -> None:
+    """A world of the same seed with another noise mix (most texts alike, some not) or fewer pairs:
+    figures against its truth would count other texts' noise, so nothing is scored."""
+    from capfilt.world import synthesize
+
+    argv = ["eval", "filter", "--model", str(our_filter_dir), "--data", str(world / "web")]
+    noiseless = synthesize(tmp_path / "noiseless", web=30, human=4, test=6, image_size=32, shard_size=16, seed=2,
+                           noise=0.0)  # fmt: skip
+    fewer = synthesize(tmp_path / "fewer", web=10, human=4, test=6, image_size=32, shard_size=16, seed=2)
+    code, out, err = _run(capsys, *argv, "--truth", str(noiseless.truth))
+    assert code == 2 and out == ""
+    assert "carries another text than the web split" in err and str(world / "web") in err
+    code, out, err = _run(capsys, *argv, "--truth", str(fewer.truth))
+    assert code == 2 and out == ""
+    assert ("is not in the web split" in err or "carries another text" in err) and "Traceback" not in err
