@@ -114,9 +114,11 @@ def _source(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def _is_glob(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` is a pattern: it has glob characters and names nothing as it is (a directory
+    `crawl[2024]` is that directory)."""
     if "http" in fs.protocol:  # a URL's "?" starts its query: only "*" makes an http glob
         return "*" in path
-    return glob.has_magic(path)
+    return glob.has_magic(path) and not fs.exists(path)
 
 
 def input_files(entries: Sequence[str]) -> list[str]:

@@ -53,7 +53,13 @@ def open_image(
     source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
 ) -> Image.Image:
     """Decode an image file or bytes into an RGB PIL image, or raise ImageError naming it."""
-    return to_rgb(_open(source, name, max_pixels, decode=True))
+    img = _open(source, name, max_pixels, decode=True)
+    try:
+        return to_rgb(img)
+    except Exception as err:  # a plugin's own error on a mode or frame it half decoded
+        raise ImageError(
+            f"{_label(source, name)}: cannot be made RGB ({_why(err)})", "image_undecodable"
+        ) from err
 
 
 def check_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> None:
@@ -62,8 +68,23 @@ def check_image(source: str | Path | bytes, name: str | None = None, max_pixels:
     _open(source, name, max_pixels, decode=False)
 
 
+def _label(source: str | Path | bytes, name: str | None) -> str:
+    return name or (str(source) if not isinstance(source, bytes) else "image bytes")
+
+
+def _why(err: BaseException) -> str:
+    """An exception as a message for a ledger: its type where it is no OSError-like message, and
+    without the address of PIL's buffer (ledgers are reproducible)."""
+    text = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+    return (
+        text
+        if isinstance(err, (OSError, SyntaxError, ValueError, EOFError))
+        else f"{type(err).__name__}: {text}"
+    )
+
+
 def _open(source: str | Path | bytes, name: str | None, max_pixels: int, decode: bool) -> Image.Image:
-    label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    label = _label(source, name)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
@@ -96,15 +117,15 @@ def _open(source: str | Path | bytes, name: str | None, max_pixels: int, decode:
             f"{label}: not a readable image in any of {', '.join(_web_formats())} ({why})",
             "image_undecodable",
         ) from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))  # PIL names its buffer
-        raise ImageError(f"{label}: not a readable image ({why})", "image_undecodable") from err
+    except Exception as err:  # OSError mostly; a damaged file makes plugins raise struct.error, TypeError...
+        raise ImageError(f"{label}: not a readable image ({_why(err)})", "image_undecodable") from err
     return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF-rotate and convert any mode (palette, alpha, 16-bit, CMYK, grayscale) to RGB."""
-    with contextlib.suppress(OSError, ValueError, SyntaxError):  # broken EXIF: the pixels are still fine
+    # Broken EXIF (struct.error, TypeError, ... from Pillow's parser): the pixels are still fine.
+    with contextlib.suppress(Exception):
         img = ImageOps.exif_transpose(img)
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)

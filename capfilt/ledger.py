@@ -6,7 +6,8 @@ A ledger row says what happened to one input sample and why:
   that never reached the tar ("failed_to_download", "failed_to_resize"), or ours: "missing_image"
   (the tar has the key without an image, the sidecar lists a success the tar lacks, or a damaged
   tar lost it), the `capfilt.images.ImageError` reasons ("image_undecodable", "image_empty",
-  "image_too_large"), "duplicate_key" (a key met again in its shard: the first sample with it is
+  "image_too_large"), "text_too_large" (a web text over `clean_inputs.MAX_TEXT_BYTES`: not kept),
+  "duplicate_key" (a key met again in its shard: the first sample with it is
   the one cleaned) and "invalid_key" (a table key with a ".").
 - `reason`: for "ok" rows the decision's reason code (`capfilt.decision.REASONS`), else the status.
 - every score the filter gave (`web_itm`, `web_itc`, the `synthetic` candidates with theirs), what

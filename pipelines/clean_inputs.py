@@ -48,6 +48,12 @@ READ_BATCH = 256  # rows per batch when reading a parquet table (and per block o
 # statuses of samples with unusable keys: a key met again (tables and tars), a dotted one (tables)
 DUPLICATE_KEY, INVALID_KEY = "duplicate_key", "invalid_key"
 IMAGE_TOO_LARGE = "image_too_large"  # `capfilt.images.ImageError`'s reason for decompression bombs, too
+# A web text (a tar's .txt, a table's caption) above this many bytes is no alt-text: the sample is
+# TEXT_TOO_LARGE, and the text goes nowhere (every stage, the ledger and D' would hold it). A .json
+# above it is not read (as if there were none). The filter reads a text's first 35 tokens or so.
+MAX_TEXT_BYTES = 2**20
+TEXT_TOO_LARGE = "text_too_large"
+TEXT_EXTENSIONS = ("txt", "json")  # the members besides the image that the job reads
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
@@ -137,7 +143,8 @@ class TarSample:
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
     cut: bool = False  # the read error struck while its members were read: some may be lost
-    too_large: dict[str, int] = field(default_factory=dict)  # image members not read: their sizes
+    too_large: dict[str, int] = field(default_factory=dict)  # image and text members not read: their sizes
+    unreadable: dict[str, str] = field(default_factory=dict)  # members that could not be read: why
 
     @property
     def image_ext(self) -> str | None:
@@ -156,6 +163,8 @@ class TarSample:
     @property
     def text(self) -> str | None:
         """The `.txt` member, else the .json's "caption" (webdataset / img2dataset convention)."""
+        if "txt" in self.too_large:
+            return None
         if "txt" in self.files:
             return self.files["txt"].decode("utf-8", errors="replace")
         caption = self.meta.get("caption")
@@ -175,7 +184,11 @@ class TarSample:
                 f"extension {dotted[0]!r} (a key ends at the first '.' of a member name); rename it "
                 f"without the extra dot"
             )
-        return f"no image member for key {self.key} in {source} (it has: {', '.join(sorted(self.files)) or 'nothing'})"
+        broken = "".join(f"; {why}" for e, why in self.unreadable.items() if e in IMAGE_EXTENSIONS)
+        return (
+            f"no image member for key {self.key} in {source} (it has: {', '.join(sorted(self.files)) or 'nothing'})"
+            + broken
+        )
 
 
 def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
@@ -196,20 +209,34 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
         with fsspec.open(str(path), "rb") as f, _open_tar(f) as tar:
             for member in tar:
                 key, ext = split_member_name(member.name)
-                if not (member.isfile() or member.islnk()) or skipped_member(member.name, ext):
+                if not (member.isfile() or member.islnk() or member.issym()) or skipped_member(
+                    member.name, ext
+                ):
                     continue  # hard links are read as their target's bytes
                 short = text_of(key.rpartition("/")[2]) or ""  # names that are not UTF-8 get U+FFFD
                 reading = latest.get(short)
                 if reading is None or ext in reading.files:
                     reading = latest[short] = TarSample(short)
                     samples.append(reading)
-                if ext in IMAGE_EXTENSIONS and member.size > MAX_IMAGE_BYTES:
-                    reading.too_large[ext] = member.size
-                    reading.files[ext] = b""
+                if member.issym():  # a sample all of symbolic links still has its ledger row
+                    reading.unreadable[ext] = (
+                        f"{member.name} is a symbolic link (to {member.linkname!r}), which is not followed"
+                    )
                     continue
-                handle = tar.extractfile(member)
-                assert handle is not None
-                reading.files[ext] = handle.read()
+                limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTENSIONS else MAX_TEXT_BYTES
+                if ext not in IMAGE_EXTENSIONS and ext not in TEXT_EXTENSIONS:
+                    reading.files[ext] = b""  # not used (a .cls, an .npy...): listed, never read
+                elif member.size > limit:
+                    reading.too_large[ext] = member.size
+                    if ext != "json":  # a .json too large is as if there were none
+                        reading.files[ext] = b""
+                elif (data := _member_bytes(tar, member)) is None:
+                    reading.unreadable[ext] = (
+                        f"{member.name} is a hard link to {member.linkname!r}, which is no file read "
+                        "before it in the tar"
+                    )
+                else:
+                    reading.files[ext] = data
             error = _end_of_archive(tar)
             whole = error is not None and error.startswith(_ANOTHER_ARCHIVE)  # the first archive ended
     except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, CapfiltError) as err:
@@ -220,6 +247,16 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
             reading.cut = True
         log.warning("%s; keeping the %d samples read before it", error, len(samples))
     return samples, error
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:
+    """A file member's bytes; None for a hard link whose target tarfile cannot give (not in the
+    tar, later in it, itself, a directory): that member's problem, not the shard's."""
+    try:
+        handle = tar.extractfile(member)  # KeyError: "linkname ... not found"
+    except (KeyError, tarfile.StreamError):
+        return None
+    return None if handle is None else handle.read()  # None: the link's target is no file
 
 
 def _open_tar(f: Any) -> tarfile.TarFile:
@@ -342,6 +379,9 @@ def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[l
         elif ext in s.too_large:
             status = IMAGE_TOO_LARGE
             message = f"{s.key}.{ext} in {source} is {s.too_large[ext]} bytes, over the {MAX_IMAGE_BYTES}-byte limit"
+        elif "txt" in s.too_large:
+            status = TEXT_TOO_LARGE
+            message = f"{s.key}.txt in {source} is {s.too_large['txt']} bytes, over the {MAX_TEXT_BYTES}-byte limit for a text"
         else:
             status, message = OK, None
         out.append(

@@ -92,15 +92,24 @@ def decode_batch(batch: pa.Table, sizes: list[int]) -> pa.Table:
     messages = batch.column("error_message").to_pylist()
     pixels: dict[int, list[bytes | None]] = {s: [] for s in sizes}
     for i, data in enumerate(batch.column("image").to_pylist()):
-        img = None
+        img, resized = None, dict.fromkeys(sizes)
         if status[i] == OK:
+            key = batch.column("key")[i].as_py()
             try:
-                img = open_image(data, name=batch.column("key")[i].as_py())
+                img = open_image(data, name=key)
+                resized = {
+                    s: np.asarray(img.resize((s, s), Image.Resampling.BICUBIC), np.uint8) for s in sizes
+                }
             except ImageError as err:  # PIL names the BytesIO's address: drop it, ledgers are reproducible
                 status[i], messages[i] = err.reason, re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
+            except Exception as err:  # one sample's image never stops the job: it is rejected with why
+                status[i], messages[i] = (
+                    "image_undecodable",
+                    f"{key}: cannot be resized ({type(err).__name__}: {err})",
+                )
+                resized = dict.fromkeys(sizes)
         for s in sizes:
-            resized = img.resize((s, s), Image.Resampling.BICUBIC) if img is not None else None
-            pixels[s].append(np.asarray(resized, dtype=np.uint8).tobytes() if resized is not None else None)
+            pixels[s].append(resized[s].tobytes() if resized[s] is not None else None)
     out = batch.drop_columns(["image", "status", "error_message"])
     out = out.append_column("status", pa.array(status, pa.string()))
     out = out.append_column("error_message", pa.array(messages, pa.string()))

@@ -28,7 +28,9 @@ from .clean_inputs import (
     DUPLICATE_KEY,
     IMAGE_TOO_LARGE,
     INVALID_KEY,
+    MAX_TEXT_BYTES,
     READ_BATCH,
+    TEXT_TOO_LARGE,
     InputSample,
     decoded_rows,
     key_problem,
@@ -93,7 +95,8 @@ def table_columns(schema: pa.Schema, source: str) -> TableColumns:
         return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
 
     def text_column(names: tuple[str, ...]) -> str | None:
-        found = first(names, _string)
+        # Arrow's null type: a column pandas wrote with every value None (no text, no status...)
+        found = first(names, lambda t: _string(t) or pa.types.is_null(t))
         present = [n for n in names if n in schema.names]
         if found is None and present:
             name = present[0]
@@ -206,6 +209,8 @@ def _table_sample(
     hint = suffix if data is None and suffix in IMAGE_EXTENSIONS else None
     hint = hint or (cols.image if cols.image in IMAGE_EXTENSIONS else None)
     given = row[cols.status] if cols.status else None
+    text = text_of(row[cols.text]) if cols.text else None
+    text_bytes = len(text.encode("utf-8", "replace")) if text and len(text) > MAX_TEXT_BYTES // 4 else 0
     if key in seen:
         status, message = DUPLICATE_KEY, f"row {index}: key {key} is used by an earlier row"
     elif problem := key_problem(key):
@@ -214,6 +219,9 @@ def _table_sample(
         status, message = given, row[cols.error_message] if cols.error_message else None
     elif data is None and not path:
         status, message = MISSING_IMAGE, f"row {index} of {source} has no image ({cols.image} is null)"
+    elif text_bytes > MAX_TEXT_BYTES:
+        status = TEXT_TOO_LARGE
+        message = f"row {index} of {source}: its {cols.text} is {text_bytes} bytes, over the {MAX_TEXT_BYTES}-byte limit for a text"
     else:
         status, message = OK, None
     seen.add(key)
@@ -222,7 +230,7 @@ def _table_sample(
     sample = InputSample(
         key,
         data if status == OK else None,
-        text_of(row[cols.text]) if cols.text else None,
+        None if status == TEXT_TOO_LARGE else text,
         url,
         meta,
         status,

@@ -7,6 +7,7 @@ import functools
 import http.server
 import io
 import math
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -527,3 +528,199 @@ def test_a_directory_of_tars_names_the_image_tables_it_leaves_out(
         found = input_files([str(mixed)])
     assert found and all(f.endswith(".tar") for f in found)
     assert "extra_table.parquet" in caplog.text and "not read; name them" in caplog.text
+
+
+def _tar_with(path: Path, members: list[tuple[str, bytes | tarfile.TarInfo]]) -> Path:
+    """A tar of (name, bytes) files and ready-made TarInfo entries (links, sparse files...)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            if isinstance(data, tarfile.TarInfo):
+                tar.addfile(data)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.LNKTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def test_a_hard_link_with_no_file_behind_it_is_that_samples_problem(tmp_path: Path) -> None:
+    """Links to a member not in the tar, to a later one, to itself, to a directory: each is that
+    sample's missing image, named; the tar's other samples and its sidecar are read as ever (before,
+    tarfile's KeyError made the whole shard a read error with no samples)."""
+    png = _png((200, 10, 10))
+    directory = tarfile.TarInfo("adir")
+    directory.type = tarfile.DIRTYPE
+    shard = _tar_with(
+        tmp_path / "00000.tar",
+        [
+            ("good.png", png),
+            ("good.txt", b"a red square"),
+            ("gone.png", _link("gone.png", "elsewhere/gone.png")),
+            ("gone.txt", b"its image links to nothing"),
+            ("ahead.png", _link("ahead.png", "later.png")),
+            ("self.png", _link("self.png", "self.png")),
+            ("adir", directory),
+            ("todir.png", _link("todir.png", "adir")),
+            ("later.png", png),
+            ("copy.png", _link("copy.png", "good.png")),
+        ],
+    )
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "key": "failed",
+                    "status": "failed_to_download",
+                    "error_message": "HTTP 404",
+                    "caption": "c",
+                    "url": "u",
+                }
+            ],
+            schema=SIDECAR_SCHEMA,
+        ),
+        tmp_path / "00000.parquet",
+    )
+    samples, error = read_input(str(shard))
+    assert error is None
+    by_key = {s.key: s for s in samples}
+    assert sorted(by_key) == ["ahead", "copy", "failed", "gone", "good", "later", "self", "todir"]
+    assert [by_key[k].status for k in ("good", "later", "copy")] == ["ok"] * 3
+    assert by_key["copy"].image == png and by_key["good"].text == "a red square"
+    assert by_key["failed"].status == "failed_to_download"
+    for key, target in (
+        ("gone", "elsewhere/gone.png"),
+        ("ahead", "later.png"),
+        ("self", "self.png"),
+        ("todir", "adir"),
+    ):
+        assert by_key[key].status == "missing_image"
+        assert (
+            f"{key}.png is a hard link to {target!r}, which is no file read before it"
+            in by_key[key].error_message
+        )
+    assert by_key["gone"].text == "its image links to nothing"
+
+
+def test_texts_over_the_limit_are_not_read_and_unused_members_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A .txt over MAX_TEXT_BYTES is the sample's TEXT_TOO_LARGE, judged by the size its header
+    declares (a 20 kB tar can declare a GB of sparse text, which every stage, the ledger and D' held
+    before); a .json over it is as if there were none; members the job does not use (.npy, .cls)
+    are listed but never read."""
+    from capfilt.pipelines import clean_inputs
+
+    png = _png((10, 200, 10))
+    members = [
+        ("big.png", png), ("big.txt", b"x" * 5000),
+        ("meta.png", png), ("meta.txt", b"a green square"), ("meta.json", b'{"url": "' + b"u" * 5000 + b'"}'),
+        ("extra.png", png), ("extra.txt", b"with an embedding"), ("extra.npy", b"\x00" * 6000),
+        ("fine.png", png), ("fine.txt", b"a green square"),
+    ]  # fmt: skip
+    shard = _tar_with(tmp_path / "00000.tar", members)
+    monkeypatch.setattr(clean_inputs, "MAX_TEXT_BYTES", 4096)
+    samples, error = read_input(str(shard))
+    assert error is None
+    by_key = {s.key: s for s in samples}
+    assert by_key["big"].status == "text_too_large" and by_key["big"].text is None
+    assert (
+        by_key["big"].error_message
+        == f"big.txt in {shard} is 5000 bytes, over the 4096-byte limit for a text"
+    )
+    assert (
+        by_key["meta"].status == "ok"
+        and by_key["meta"].meta == {}
+        and by_key["meta"].text == "a green square"
+    )
+    assert by_key["extra"].status == "ok" and by_key["extra"].text == "with an embedding"
+    assert by_key["fine"].status == "ok"
+    raw = {s.key: s for s in clean_inputs.read_tar(str(shard))[0]}
+    assert raw["extra"].files["npy"] == b""  # listed, not read
+
+
+def test_a_sample_of_symbolic_links_only_still_has_its_row(tmp_path: Path) -> None:
+    shard = _tar_with(
+        tmp_path / "00000.tar",
+        [
+            ("s.png", _link("s.png", "/etc/passwd", tarfile.SYMTYPE)),
+            ("s.txt", _link("s.txt", "x", tarfile.SYMTYPE)),
+        ],
+    )
+    (sample,), error = read_input(str(shard))
+    assert error is None and sample.key == "s" and sample.status == "missing_image"
+    assert "s.png is a symbolic link (to '/etc/passwd'), which is not followed" in sample.error_message
+    assert sample.image is None and sample.text is None
+
+
+def test_table_texts_over_the_limit_and_all_null_captions(
+    web: list[WebSample], tmp_path: Path, monkeypatch
+) -> None:
+    from capfilt.pipelines import clean_inputs, clean_tables
+
+    monkeypatch.setattr(clean_tables, "MAX_TEXT_BYTES", 1000)
+    table = pa.table({"key": ["a", "b"], "jpg": [web[0].image, web[1].image], "caption": ["é" * 600, "fine"]})
+    pq.write_table(table, tmp_path / "long.parquet")
+    samples, error = read_input(str(tmp_path / "long.parquet"))
+    assert error is None
+    assert [(s.key, s.status, s.text) for s in samples] == [
+        ("a", "text_too_large", None),
+        ("b", "ok", "fine"),
+    ]
+    assert "its caption is 1200 bytes, over the 1000-byte limit for a text" in samples[0].error_message
+    assert clean_inputs.MAX_TEXT_BYTES == 2**20  # the job's limit; patched above for the table reader only
+    nulls = pa.table({"jpg": [web[0].image], "caption": pa.nulls(1)})  # what pandas writes for all-None
+    assert nulls.schema.field("caption").type == pa.null()
+    pq.write_table(nulls, tmp_path / "nulls.parquet")
+    (sample,), error = read_input(str(tmp_path / "nulls.parquet"))
+    assert error is None and sample.status == "ok" and sample.text is None
+
+
+def test_an_input_path_with_glob_characters_is_that_path_when_it_exists(tmp_path: Path) -> None:
+    from capfilt.data import input_files
+
+    crawl = tmp_path / "crawl[2024]"
+    crawl.mkdir()
+    tar = _tar_with(crawl / "00000.tar", [("k.png", _png((1, 2, 3)))])
+    assert input_files([str(crawl)]) == [str(tar)]
+    assert input_files([str(tar)]) == [str(tar)]
+    assert input_files([str(tmp_path / "crawl*" / "*.tar")]) == [str(tar)]  # a pattern still globs
+
+
+def test_decoding_rejects_a_sample_whatever_its_image_raises(monkeypatch) -> None:
+    """The decode stage's last line of defence: an image that fails past `open_image` (here, its
+    resize) is that row's image_undecodable, and the batch's other rows are decoded as ever."""
+    from capfilt.pipelines import clean_stages
+
+    good = _png((5, 6, 7))
+    batch = pa.table(
+        {
+            "key": ["a", "b"],
+            "status": ["ok", "ok"],
+            "error_message": pa.array([None, None], pa.string()),
+            "image": [good, good],
+        }
+    )
+    real = Image.Image.resize
+    calls = iter([RuntimeError("a plugin's surprise"), None, None])
+
+    def resize(self, *args, **kwargs):
+        failure = next(calls, None)
+        if failure is not None:
+            raise failure
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    out = clean_stages.decode_batch(batch, [4])
+    assert out.column("status").to_pylist() == ["image_undecodable", "ok"]
+    assert out.column("error_message").to_pylist() == [
+        "a: cannot be resized (RuntimeError: a plugin's surprise)",
+        None,
+    ]
+    assert (
+        out.column("pixels_4").to_pylist()[0] is None
+        and len(out.column("pixels_4").to_pylist()[1]) == 4 * 4 * 3
+    )
