@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=500, help="test images (default: 500)")
     p.add_argument("--noise", type=float, default=0.4, help="fraction of noisy web texts (default: 0.4)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same arguments, same bytes (default: 0)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument(
+        "--image-size", type=int, default=64, help="image side in pixels, 32 to 1024 (default: 64)"
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument(
         "--labelled",

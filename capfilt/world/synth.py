@@ -10,7 +10,9 @@ Layout under `out`:
     world.json           the arguments and the counts (same arguments, same bytes: a cache key)
 
 Every random choice comes from a `random.Random` seeded by a string naming the seed, the split,
-the sample and the purpose, so a sample does not depend on how many others are drawn with it.
+the sample and the purpose, so a sample's scene does not depend on how many others are drawn with
+it. Which web texts are noisy, and which caption a swapped text takes, is drawn over the whole
+web split (exactly `round(noise * web)` of them), so those change with `web` and `noise`.
 """
 
 from __future__ import annotations
@@ -192,6 +194,9 @@ def _url(seed: int, split: str, key: str, name: str | None) -> str:
     return f"https://example.invalid/{folder}/{digest[2:14]}.jpg"
 
 
+MAX_IMAGE_SIZE = 1024  # px a side: 8100 took 4.4 GB to draw, and its images were over the job's pixel limit
+
+
 def _check_args(out: Path, counts: dict[str, int], noise: float, image_size: int, shard_size: int) -> None:
     for name, n in counts.items():
         if not isinstance(n, int) or n < 0:
@@ -201,6 +206,11 @@ def _check_args(out: Path, counts: dict[str, int], noise: float, image_size: int
     if image_size < 32:
         raise CapfiltError(
             f"--image-size {image_size} is too small to draw shapes; use 32 or more (64 default)"
+        )
+    if image_size > MAX_IMAGE_SIZE:
+        raise CapfiltError(
+            f"--image-size {image_size} is larger than the world draws (up to {MAX_IMAGE_SIZE}); models "
+            "resize every image to their own size (384 for BLIP's fine-tuned base and large)"
         )
     if shard_size < 1:
         raise CapfiltError(f"shard size must be >= 1, got {shard_size}")

@@ -228,6 +228,13 @@ def test_data_synth_rejects_bad_noise(tmp_path, capsys):
     assert "--noise" in err
 
 
+def test_data_synth_refuses_images_it_cannot_usefully_draw(tmp_path, capsys):
+    code, out, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "w"), "--image-size", "8100")
+    assert code == 2 and out == ""
+    assert "--image-size 8100 is larger than the world draws (up to 1024)" in err
+    assert not any((tmp_path / "w").iterdir())  # refused before anything is drawn or written
+
+
 def test_building_the_cli_does_not_import_torch():
     """`capfilt --help` stays instant: commands import their heavy modules when they run."""
     import subprocess
