@@ -210,6 +210,9 @@ class ModelHost:
         raise TypeError(f"unknown work item {type(first).__name__}")
 
 
+MAX_RESTARTS = -1  # Ray restarts a dead model actor without limit
+
+
 class ModelPool:
     """The router: `replicas` actors per model; each request goes to the least busy one."""
 
@@ -218,6 +221,11 @@ class ModelPool:
         self.in_flight = {role: [0] * len(handles) for role, handles in actors.items()}
         self._info_refs = {role: [h.info.remote() for h in handles] for role, handles in actors.items()}
         self.info: dict[str, ModelInfo] = {}
+        # Replicas seen dead by a call, each with a ping (`info`) sent since: Ray restarts a dead
+        # actor (MAX_RESTARTS), which loads its checkpoint again. Requests go to the other replicas
+        # meanwhile; with none up for a model the service is not ready (/readyz 503), so a
+        # balancer sends its traffic elsewhere.
+        self._down: dict[tuple[str, int], Any] = {}
 
     @classmethod
     def start(cls, config: ServeConfig) -> ModelPool:
@@ -225,7 +233,11 @@ class ModelPool:
         import ray
 
         remote = ray.remote(ModelHost).options(
-            num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_concurrency=1000
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            max_concurrency=1000,
+            max_restarts=MAX_RESTARTS,  # killed (out of memory, say): Ray starts it again
+            max_task_retries=0,  # its requests in flight fail with a 503; one may be what killed it
         )
         actors = {
             role: [
@@ -245,12 +257,13 @@ class ModelPool:
         return cls(actors)
 
     def ready(self) -> bool:
-        """Whether every actor has loaded its model. Raises ModelUnavailable when one failed to.
-        (A replica that dies later shows as 503s from `call`, not here.)"""
+        """Whether every actor has loaded its model, and each model has a replica up (one that no
+        call found dead, or that answers again). Raises ModelUnavailable when one failed to load
+        at the start."""
         import ray
 
         if len(self.info) == len(self._info_refs):
-            return True
+            return self._restarted()
         refs = [r for refs in self._info_refs.values() for r in refs]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if len(done) < len(refs):
@@ -261,6 +274,32 @@ class ModelPool:
             raise ModelUnavailable(f"a model actor failed to start: {err}") from err
         self.info = {role: role_infos[0] for role, role_infos in infos.items()}
         return True
+
+    def _restarted(self) -> bool:
+        """Whether each model has a replica up: those seen dead count again once their ping
+        answers (the others are pinged again)."""
+        import ray
+
+        for (role, i), ping in list(self._down.items()):
+            done, _ = ray.wait([ping], timeout=0)
+            if not done:
+                continue
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayError:  # still down, or out of restarts: ask again next time
+                self._down[(role, i)] = self.actors[role][i].info.remote()
+            else:
+                log.info("the %s replica %d answers again", role, i)
+                del self._down[(role, i)]
+        return not self.restarting()
+
+    def restarting(self) -> list[str]:
+        """The models none of whose replicas is up: every one was seen dead and has not answered since."""
+        return [
+            role
+            for role, handles in self.actors.items()
+            if all((role, i) in self._down for i in range(len(handles)))
+        ]
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until every actor has loaded its model; ModelUnavailable after `timeout_s`."""
@@ -275,7 +314,8 @@ class ModelPool:
         import ray
 
         counts = self.in_flight[role]
-        i = min(range(len(counts)), key=counts.__getitem__)
+        live = [j for j in range(len(counts)) if (role, j) not in self._down] or range(len(counts))
+        i = min(live, key=counts.__getitem__)
         counts[i] += 1
         try:
             return await self.actors[role][i].submit.remote(item)
@@ -285,7 +325,14 @@ class ModelPool:
                 raise ModelRefused(str(cause)) from None
             raise
         except ray.exceptions.RayActorError as err:
-            raise ModelUnavailable(f"the {role} replica died: {err}") from err
+            # Ray's message names the actor, its pid and node: the log's, not the client's.
+            log.warning("the %s replica %d failed a request: %s", role, i, err)
+            if (role, i) not in self._down:
+                self._down[(role, i)] = self.actors[role][i].info.remote()
+            raise ModelUnavailable(
+                f"the {role} model stopped while serving (killed or out of memory) and is being restarted; "
+                "retry shortly"
+            ) from None
         finally:
             counts[i] -= 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.routing import Route
 
 from .actors import ModelPool
 from .config import ServeConfig
@@ -23,15 +24,18 @@ Images go as base64 in a JSON body or as the file part `image` of a multipart/fo
 
 def create_app(config: ServeConfig, models: ModelPool | None, jobs: JobManager | None) -> FastAPI:
     """The service's app. `models` None: the inference endpoints answer 503 (tests of the HTTP layer)."""
-    app = FastAPI(title="CapFilt", version="0.1.0", description=DESCRIPTION)
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host header.
+    app = FastAPI(title="CapFilt", version="0.1.0", description=DESCRIPTION, redirect_slashes=False)
     app.state.config, app.state.models, app.state.jobs = config, models, jobs
     registry = CollectorRegistry()
     registry.register(ServiceCollector(models, jobs))
     app.state.registry = registry
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=HttpMetrics(registry))  # outermost: sees every answer
     install_error_handlers(app)
-    app.include_router(health_router)
-    app.include_router(inference_router)
-    app.include_router(jobs_router)
+    routers = (health_router, inference_router, jobs_router)
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    # outermost: sees every answer; the routes (the docs' and ours) name the requests it counts
+    routes = [r for r in app.router.routes if isinstance(r, Route)] + [r for x in routers for r in x.routes]
+    app.add_middleware(MetricsMiddleware, metrics=HttpMetrics(registry), routes=routes)
     return app

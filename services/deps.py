@@ -21,6 +21,12 @@ def get_config(request: Request) -> ServeConfig:
 def get_models(request: Request) -> ModelPool:
     models: ModelPool | None = request.app.state.models
     if models is None or not models.ready():
+        down = models.restarting() if models is not None and models.info else []
+        if down:
+            raise ModelUnavailable(
+                f"the {' and '.join(down)} model stopped (killed or out of memory) and is being restarted; "
+                "GET /readyz answers 200 once it is back"
+            )
         raise ModelUnavailable("the models are still loading; GET /readyz answers 200 once they are ready")
     return models
 

@@ -5,7 +5,9 @@
   admits but the service cannot do (settings the model refuses, a relative path): 400
 - images: 400 when empty or undecodable, 413 when over the pixel limit (reason: the ImageError code)
 - the body over `--max-body-bytes`: 413 naming the limit
-- a model replica down or still loading, Ray Jobs unreachable: 503; anything else is a bug: 500, logged with its traceback
+- a model replica down or still loading, Ray Jobs unreachable: 503; a client that hung up before
+  its body arrived: 499 (logged in a line, not counted as a server error); anything else is a bug:
+  500, logged with its traceback
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from capfilt.errors import CapfiltError
 from capfilt.images import ImageError
@@ -78,6 +81,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceUnavailable)
     async def unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
         return _error(503, str(exc), "unavailable", headers={"Retry-After": "5"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client hung up before its body arrived: nobody reads this answer, and it is no
+        # server error (nginx's 499 "client closed request"), so neither a 5xx nor a traceback.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return _error(499, "the client closed the request before its body arrived", "client_closed_request")
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

@@ -55,7 +55,11 @@ AGENT_WAIT_S = 60.0  # how long a submission waits for the cluster's job agent
 def confine(path: str, roots: Sequence[Path], what: str) -> Path:
     """`path` resolved (symlinks, `..`), or ClientError 403 when it lies outside every root."""
     if "://" in path or path.startswith("file:"):
-        raise ClientError(403, f"{what} {path!r}: only local paths under the service's roots are accepted")
+        raise ClientError(
+            403,
+            f"{what} {path!r}: only local paths under the service's roots are accepted",
+            "path_outside_roots",
+        )
     given = Path(path)
     if not given.is_absolute():
         raise ClientError(400, f"{what} {path!r}: give an absolute path")

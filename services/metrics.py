@@ -2,7 +2,8 @@
 
 - capfilt_http_requests_total{route, method, status} and capfilt_http_request_seconds{route, method}:
   every request, labelled by its route template (`/v1/jobs/{job_id}`, never the raw path, so a
-  client cannot grow the label set; unmatched paths count as "unmatched")
+  client cannot grow the label set; unmatched paths count as "unmatched", methods outside the
+  standard seven as "other")
 - capfilt_batch_size{model}: requests per forward pass, and capfilt_forward_seconds_total{model},
   read from the model actors when scraped
 - capfilt_models_ready: 1 once every actor has loaded its model
@@ -46,11 +47,30 @@ class HttpMetrics:
         )
 
 
-class MetricsMiddleware:
-    """Pure ASGI middleware: times each HTTP request and counts it by route template and status."""
+# The methods a request is counted under; any other (a client can send any token) is "other", so
+# that no client grows the label set.
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
-        self.app, self.metrics = app, metrics
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: times each HTTP request and counts it by route template and status.
+    `routes` (the app's): a request answered before routing (a 413 on its declared length) or by
+    a route that does not record itself (/docs) is still counted under the route it asked for."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics, routes: list[Any] | None = None) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes if routes is not None else []
+
+    def _route(self, scope: Scope) -> str:
+        from starlette.routing import Match
+
+        path = getattr(scope.get("route"), "path", None)
+        if path:
+            return path
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return getattr(route, "path", None) or "unmatched"
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,8 +87,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
+            route = self._route(scope)
+            method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.requests.labels(route, method, str(status["code"])).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
 

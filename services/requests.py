@@ -26,13 +26,75 @@ _DECODES = anyio.CapacityLimiter(4)  # images decoded at once: each can take wid
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+MAX_ERRORS = 20  # errors a 422 lists: a body of a million bad fields gets a short answer
+
+
 def validation_error(err: ValidationError, prefix: tuple[str, ...] = ("body",)) -> RequestValidationError:
-    """pydantic's errors as FastAPI's 422, located in the body, without echoing the (large) input."""
-    errors = [
-        {"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
-        for e in err.errors(include_url=False)
-    ]
+    """pydantic's errors as FastAPI's 422, located in the body, without echoing the (large) input;
+    the first MAX_ERRORS of them, then one saying how many more there were."""
+    found = err.errors(include_url=False)
+    errors = [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in found[:MAX_ERRORS]]
+    if len(found) > MAX_ERRORS:
+        errors.append(
+            {
+                "loc": list(prefix),
+                "msg": f"and {len(found) - MAX_ERRORS} more errors",
+                "type": "too_many_errors",
+            }
+        )
     return RequestValidationError(errors)
+
+
+def _unknown_fields(
+    model: type[BaseModel], data: dict[str, Any], prefix: tuple[str, ...] = ("body",)
+) -> None:
+    """422 for fields the model does not have (its schema forbids extras), before pydantic builds one
+    error per field: a 16 MiB body can hold a million keys."""
+    if model.model_config.get("extra") != "forbid":
+        return
+    unknown = [k for k in data if k not in model.model_fields]
+    if unknown:
+        shown = unknown[:MAX_ERRORS]
+        errors = [
+            {"loc": [*prefix, k], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+            for k in shown
+        ]
+        if len(unknown) > len(shown):
+            errors.append(
+                {
+                    "loc": list(prefix),
+                    "msg": f"and {len(unknown) - len(shown)} more unknown fields",
+                    "type": "too_many_errors",
+                }
+            )
+        raise RequestValidationError(errors)
+
+
+def _from_json(raw: bytes, model: type[M]) -> M:
+    """Parse and validate a JSON body (run in a worker thread: a large body takes a while, and the
+    event loop serves every other client meanwhile)."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HTTPException(400, f"the request body is not valid JSON: {err}") from err
+    except RecursionError as err:  # json's parser recurses once per nested array or object
+        raise HTTPException(
+            400,
+            f"the request body's JSON is nested too deeply to parse: send an object with the fields of {model.__name__}",
+        ) from err
+    except ValueError as err:  # an integer of more digits than Python converts (4,300)
+        raise HTTPException(400, f"the request body is not JSON this service reads: {err}") from err
+    return _validated(model, data)
+
+
+def _validated(model: type[M], data: Any) -> M:
+    if not isinstance(data, dict):
+        raise HTTPException(400, f"the JSON body must be an object with the fields of {model.__name__}")
+    _unknown_fields(model, data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
 
 
 def _is_list(model: type[BaseModel], name: str) -> bool:
@@ -81,31 +143,15 @@ def body(model: type[M], *, multipart: bool = True) -> Callable[[Request], Await
     async def parse(request: Request) -> M:
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media == MULTIPART and multipart:
-            data: Any = await _form_fields(request, model)
-        elif media == JSON or media.endswith("+json") or not media:
+            return _validated(model, await _form_fields(request, model))
+        if media == JSON or media.endswith("+json") or not media:
             raw = await request.body()
             if not raw.strip():
                 raise HTTPException(400, f"the request body is empty: send {expected}")
             if not media:
                 raise HTTPException(415, f"no Content-Type: send {accepted}")
-            try:
-                data = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise HTTPException(400, f"the request body is not valid JSON: {err}") from err
-            except RecursionError as err:  # json's parser recurses once per nested array or object
-                raise HTTPException(
-                    400,
-                    "the request body's JSON is nested too deeply to parse: send an object with the "
-                    f"fields of {model.__name__}",
-                ) from err
-        else:
-            raise HTTPException(415, f"unsupported Content-Type {media!r}: send {accepted}")
-        if not isinstance(data, dict):
-            raise HTTPException(400, f"the JSON body must be an object with the fields of {model.__name__}")
-        try:
-            return model.model_validate(data)
-        except ValidationError as err:
-            raise validation_error(err) from None
+            return await anyio.to_thread.run_sync(_from_json, raw, model)
+        raise HTTPException(415, f"unsupported Content-Type {media!r}: send {accepted}")
 
     return parse
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -211,6 +212,7 @@ async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, An
 
     from .actors import ModelUnavailable
 
+    _raise_open_files_limit()
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -243,6 +245,22 @@ async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, An
     await task
     if failure is not None:
         raise CapfiltError(f"the service stopped: {failure}")
+
+
+def _raise_open_files_limit() -> None:
+    """Each connection holds a file descriptor, and a common soft limit is 1,024: a thousand idle
+    half-sent requests stopped the service accepting any. Raise it to the hard limit (uvicorn has no
+    timeout on a request's headers or body: docs/service.md puts the service behind a proxy that does)."""
+    try:
+        import resource
+    except ImportError:  # not on Linux or macOS
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard)
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

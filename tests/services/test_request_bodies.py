@@ -127,3 +127,79 @@ def test_job_gpu_shares_ray_would_refuse_are_422(num_gpus: float) -> None:
 
     with pytest.raises(ValueError, match="num_gpus"):
         JobRequest.model_validate({"input": ["/x"], "output": "/y", "num_gpus": num_gpus})
+
+
+def test_a_body_of_many_unknown_fields_gets_a_short_422(client: TestClient) -> None:
+    """Unknown fields are refused before pydantic builds one error per field; a 422 lists at most
+    MAX_ERRORS errors (a million keys made a 90 MB answer and held the event loop for 7 s)."""
+    from capfilt.services.requests import MAX_ERRORS
+
+    body = {"image": base64.b64encode(_png()).decode(), **{f"k{i}": i for i in range(50_000)}}
+    r = client.post("/v1/caption", json=body)
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert len(detail) == MAX_ERRORS + 1 and len(r.content) < 10_000
+    assert detail[0] == {
+        "loc": ["body", "k0"],
+        "msg": "Extra inputs are not permitted",
+        "type": "extra_forbidden",
+    }
+    assert detail[-1]["msg"] == f"and {50_000 - MAX_ERRORS} more unknown fields"
+    many_bad = {"image": base64.b64encode(_png()).decode(), "texts": [{"x": 1}] * 60}  # 60 type errors
+    r = client.post("/v1/score", json=many_bad)
+    assert r.status_code == 422 and len(r.json()["detail"]) == MAX_ERRORS + 1
+    assert r.json()["detail"][-1]["type"] == "too_many_errors"
+
+
+def test_an_integer_python_will_not_convert_is_a_400(client: TestClient) -> None:
+    r = client.post("/v1/caption", content=b'{"image": "x", "num_captions": ' + b"9" * 5000 + b"}",
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and "not JSON this service reads" in r.json()["detail"]
+
+
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_server_error() -> None:
+    """No traceback, not a 5xx in the metrics: nobody reads the answer."""
+    import asyncio
+
+    app = create_app(ServeConfig(captioner="unused", filter="unused"), None, None)
+    app.dependency_overrides[get_models] = lambda: None
+    sent: list[dict] = []
+    messages = iter(
+        [{"type": "http.request", "body": b'{"image": "', "more_body": True}, {"type": "http.disconnect"}]
+    )
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/caption", "raw_path": b"/v1/caption", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 499
+    with TestClient(app) as c:
+        metrics = c.get("/metrics").text
+    assert 'capfilt_http_requests_total{method="POST",route="/v1/caption",status="499"} 1.0' in metrics
+
+
+def test_metrics_labels_stay_bounded_and_name_the_route_asked(client: TestClient) -> None:
+    for i in range(5):
+        client.request(f"X{i}FOO", "/healthz")
+    client.get("/openapi.json")
+    big = client.post("/v1/caption", content=b"x", headers={"content-length": str(10**9)})
+    assert big.status_code == 413
+    metrics = client.get("/metrics").text
+    assert "X0FOO" not in metrics
+    assert 'capfilt_http_requests_total{method="other",route="/healthz",status="405"} 5.0' in metrics
+    assert 'route="/openapi.json"' in metrics
+    assert 'capfilt_http_requests_total{method="POST",route="/v1/caption",status="413"}' in metrics
+
+
+def test_a_trailing_slash_is_not_redirected_to_the_clients_host(client: TestClient) -> None:
+    r = client.get("/v1/caption/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers
