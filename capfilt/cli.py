@@ -449,6 +449,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             save_checkpoint(ckpt, out)
     except CheckpointError as err:
         raise CapfiltError(str(err)) from err
+    except OSError as err:  # under a file, on a read-only or virtual filesystem, no space...
+        raise CapfiltError(
+            f"--output {out}: cannot write the checkpoint there ({err.strerror or err})"
+        ) from err
     print(
         json.dumps(
             {"output": str(out), "format": args.to, "role": ckpt.role, "source_format": ckpt.source_format}

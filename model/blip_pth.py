@@ -104,7 +104,9 @@ def load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str,
             f"{path} is not a BLIP checkpoint: no state dict with visual_encoder.* weights (looked at the "
             "file itself and under 'model' and 'state_dict', with and without a 'module.' prefix)"
         )
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # BLIP's files hold other entries beside the weights (an epoch, the optimizer's...): names and
+    # tensors only
+    state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     conv = convert.from_blip(state)
     log.info("%s: %s", path, conv.summary())
     for note in conv.notes:

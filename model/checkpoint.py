@@ -163,6 +163,8 @@ def detect_format(path: str | Path) -> str:
         if model_type == "blip" or "text_config" in cfg:
             return "transformers"
         raise CheckpointError(f"{cfg_path} describes neither a CapFilt nor a transformers BLIP checkpoint")
+    if not p.is_file():  # a FIFO would block the read for ever; a device is no checkpoint
+        raise CheckpointError(f"{p} is neither a directory nor a regular file; {WHAT_A_CHECKPOINT_IS}")
     return "blip-pth"
 
 
@@ -290,6 +292,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError as err:  # json recurses once per nested list or object
+        raise CheckpointError(f"{path} is JSON nested too deeply to be a config") from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return data
@@ -303,7 +307,53 @@ def file_digest(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+# Parameters a checkpoint may build (BLIP-L is 0.47 B): a config.json or the shapes of a .pth's
+# tensors (a stride-0 tensor of a billion values is 4 bytes in the file) could otherwise ask for
+# tens of GB before anything else is checked.
+MAX_PARAMETERS = 2_000_000_000
+
+
+def check_state_dict(state: Any, source: str) -> dict[str, torch.Tensor]:
+    """`state` if it is a dict of named tensors, else CheckpointError naming what it holds."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{source}: the weights are a {type(state).__name__}, not a dict of named tensors"
+        )
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{source}: the weights hold {key!r}: {type(value).__name__}; expected names (str) of tensors"
+            )
+    return state
+
+
 def _build(config: MEDConfig, state: dict[str, torch.Tensor], source: str) -> MED:
+    """The MED of `config` with `state` loaded, checked before anything is allocated: the
+    architecture's size, every tensor's shape and kind; and after, every weight finite."""
+    check_state_dict(state, source)
+    with torch.device("meta"):  # shapes without memory
+        skeleton = MED(config)
+    count = sum(p.numel() for p in skeleton.parameters())
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{source}: its architecture has {count:,} parameters ({4 * count / 2**30:.0f} GiB in fp32), more "
+            f"than CapFilt builds ({MAX_PARAMETERS:,}; BLIP-L has 0.47 billion): not a BLIP checkpoint"
+        )
+    expected = skeleton.state_dict()
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is None:
+            continue  # reported with the missing keys below
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{source}: weights do not match the architecture: {key} has shape {tuple(tensor.shape)}, "
+                f"the architecture {tuple(want.shape)}"
+            )
+        if want.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: {key} holds {tensor.dtype} values; weights must be floating point "
+                "(float32, float16, bfloat16)"
+            )
     med = MED(config)
     missing, unexpected = med.load_state_dict(state, strict=False)
     if config.has_decoder and config.text.tie_word_embeddings:
@@ -315,6 +365,12 @@ def _build(config: MEDConfig, state: dict[str, torch.Tensor], source: str) -> ME
             f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''})"
         )
     med.tie_weights()
+    for key, tensor in med.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{source}: {key} holds NaN or infinite values; every caption and score would be NaN "
+                "(a diverged training run's checkpoint?)"
+            )
     return med
 
 
@@ -337,8 +393,16 @@ def _load_ours(path: Path) -> Checkpoint:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no model.safetensors")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):  # transformers would make do with
+        raise CheckpointError(  # its tokenizer_config.json alone: a vocabulary of a few special tokens
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy them from the directory "
+            "the checkpoint came from"
+        )
     med = _build(config, load_file(str(weights)), str(path))
-    tok = CaptionTokenizer.load(path, dec_id=config.text.dec_token_id, enc_id=config.text.enc_token_id)
+    try:
+        tok = CaptionTokenizer.load(path, dec_id=config.text.dec_token_id, enc_id=config.text.enc_token_id)
+    except ValueError as err:
+        raise CheckpointError(f"{path} has no usable tokenizer files: {err}") from err
     return Checkpoint(med, tok, role, meta.get("provenance", {}), FORMAT, file_digest(weights))
 
 
@@ -361,7 +425,7 @@ def _transformers_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Pat
         return state, [path / f for f in files]
     legacy = path / "pytorch_model.bin"
     if legacy.is_file():
-        return _safe_torch_load(legacy), [legacy]
+        return check_state_dict(_safe_torch_load(legacy), str(legacy)), [legacy]
     raise CheckpointError(f"{path} has no model.safetensors (or pytorch_model.bin)")
 
 
@@ -435,14 +499,14 @@ def _tokenizer_for(path: Path, config: MEDConfig) -> CaptionTokenizer:
         )
     try:
         hf = load_hf_tokenizer(path)
-    except (OSError, ValueError) as err:
+        vocab = hf.get_vocab()
+        dec = vocab.get("[DEC]", config.text.dec_token_id)
+        enc = vocab.get("[ENC]", config.text.enc_token_id)
+        if "[ENC]" not in vocab:
+            log.info("%s: tokenizer has no [ENC]; using id %d (BLIP's: right after [DEC])", path, enc)
+        return CaptionTokenizer(hf, dec_id=dec, enc_id=enc)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
         raise CheckpointError(f"{path} has no usable tokenizer files: {err}") from err
-    vocab = hf.get_vocab()
-    dec = vocab.get("[DEC]", config.text.dec_token_id)
-    enc = vocab.get("[ENC]", config.text.enc_token_id)
-    if "[ENC]" not in vocab:
-        log.info("%s: tokenizer has no [ENC]; using id %d (BLIP's: right after [DEC])", path, enc)
-    return CaptionTokenizer(hf, dec_id=dec, enc_id=enc)
 
 
 WHAT_A_CHECKPOINT_IS = (

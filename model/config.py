@@ -7,6 +7,7 @@ A config fully describes the network's shapes; it is written into every checkpoi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +123,39 @@ class MEDConfig:
             ("text.sep_token_id", t.sep_token_id),
             ("text.dec_token_id", t.dec_token_id),
             ("text.enc_token_id", t.enc_token_id),
-        ):
+        ):  # the others are checked against the tokenizer (which may set them) once it is loaded
             _check_int(name, value, 0, 10**9)
+        # the word embeddings' padding row: past them, building the layer fails
+        _check_int("text.pad_token_id", t.pad_token_id, 0, t.vocab_size - 1)
+        for name, value in (
+            ("has_encoder", self.has_encoder),
+            ("has_decoder", self.has_decoder),
+            ("text.tie_word_embeddings", t.tie_word_embeddings),
+        ):
+            if not isinstance(value, bool):  # the string "false" would read as true
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string (BLIP's is {DEFAULT_PROMPT!r}), got {self.prompt!r}")
+        for name, values, low in (("image_mean", self.image_mean, None), ("image_std", self.image_std, 0.0)):
+            numbers = (
+                isinstance(values, (tuple, list))
+                and len(values) == 3
+                and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for x in values
+                )
+            )
+            if not numbers or (low is not None and min(values) <= low):
+                want = (
+                    "three positive numbers (one per RGB channel)"
+                    if low is not None
+                    else "three numbers (one per RGB channel)"
+                )
+                raise ValueError(f"{name} must be {want}, got {values!r}")
+        if self.max_text_tokens > t.max_positions:
+            raise ValueError(
+                f"max_text_tokens {self.max_text_tokens} is more than the text's {t.max_positions} positions"
+            )
         for name, value, top in (
             ("vision.mlp_ratio", v.mlp_ratio, 64.0),
             ("vision.layer_norm_eps", v.layer_norm_eps, 1.0),

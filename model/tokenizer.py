@@ -92,6 +92,14 @@ class CaptionTokenizer:
         self, hf: PreTrainedTokenizerBase, dec_id: int | None = None, enc_id: int | None = None
     ) -> None:
         self.hf = hf
+        missing = [name for name in ("pad", "cls", "sep") if getattr(hf, f"{name}_token_id") is None]
+        if missing:  # every text is `[CLS] ... [SEP]`, padded: a BPE or GPT tokenizer cannot serve
+            raise ValueError(
+                f"the tokenizer ({type(hf).__name__}) has no {', '.join(f'[{m.upper()}]' for m in missing)} "
+                "token: the MED needs BERT's WordPiece tokenizer (bert-base-uncased's for BLIP)"
+            )
+        if not isinstance(hf.model_max_length, int):
+            raise ValueError(f"the tokenizer's model_max_length is {hf.model_max_length!r}, not an integer")
         vocab = hf.get_vocab()
         self.ids = TokenIds(
             pad=hf.pad_token_id,
@@ -116,8 +124,14 @@ class CaptionTokenizer:
     def load(
         cls, directory: str | Path, dec_id: int | None = None, enc_id: int | None = None
     ) -> CaptionTokenizer:
-        """Load tokenizer files from a local directory (ours or a transformers BLIP checkpoint)."""
-        hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        """Load tokenizer files from a local directory (ours or a transformers BLIP checkpoint).
+        ValueError naming the directory for files transformers cannot read as a tokenizer."""
+        try:
+            hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except (TypeError, AttributeError, KeyError, RecursionError) as err:  # JSON of the wrong shape
+            raise ValueError(
+                f"the tokenizer files in {directory} are not a tokenizer's: {type(err).__name__}: {err}"
+            ) from err
         vocab = hf.get_vocab()
         if dec_id is None and DEC not in vocab:
             raise ValueError(f"the tokenizer in {directory} has no {DEC} token; pass its id explicitly")

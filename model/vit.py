@@ -42,7 +42,7 @@ class VisionTransformer(nn.Module):
             )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
-        drop_path = torch.linspace(0, config.drop_path, config.depth).tolist()
+        drop_path = torch.linspace(0, config.drop_path, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(
                 config.width,
