@@ -542,11 +542,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from capfilt.model.checkpoint import CheckpointError
     from capfilt.pipelines.train_cli import run_train
 
-    with stdout_to_stderr():
-        summary = run_train(args)
-    print(json.dumps(summary))
+    try:
+        with stdout_to_stderr():
+            summary = run_train(args)
+    except CheckpointError as err:  # an --init or --vit-init that cannot be loaded
+        raise CapfiltError(str(err)) from err
+    print(json.dumps(summary, allow_nan=False))
     return 0
 
 

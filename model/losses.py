@@ -91,6 +91,8 @@ def sample_hard_negatives(
         return hardness * soft + (1.0 - hardness) / sim.shape[1] if hardness < 1.0 else soft
 
     # +1e-4 as BLIP: a floor so every non-positive can still be drawn when the softmax underflows.
+    if not (bool(torch.isfinite(sim_t2i).all()) and bool(torch.isfinite(sim_i2t).all())):
+        raise FloatingPointError("the ITC similarities the hard negatives are drawn from")
     weights_t2i = (weights(sim_t2i) + 1e-4).masked_fill(positive_mask.t(), 0)
     weights_i2t = (weights(sim_i2t) + 1e-4).masked_fill(positive_mask, 0)
     if (weights_t2i.sum(1) == 0).any() or (weights_i2t.sum(1) == 0).any():

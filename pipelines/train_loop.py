@@ -167,6 +167,17 @@ class Schedule:
     queue_size: int
 
 
+def diverged(step: int, what: str, grad_clip: float) -> CapfiltError:
+    """The error a run stops with at its first loss that is not finite (before that step changes a
+    weight or saves one): a NaN checkpoint would only fail later, where it is used."""
+    remedy = "a lower --lr" + ("" if grad_clip > 0 else ", or --grad-clip 1.0")
+    return CapfiltError(
+        f"training diverged at step {step}: {what} is not finite. Nothing of that step was saved; the run "
+        f"directory keeps its last checkpoint (rerunning resumes from it with the same arguments). Start "
+        f"again with {remedy}"
+    )
+
+
 class _Worker:
     """One rank's run: set up from a start checkpoint (or a state), then step, log and save."""
 
@@ -314,15 +325,23 @@ class _Worker:
         self.hardness = hardness_ramp(self.step, cfg.hard_negatives_ramp)
         if self.debug:
             self.debug.before()
-        losses = self.model(
-            batch["pixels"],
-            batch["input_ids"],
-            batch["attention_mask"],
-            alpha=self.alpha,
-            hardness=self.hardness,
-            image_ids=batch["image_ids"] if cfg.task == "filter" else None,
-        )
+        try:
+            losses = self.model(
+                batch["pixels"],
+                batch["input_ids"],
+                batch["attention_mask"],
+                alpha=self.alpha,
+                hardness=self.hardness,
+                image_ids=batch["image_ids"] if cfg.task == "filter" else None,
+            )
+        except FloatingPointError as err:  # the hard negatives' similarities were already NaN
+            raise diverged(self.step + 1, str(err), cfg.grad_clip) from None
         loss = torch.stack(list(losses.values())).sum()
+        if not bool(torch.isfinite(loss)):  # nothing of this step is applied or saved
+            bad = ", ".join(
+                f"{k} {float(v.detach())}" for k, v in losses.items() if not bool(torch.isfinite(v))
+            )
+            raise diverged(self.step + 1, bad, cfg.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -212,6 +212,10 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
         rows, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
         x, y = batch(rows)
         loss = nn.functional.binary_cross_entropy_with_logits(head(readout(vit(x))), y)
+        if not bool(torch.isfinite(loss)):
+            from .train_loop import diverged
+
+            raise diverged(step, f"the loss {float(loss.detach())}", cfg.grad_clip)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -272,7 +276,15 @@ def load_vit_init(path: str | Path, vision: VisionConfig) -> dict[str, torch.Ten
     differ = [f"{k} {saved.get(k)} (init) vs {wanted[k]} (model)" for k in keys if saved.get(k) != wanted[k]]
     if differ:
         raise CapfiltError(f"--vit-init {run} does not fit this MED's image encoder: {'; '.join(differ)}")
-    return load_file(str(weights))
+    state = load_file(str(weights))
+    bad = next(
+        (k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None
+    )
+    if bad is not None:
+        raise CapfiltError(
+            f"--vit-init {run}: {bad} holds NaN or infinite values (a run that diverged); train it again"
+        )
+    return state
 
 
 def vit_stem(path: str | Path) -> str:

@@ -140,3 +140,23 @@ def test_ctrl_c_during_ray_training_says_how_to_resume(
     assert f"training interrupted; no state was saved yet in {out}" in said
     assert "run the same command again to resume" in said
     assert signal.getsignal(signal.SIGINT) is before  # Ray's handler does not outlive the run
+
+
+@pytest.mark.parametrize(
+    ("task", "data"),
+    [("captioner", "human"), ("filter", "human"), ("pretrain", "web")],
+)
+def test_a_diverging_run_stops_at_its_first_non_finite_loss(
+    world, pretrained, tmp_path, capsys, task, data
+) -> None:
+    """An lr of 1e8: before, a captioner ran on with NaN losses and saved a NaN checkpoint (exit 0),
+    a filter or pre-training died in torch.multinomial with a traceback."""
+    out = tmp_path / task
+    argv = ["train", task, "--data", str(world / data), "--out", str(out), "--workers", "0", "--steps", "12"]
+    init = ["--init", str(pretrained)] if task != "pretrain" else ["--size", "tiny"]
+    code = main([*argv, *init, "--batch-size", "8", "--lr", "1e8", "--grad-clip", "0"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "training diverged at step" in captured.err and "is not finite" in captured.err
+    assert "--grad-clip 1.0" in captured.err and captured.out == ""
+    assert not (out / "model.safetensors").exists()  # no final checkpoint of NaN weights

@@ -172,3 +172,44 @@ def test_a_set_too_large_for_memory_is_refused_by_name(labelled: Path, tmp_path:
     )
     with pytest.raises(CapfiltError, match="holds its images in memory, so pass a subset"):
         train_vit(cfg)
+
+
+def test_a_diverging_vit_run_is_refused_and_so_is_a_nan_vit_init(labelled, tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from capfilt.cli import main
+    from capfilt.pipelines.train_vit import META, WEIGHTS
+
+    vit = [
+        "train",
+        "vit",
+        "--data",
+        str(labelled / "labelled"),
+        "--size",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+    ]
+    assert main([*vit, "--out", str(tmp_path / "nan"), "--lr", "1e12", "--grad-clip", "0"]) == 2
+    assert "training diverged at step" in capsys.readouterr().err
+    good = tmp_path / "good"
+    assert main([*vit, "--out", str(good)]) == 0
+    capsys.readouterr()
+    state = load_file(str(good / WEIGHTS))
+    next(iter(state.values())).view(-1)[0] = float("nan")
+    save_file(state, str(good / WEIGHTS))
+    assert (good / META).is_file()
+    pre = [
+        "train",
+        "pretrain",
+        "--data",
+        str(labelled / "web"),
+        "--size",
+        "tiny",
+        "--out",
+        str(tmp_path / "pre"),
+    ]
+    assert main([*pre, "--vit-init", str(good), "--workers", "0", "--steps", "1", "--batch-size", "8"]) == 2
+    assert "holds NaN or infinite values" in capsys.readouterr().err
