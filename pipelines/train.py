@@ -107,6 +107,8 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     else:
         if (out / "config.json").is_file():
             raise CapfiltError(f"{out} already holds a checkpoint but no training state; choose a new --out")
+        if (out / "vit.json").is_file() or (out / "vit.safetensors").is_file():
+            raise CapfiltError(f"{out} holds a `capfilt train vit` run; choose a new --out")
         truncate_metrics(out, 0)
         start = _prepare_start(cfg, shards, out)
 

@@ -172,6 +172,9 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
     config = med_config(cfg.size, image_size=cfg.image_size, stem=cfg.stem)
     vision = config.vision
     shards = shard_paths(cfg.data)
+    finished = _finished_run(out, dataclasses.asdict(cfg) | {"data": [str(p) for p in shards]})
+    if finished is not None:
+        return finished
     pixels, labels = _read(cfg, shards, vision.image_size)
     names = sorted({n for ls in labels for n in ls})
     if not names:
@@ -246,6 +249,37 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
     wall = time.perf_counter() - start
     log.info("ViT pre-training done in %.0f s; held-out accuracy %s", wall, accuracy)
     return VitTrainResult(out, cfg.steps, names, accuracy, wall)
+
+
+def _finished_run(out: Path, args: dict[str, Any]) -> VitTrainResult | None:
+    """The result of the `train vit` run `out` already holds with these `args` (nothing is trained
+    again); CapfiltError when `out` holds another run: a MED training run, or a ViT run of other
+    arguments, whose metrics and weights this one would overwrite."""
+    from .train_state import list_states
+
+    if out.is_dir() and (list_states(out) or (out / "config.json").is_file()):
+        raise CapfiltError(
+            f"{out} holds a MED training run (`capfilt train` of another task); choose a new --out"
+        )
+    if not (out / META).is_file():
+        return None
+    try:
+        meta = json.loads((out / META).read_text())
+        saved = meta["args"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CapfiltError(
+            f"{out}/{META} is not a finished `train vit` run's record ({err}); choose a new --out"
+        ) from err
+    differ = sorted(k for k in args if k != "out" and saved.get(k) != args[k])
+    if differ:
+        details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {args[k]!r}" for k in differ)
+        raise CapfiltError(
+            f"{out} holds a finished `train vit` run with other arguments ({details}); choose a new --out"
+        )
+    log.info("%s already holds this finished `train vit` run; nothing to train", out)
+    return VitTrainResult(
+        out, int(saved.get("steps", 0)), list(meta.get("labels", [])), meta.get("held_out_accuracy"), 0.0
+    )
 
 
 @torch.no_grad()

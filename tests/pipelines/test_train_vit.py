@@ -137,7 +137,17 @@ def test_train_vit_command(labelled: Path, tmp_path: Path, capsys: pytest.Captur
     assert (
         "`train vit` takes no --epochs, --checkpoint-every, --workers, --batching" in capsys.readouterr().err
     )
-    assert main([*argv, "--steps", "2", "--batch-size", "8", "--epochs", "5"]) == 0  # the default: harmless
+    again = [
+        "train",
+        "vit",
+        "--data",
+        str(labelled / "labelled"),
+        "--out",
+        str(tmp_path / "cli2"),
+        "--size",
+        "tiny",
+    ]
+    assert main([*again, "--steps", "2", "--batch-size", "8", "--epochs", "5"]) == 0  # the default: harmless
 
 
 def test_world_labelled_split(labelled: Path, tmp_path: Path) -> None:
@@ -213,3 +223,36 @@ def test_a_diverging_vit_run_is_refused_and_so_is_a_nan_vit_init(labelled, tmp_p
     ]
     assert main([*pre, "--vit-init", str(good), "--workers", "0", "--steps", "1", "--batch-size", "8"]) == 2
     assert "holds NaN or infinite values" in capsys.readouterr().err
+
+
+def test_an_out_holding_another_run_is_refused_and_the_same_vit_run_is_not_redone(
+    labelled, pretrained, tmp_path, capsys
+) -> None:
+    """Before: `train vit` into a pre-training run truncated its metrics (its resume then read the
+    ViT's loss); a pre-training into a ViT run, or a ViT run of other arguments, overwrote it."""
+    import shutil
+
+    from capfilt.cli import main
+
+    vit = ["train", "vit", "--data", str(labelled / "labelled"), "--size", "tiny", "--batch-size", "8"]
+    pre_run = pretrained.parent if (pretrained.parent / "metrics.jsonl").is_file() else pretrained
+    copy = shutil.copytree(pre_run, tmp_path / "pre")
+    metrics = (copy / "metrics.jsonl").read_text()
+    assert main([*vit, "--steps", "2", "--out", str(copy)]) == 2
+    assert "holds a MED training run" in capsys.readouterr().err
+    assert (copy / "metrics.jsonl").read_text() == metrics and not (copy / "vit.json").exists()
+    run = tmp_path / "vit"
+    assert main([*vit, "--steps", "2", "--out", str(run)]) == 0
+    capsys.readouterr()
+    weights = (run / "vit.safetensors").read_bytes()
+    assert main([*vit, "--steps", "3", "--out", str(run)]) == 2
+    assert (
+        "holds a finished `train vit` run with other arguments (steps: saved 2, now 3)"
+        in capsys.readouterr().err
+    )
+    assert main([*vit, "--steps", "2", "--out", str(run)]) == 0  # the same run: returned, not trained again
+    capsys.readouterr()
+    assert (run / "vit.safetensors").read_bytes() == weights
+    pre = ["train", "pretrain", "--data", str(labelled / "web"), "--size", "tiny", "--out", str(run)]
+    assert main([*pre, "--workers", "0", "--steps", "1", "--batch-size", "8"]) == 2
+    assert "holds a `capfilt train vit` run" in capsys.readouterr().err
