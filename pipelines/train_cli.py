@@ -38,7 +38,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--data", nargs="+", required=True, metavar="PATH", help="shard directories, tars or globs"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, metrics, state)")
-    p.add_argument("--size", default="small", help="MED size of a from-scratch pretrain (default: small)")
+    p.add_argument(
+        "--size",
+        default=None,
+        help="MED size of a from-scratch pretrain (default: small); a run from --init keeps that checkpoint's",
+    )
     p.add_argument(
         "--stem",
         choices=STEMS,
@@ -157,11 +161,23 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.size is not None and args.init is not None:
+        from pathlib import Path
+
+        from capfilt.errors import CapfiltError
+        from capfilt.model.checkpoint import checkpoint_size
+
+        init_size = checkpoint_size(args.init)[0] if Path(args.init).exists() else None
+        if init_size != args.size:
+            raise CapfiltError(
+                f"--size {args.size}: a run from --init keeps that checkpoint's size"
+                f"{f' ({init_size})' if init_size else ''}: drop --size"
+            )
     return TrainConfig(
         task=args.task,
         data=list(args.data),
         out=args.out,
-        size=args.size,
+        size=args.size or "small",
         stem=args.stem,
         vit_init=args.vit_init,
         init=args.init,
@@ -266,7 +282,7 @@ def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
     config = VitTrainConfig(
         data=list(args.data),
         out=args.out,
-        size=args.size,
+        size=args.size or "small",
         stem=args.stem or "patch",
         image_size=args.image_size,
         steps=2000 if args.steps is None else args.steps,

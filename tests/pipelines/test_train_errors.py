@@ -160,3 +160,20 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss(
     assert "training diverged at step" in captured.err and "is not finite" in captured.err
     assert "--grad-clip 1.0" in captured.err and captured.out == ""
     assert not (out / "model.safetensors").exists()  # no final checkpoint of NaN weights
+
+
+def test_size_with_init_is_refused_unless_it_is_the_inits(world, pretrained, tmp_path, capsys) -> None:
+    """Before: `pretrain --init <tiny> --size small` trained a tiny MED and said nothing."""
+    argv = ["train", "captioner", "--data", str(world / "human"), "--init", str(pretrained), "--workers", "0"]
+    assert (
+        main([*argv, "--out", str(tmp_path / "a"), "--size", "small", "--steps", "1", "--batch-size", "8"])
+        == 2
+    )
+    assert (
+        "--size small: a run from --init keeps that checkpoint's size (tiny): drop --size"
+        in capsys.readouterr().err
+    )
+    assert (
+        main([*argv, "--out", str(tmp_path / "b"), "--size", "tiny", "--steps", "1", "--batch-size", "8"])
+        == 0
+    )
