@@ -432,7 +432,10 @@ def _transformers_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Pat
 def _load_transformers(path: Path) -> Checkpoint:
     hf_cfg = _read_json(path / "config.json")
     state, files = _transformers_weights(path)
-    arch = (hf_cfg.get("architectures") or [""])[0]
+    names = hf_cfg.get("architectures") or [""]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}/config.json: architectures is {names!r}, not a list of class names")
+    arch = names[0]
     try:
         conv = convert.from_transformers(state)
         if not (conv.has_encoder or conv.has_decoder):

@@ -203,3 +203,12 @@ def test_convert_to_an_output_it_cannot_create_is_exit_2(tmp_path, our_filter_di
     assert (
         code == 2 and "cannot write the checkpoint there (Not a directory)" in err and "Traceback" not in err
     )
+
+
+def test_a_transformers_config_naming_its_architectures_oddly_is_refused(tmp_path, hf_retrieval_dir) -> None:
+    ckpt = _copy(hf_retrieval_dir, tmp_path / "arch")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = 5
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="architectures is 5, not a list of class names"):
+        load_checkpoint(ckpt)
