@@ -505,15 +505,46 @@ def _fingerprint(path: Path, edge: int = 2**20) -> dict[str, Any]:
     return {"path": str(path), "bytes": size, "sha256_ends": digest.hexdigest()}
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+def _stop(proc: subprocess.Popen, term_s: float = 10.0) -> None:
+    """Stop img2dataset's whole process group and wait until every member is gone, not only its
+    main process: its pool workers may otherwise go on writing into the output for a moment after
+    the CLI has returned."""
+    for sig, wait_s in ((signal.SIGTERM, term_s), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait_s
         try:
             proc.wait(timeout=wait_s)
-            return
         except subprocess.TimeoutExpired:
             continue
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not _group_alive(proc.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs. Zombies do not count: a worker orphaned by
+    img2dataset's main process stays one for good where PID 1 does not reap (many containers)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+                state, _, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if int(pgrp) == pgid and state not in ("Z", "X"):
+                return True
+    return False
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -180,7 +180,6 @@ def test_sigterm_stops_img2dataset_too_and_says_how_to_resume(
 ) -> None:
     """img2dataset runs in its own session, so a SIGTERM to `capfilt ingest` never reaches it: the
     CLI must stop it (it used to exit and leave img2dataset writing into OUT)."""
-    import os
     import signal
     import subprocess
     import sys
@@ -214,9 +213,21 @@ def test_sigterm_stops_img2dataset_too_and_says_how_to_resume(
     said = " ".join(stderr.split())
     assert f"ingest stopped by SIGTERM: 0 of 1 shards are finished in {out}" in said
     assert "rerun the same command with --resume" in said
-    time.sleep(1)
-    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    # The CLI waits for the whole group; zombies (orphans PID 1 may never reap) do not run.
+    deadline = time.monotonic() + 10
+    while alive := [pid for pid in children if _running(pid)]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert not alive, f"img2dataset's processes outlived ingest: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _processes_naming(text: str) -> list[int]:
@@ -245,3 +256,23 @@ def test_progress_moves_within_a_shard(hostile_site: tuple[str, Path], tmp_path:
     assert summary.complete and summary.successes == 6
     assert (0, 1, 5) in seen  # the five quick urls, while the slow one held the shard open
     assert seen[-1] == (1, 1, 6)
+
+
+def test_stopping_img2dataset_waits_for_its_whole_group_and_ignores_zombies() -> None:
+    """`_stop` returns once no member of the group runs: a live worker holds it (and is killed),
+    an orphan that exited (a zombie where PID 1 does not reap) does not."""
+    import subprocess
+
+    from capfilt.pipelines.ingest import _group_alive, _stop
+
+    # A worker that outlives its parent and ignores SIGTERM, as a busy pool worker may.
+    proc = subprocess.Popen(
+        ["bash", "-c", "(trap '' TERM; sleep 60) & (sleep 0.1) & wait -n; exit 0"],
+        start_new_session=True,
+    )
+    proc.wait(timeout=10)
+    assert _group_alive(proc.pid)  # the trapping worker runs on after its parent exited
+    started = time.monotonic()
+    _stop(proc, term_s=0.5)
+    assert not _group_alive(proc.pid)
+    assert time.monotonic() - started < 5  # SIGTERM ignored, so SIGKILL after half a second
