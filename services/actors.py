@@ -15,6 +15,7 @@ requests in flight.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import logging
@@ -46,6 +47,14 @@ class ModelRefused(CapfiltError):
 
 class ModelUnavailable(ServiceUnavailable):
     """No replica could answer (not started yet, or died): the server's problem, a 503."""
+
+
+class ModelBusy(ServiceUnavailable):
+    """Every replica of a model already holds `--max-queue` requests: a 503 that says to come back
+    soon, rather than a queue that grows until every client times out."""
+
+    reason = "overloaded"
+    retry_after_s = 1
 
 
 @dataclass(frozen=True)
@@ -216,8 +225,8 @@ MAX_RESTARTS = -1  # Ray restarts a dead model actor without limit
 class ModelPool:
     """The router: `replicas` actors per model; each request goes to the least busy one."""
 
-    def __init__(self, actors: dict[str, list[Any]]) -> None:
-        self.actors = actors
+    def __init__(self, actors: dict[str, list[Any]], max_queue: int = 256) -> None:
+        self.actors, self.max_queue = actors, max_queue
         self.in_flight = {role: [0] * len(handles) for role, handles in actors.items()}
         self._info_refs = {role: [h.info.remote() for h in handles] for role, handles in actors.items()}
         self.info: dict[str, ModelInfo] = {}
@@ -254,7 +263,7 @@ class ModelPool:
             ]
             for role, path in ((CAPTIONER, config.captioner), (FILTER, config.filter))
         }
-        return cls(actors)
+        return cls(actors, config.max_queue)
 
     def ready(self) -> bool:
         """Whether every actor has loaded its model, and each model has a replica up (one that no
@@ -310,15 +319,26 @@ class ModelPool:
             time.sleep(0.1)
 
     async def call(self, role: str, item: CaptionItem | ScoreItem | DecideItem) -> Any:
-        """Send `item` to the least busy replica of `role` and wait for its result."""
+        """Send `item` to the least busy replica of `role` and wait for its result. ModelBusy when
+        every replica already holds `max_queue` requests. Cancelled (its client hung up), the call
+        cancels its request in the actor too: one not yet in a forward pass never runs."""
         import ray
 
         counts = self.in_flight[role]
         live = [j for j in range(len(counts)) if (role, j) not in self._down] or range(len(counts))
         i = min(live, key=counts.__getitem__)
+        if counts[i] >= self.max_queue:
+            raise ModelBusy(
+                f"the {role} model has {self.max_queue} requests waiting on each of its {len(counts)} "
+                "replicas (--max-queue); retry shortly"
+            )
         counts[i] += 1
+        ref = self.actors[role][i].submit.remote(item)
         try:
-            return await self.actors[role][i].submit.remote(item)
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)  # an async actor's task: CancelledError in its coroutine, its item dropped
+            raise
         except ray.exceptions.RayTaskError as err:
             cause = err.cause if isinstance(err.cause, BaseException) else err
             if isinstance(cause, ModelRefused):

@@ -8,6 +8,7 @@ from starlette.routing import Route
 
 from .actors import ModelPool
 from .config import ServeConfig
+from .disconnect import CancelOnDisconnect
 from .errors import install_error_handlers
 from .jobs import JobManager
 from .limits import BodyLimitMiddleware
@@ -34,6 +35,8 @@ def create_app(config: ServeConfig, models: ModelPool | None, jobs: JobManager |
     routers = (health_router, inference_router, jobs_router)
     for router in routers:
         app.include_router(router)
+    # a client gone before its caption or score: the work is cancelled (the job routes run to the end)
+    app.add_middleware(CancelOnDisconnect, paths=frozenset(r.path for r in inference_router.routes))
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     # outermost: sees every answer; the routes (the docs' and ours) name the requests it counts
     routes = [r for r in app.router.routes if isinstance(r, Route)] + [r for x in routers for r in x.routes]

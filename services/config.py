@@ -34,6 +34,8 @@ class ServeConfig:
     precision: str = "exact"
     max_batch: int = 16  # requests per forward pass; 1 turns micro-batching off
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    # requests waiting or running on each model replica; more are refused with a 503 and Retry-After
+    max_queue: int = 256
     api_key: str | None = field(default=None, repr=False)  # bearer key; None: no key is asked
     auth: Auth = "jobs"  # what the key guards: the job endpoints, or every /v1 endpoint and /metrics
     input_roots: tuple[Path, ...] = ()  # job inputs and checkpoints must resolve under one of these
@@ -68,6 +70,8 @@ class ServeConfig:
             raise bad("threads", f"must be >= 1; got {self.threads}")
         if self.max_batch < 1:
             raise bad("max-batch", f"must be >= 1 (1 turns batching off); got {self.max_batch}")
+        if self.max_queue < 1:
+            raise bad("max-queue", f"must be >= 1; got {self.max_queue}")
         if not (0 <= self.max_wait_ms <= 1000):
             raise bad("max-wait-ms", f"must be in [0, 1000]; got {self.max_wait_ms}")
         if self.api_key is not None and len(self.api_key) < 16:

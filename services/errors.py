@@ -37,7 +37,11 @@ class ClientError(CapfiltError):
 
 
 class ServiceUnavailable(RuntimeError):
-    """Something the service depends on (Ray Jobs, a model replica) cannot answer now: a 503."""
+    """Something the service depends on (Ray Jobs, a model replica) cannot answer now: a 503, with
+    `reason` in its body and Retry-After `retry_after_s`."""
+
+    reason = "unavailable"
+    retry_after_s = 5
 
 
 def _error(
@@ -80,7 +84,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceUnavailable)
     async def unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
-        return _error(503, str(exc), "unavailable", headers={"Retry-After": "5"})
+        return _error(503, str(exc), exc.reason, headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:

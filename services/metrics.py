@@ -7,6 +7,8 @@
 - capfilt_batch_size{model}: requests per forward pass, and capfilt_forward_seconds_total{model},
   read from the model actors when scraped
 - capfilt_models_ready: 1 once every actor has loaded its model
+- capfilt_model_requests_in_flight{model}: requests this service has sent to a model's replicas and
+  not yet had answered (queued or in a forward pass); each replica holds at most `--max-queue`
 - capfilt_jobs{state}: the cleaning jobs by Ray Jobs state, and capfilt_jobs_up: 1 when Ray Jobs
   answered this scrape, 0 when it did not. Then capfilt_jobs has no series at all, rather than
   zeros a `capfilt_jobs{state="FAILED"} > 0` alert would read as "no failures"; alert on
@@ -108,6 +110,14 @@ class ServiceCollector(Collector):
         except Exception:  # a failed actor: not ready
             ready.add_metric([], 0.0)
         yield ready
+        in_flight = GaugeMetricFamily(
+            "capfilt_model_requests_in_flight",
+            "requests sent to a model's replicas and not yet answered (queued or in a forward pass)",
+            labels=["model"],
+        )
+        for role, counts in sorted(getattr(self.models, "in_flight", {}).items()):
+            in_flight.add_metric([role], sum(counts))
+        yield in_flight
         batch = HistogramMetricFamily(
             "capfilt_batch_size", "requests per forward pass of a model actor", labels=["model"]
         )

@@ -86,6 +86,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="how long a request waits for others to share its forward pass (default: 5)",
     )
     p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="requests waiting or running on each model replica; more get a 503 with Retry-After (default: 256)",
+    )
+    p.add_argument(
         "--api-key-file", default=None, metavar="FILE", help=f"file holding the API key (else ${API_KEY_ENV})"
     )
     p.add_argument(
@@ -149,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         precision=args.precision,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
         api_key=_api_key(args),
         auth=args.auth,
         input_roots=tuple(Path(r).resolve() for r in args.input_root),

@@ -1,0 +1,125 @@
+"""A client that hangs up has its work cancelled, and a full model queue answers 503 at once.
+
+The middleware and the router are driven directly here (no Ray, no sockets); the running service's
+behaviour under abandoned requests is in test_abandoned.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from capfilt.services.actors import CAPTIONER, ModelBusy, ModelPool
+from capfilt.services.disconnect import CancelOnDisconnect
+
+PATH = "/v1/caption"
+
+
+def _scope(path: str = PATH) -> dict[str, Any]:
+    return {"type": "http", "method": "POST", "path": path, "headers": []}
+
+
+class _Client:
+    """The server side of one connection: the body, then (when told) a disconnect."""
+
+    def __init__(self) -> None:
+        self.leave = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []
+        self.body_given = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.body_given:
+            self.body_given = True
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+
+def _slow_app(log: list[str], seconds: float) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the body
+        try:
+            await asyncio.sleep(seconds)  # the model's work
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+        log.append("finished")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+def test_a_client_that_leaves_has_its_work_cancelled_and_counted_as_499() -> None:
+    async def run() -> tuple[list[str], list[dict[str, Any]]]:
+        log: list[str] = []
+        client = _Client()
+        middleware = CancelOnDisconnect(_slow_app(log, 30), frozenset({PATH}))
+        served = asyncio.ensure_future(middleware(_scope(), client.receive, client.send))
+        await asyncio.sleep(0.05)
+        client.leave.set()
+        await asyncio.wait_for(served, 5)
+        return log, client.sent
+
+    log, sent = asyncio.run(run())
+    assert log == ["cancelled"]
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+
+
+def test_a_client_that_stays_gets_its_answer_and_others_paths_are_not_watched() -> None:
+    async def run(path: str, leave: bool) -> tuple[list[str], list[dict[str, Any]]]:
+        log: list[str] = []
+        client = _Client()
+        if leave:
+            client.leave.set()  # a job submission whose client left still runs to its end
+        middleware = CancelOnDisconnect(_slow_app(log, 0.05), frozenset({PATH}))
+        await asyncio.wait_for(middleware(_scope(path), client.receive, client.send), 5)
+        return log, client.sent
+
+    log, sent = asyncio.run(run(PATH, leave=False))
+    assert log == ["finished"] and sent[0]["status"] == 200 and sent[1]["body"] == b"ok"
+    log, sent = asyncio.run(run("/v1/jobs", leave=True))
+    assert log == ["finished"] and sent[0]["status"] == 200
+
+
+class _Method:
+    def __init__(self, release: asyncio.Event) -> None:
+        self.release = release
+        self.calls = 0
+
+    def remote(self, item: Any) -> Any:
+        self.calls += 1
+
+        async def answer() -> str:
+            await self.release.wait()
+            return "a caption"
+
+        return asyncio.ensure_future(answer())
+
+
+class _Actor:
+    def __init__(self, release: asyncio.Event) -> None:
+        self.submit = _Method(release)
+
+
+def test_a_full_queue_answers_busy_at_once_and_frees_as_requests_finish() -> None:
+    async def run() -> None:
+        release = asyncio.Event()
+        actors = [_Actor(release), _Actor(release)]
+        pool = ModelPool.__new__(ModelPool)  # the router alone: no Ray actors behind it
+        pool.actors, pool.max_queue = {CAPTIONER: actors}, 3
+        pool.in_flight, pool._down = {CAPTIONER: [0, 0]}, {}
+        waiting = [asyncio.ensure_future(pool.call(CAPTIONER, None)) for _ in range(6)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert [a.submit.calls for a in actors] == [3, 3]  # spread over the replicas
+        with pytest.raises(ModelBusy, match=r"3 requests waiting on each of its 2 replicas \(--max-queue\)"):
+            await pool.call(CAPTIONER, None)  # type: ignore[arg-type]
+        release.set()
+        assert await asyncio.gather(*waiting) == ["a caption"] * 6
+        assert await pool.call(CAPTIONER, None) == "a caption"  # type: ignore[arg-type]
+
+    asyncio.run(run())
