@@ -26,6 +26,9 @@ REASONS = (KEPT_BOTH, KEPT_WEB, KEPT_SYNTHETIC, REJECTED)
 Mode = Literal["best", "blip2"]
 
 
+DEFAULT_THRESHOLD = 0.5  # BLIP's: keep a text when its ITM p(match) is above it
+
+
 @dataclass(frozen=True)
 class Rule:
     """threshold: keep a text when its ITM p(match) is strictly above it (BLIP: 0.5).
@@ -34,7 +37,7 @@ class Rule:
     mode "blip2": web and synthetic texts are ranked together by ITM and the top `blip2_top` kept,
         each still above the threshold."""
 
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     synthetic_per_image: int = 1
     mode: Mode = "best"
     blip2_top: int = 2

@@ -44,7 +44,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from capfilt.data import PARQUET, input_files, input_format
-from capfilt.decision import Rule, threshold_for_keep_fraction
+from capfilt.decision import DEFAULT_THRESHOLD, Rule, threshold_for_keep_fraction
 from capfilt.errors import CapfiltError
 from capfilt.inference import CAPFILT_SAMPLING, PRECISIONS
 from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
@@ -68,7 +68,14 @@ log = logging.getLogger(__name__)
 # (shards written, shards in the job, samples scored: counted as each batch leaves the filter, and
 # on a resumed job starting from the finished shards' samples)
 ProgressFn = Callable[[int, int, int], None]
-DEFAULT_THRESHOLD = 0.5
+
+
+def effective_threshold(threshold: float | None, keep_fraction: float | None) -> float | None:
+    """The threshold a job decides with, as its job.json records it: `threshold`, else 0.5 unless
+    `keep_fraction` picks one from the scores (then None)."""
+    if threshold is None and keep_fraction is None:
+        return DEFAULT_THRESHOLD
+    return threshold
 
 
 @dataclass
@@ -308,7 +315,8 @@ def _job(
     return {
         "inputs": [s.source for s in web],
         "human": [s.source for s in human],
-        "threshold": config.threshold,
+        # The threshold in force: --threshold 0.5 and no --threshold are one job (None with --keep-fraction).
+        "threshold": effective_threshold(config.threshold, config.keep_fraction),
         "keep_fraction": config.keep_fraction,
         "num_captions": config.num_captions,
         "top_p": config.top_p,

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from capfilt.decision import DEFAULT_THRESHOLD
 from capfilt.errors import CapfiltError, changed_arguments
 from capfilt.images import ImageError, check_image
 from capfilt.ledger import DPRIME_INDEX_SCHEMA, MISSING_IMAGE, OK, kept_pairs, table
@@ -114,6 +115,13 @@ def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
         if not (out / JOB).is_file():
             raise CapfiltError(f"--output {out} holds files but no {JOB}: it is not a clean job's output")
         saved = _read_json(out / JOB, "the arguments the job was started with")
+        if (
+            isinstance(saved, dict)
+            and "threshold" in saved
+            and saved["threshold"] is None
+            and saved.get("keep_fraction") is None
+        ):
+            saved["threshold"] = DEFAULT_THRESHOLD  # written before job.json held the default
         diff = changed_arguments(saved, job)
         if diff:
             raise CapfiltError(

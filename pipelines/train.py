@@ -66,6 +66,38 @@ class TrainResult:
     resumed_from: int | None  # the step this call resumed from, if it did
 
 
+# Arguments whose default (None) depends on the run: naming the value the default took is the same run.
+RUN_DEFAULTS = ("stem", "image_size", "warmup_steps", "queue_size")
+
+
+def _same_default(
+    key: str, saved: dict[str, Any], now: dict[str, Any], state: Path, trainer: dict[str, Any]
+) -> bool:
+    """Whether `key` differs only as a default and the value it took in the saved run (`--stem patch`
+    against no `--stem`, `--warmup-steps 12` where 5% of the steps was 12)."""
+    if key not in RUN_DEFAULTS or (saved.get(key) is not None and now.get(key) is not None):
+        return False
+    if key == "stem":
+        if saved["task"] != "pretrain" or saved.get("init") is not None:
+            return False
+        taken: Any = vit_stem(saved["vit_init"]) if saved.get("vit_init") else "patch"
+    elif key == "image_size":
+        from capfilt.model.checkpoint import checkpoint_size
+
+        taken = checkpoint_size(state)[1]
+    elif key == "warmup_steps":
+        taken = int(trainer["total_steps"]) // 20
+    else:
+        taken = trainer.get("queue_size")
+    if taken is None:
+        return False
+
+    def value(given: Any) -> Any:  # what the run trains with (a queue of 0 is the default too)
+        return taken if given is None or (key == "queue_size" and given == 0) else given
+
+    return bool(value(saved.get(key)) == value(now.get(key)))
+
+
 def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     """Train to the end of `config` (or its max_steps), resuming a matching run in `config.out`.
 
@@ -86,7 +118,12 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
         # States written before an argument existed ran with its default.
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         saved = {k: defaults.get(k) for k in RESUME_KEYS} | read_args(state)
-        diff = differing(saved, args, RESUME_KEYS)
+        trainer = torch.load(state / "trainer.pt", map_location="cpu", weights_only=True)
+        diff = [
+            k
+            for k in differing(saved, args, RESUME_KEYS)
+            if not _same_default(k, saved, args, state, trainer)
+        ]
         if diff:
             details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {args.get(k)!r}" for k in diff)
             raise CapfiltError(
@@ -94,7 +131,6 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
                 "to resume it, or choose a new --out to start another run."
             )
         resumed_from = state_step(state)
-        trainer = torch.load(state / "trainer.pt", map_location="cpu", weights_only=True)
         target = min(trainer["total_steps"], cfg.max_steps or trainer["total_steps"])
         if resumed_from >= target:
             log.info("%s already finished at step %d; nothing to train", out, resumed_from)

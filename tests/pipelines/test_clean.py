@@ -408,3 +408,26 @@ def test_the_job_writes_its_report(whole: CleanSummary) -> None:
     assert f'<td class="n">{ledger.num_rows}</td>' in page or str(ledger.num_rows) in page
     assert page.count("<svg") >= 3 and "data:image/jpeg;base64," in page  # histograms, keep rate, gallery
     assert "report_s" in whole.timings
+
+
+def test_the_default_threshold_and_an_explicit_one_are_one_job(tmp_path: Path) -> None:
+    """`--threshold 0.5` and no `--threshold` decide alike, so a job started with one resumes with
+    the other (the shipped RayJob passes 0.5, the docs' resume command none); outputs written
+    when job.json held None for the default resume too; another threshold is still refused."""
+    from capfilt.errors import CapfiltError
+    from capfilt.pipelines.clean import effective_threshold
+    from capfilt.pipelines.clean_output import JOB, prepare
+
+    assert effective_threshold(None, None) == effective_threshold(0.5, None) == 0.5
+    assert effective_threshold(None, 0.3) is None and effective_threshold(0.7, None) == 0.7
+    job = {"inputs": ["a"], "threshold": 0.5, "keep_fraction": None, "seed": 0}
+    out = tmp_path / "out"
+    prepare(out, job, resume=False)
+    prepare(out, dict(job), resume=True)
+    (out / JOB).write_text(json.dumps({**job, "threshold": None}))  # an output of an earlier version
+    prepare(out, dict(job), resume=True)
+    (out / JOB).write_text(json.dumps({**job, "threshold": None}))
+    with pytest.raises(CapfiltError, match=r"threshold: saved 0.5, now 0.7"):
+        prepare(out, {**job, "threshold": 0.7}, resume=True)
+    with pytest.raises(CapfiltError, match=r"keep_fraction: saved None, now 0.3"):
+        prepare(out, {**job, "threshold": None, "keep_fraction": 0.3}, resume=True)

@@ -82,6 +82,28 @@ def test_other_arguments_are_refused_by_name(world: Path, tmp_path: Path) -> Non
     assert train(_config(world, tmp_path / "run", max_steps=7, checkpoint_every=0, log_every=2)).steps == 7
 
 
+def test_naming_the_value_a_default_took_resumes_the_run(world: Path, tmp_path: Path) -> None:
+    """--stem patch, --image-size, --warmup-steps and --queue-size equal to what their defaults
+    took (None in the saved arguments) continue the run; other values are still refused."""
+    from capfilt.model.checkpoint import load_checkpoint
+    from capfilt.pipelines.train_state import list_states
+
+    run = tmp_path / "run"
+    train(_config(world, run, max_steps=5, warmup_steps=None))
+    trainer = torch.load(list_states(run)[-1] / "trainer.pt", map_location="cpu", weights_only=True)
+    named = dict(
+        stem="patch",
+        image_size=load_checkpoint(run).config.vision.image_size,
+        warmup_steps=trainer["total_steps"] // 20,
+        queue_size=trainer["queue_size"],
+    )
+    for key, value in named.items():
+        other = "conv" if key == "stem" else value * 2 if key in ("image_size", "queue_size") else value + 1
+        with pytest.raises(CapfiltError, match=f"{key}: saved None, now {other!r}"):
+            train(_config(world, run, max_steps=6, **{"warmup_steps": None, key: other}))
+    assert train(_config(world, run, max_steps=7, **named)).resumed_from == 5
+
+
 KILLED_RUN = """
 import sys
 from capfilt.pipelines.train import TrainConfig, train
