@@ -406,27 +406,51 @@ def _load_ours(path: Path) -> Checkpoint:
     return Checkpoint(med, tok, role, meta.get("provenance", {}), FORMAT, file_digest(weights))
 
 
+# transformers' weight files, in the order it looks for them: one file, or shards and their index.
+WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
 def _transformers_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    single = path / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single)), [single]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
-        files = sorted(set(weight_map.values()))
-        outside = [f for f in files if not (path / f).resolve().is_relative_to(path.resolve())]
-        if outside:
-            raise CheckpointError(f"{index} names shard files outside {path}: {', '.join(outside[:3])}")
-        state: dict[str, torch.Tensor] = {}
-        for name in files:
-            state.update(load_file(str(path / name)))
-        return state, [path / f for f in files]
-    legacy = path / "pytorch_model.bin"
-    if legacy.is_file():
-        return check_state_dict(_safe_torch_load(legacy), str(legacy)), [legacy]
-    raise CheckpointError(f"{path} has no model.safetensors (or pytorch_model.bin)")
+    for single, index in WEIGHT_FILES:
+        if (path / single).is_file():
+            return _weights_file(path / single), [path / single]
+        if (path / index).is_file():
+            files = _shard_files(path / index)
+            state: dict[str, torch.Tensor] = {}
+            for file in files:
+                state.update(_weights_file(file))
+            return state, files
+    raise CheckpointError(
+        f"{path} has no model.safetensors or pytorch_model.bin (nor a sharded one's .index.json)"
+    )
+
+
+def _weights_file(file: Path) -> dict[str, torch.Tensor]:
+    if file.name.endswith(".safetensors"):
+        return load_file(str(file))
+    return check_state_dict(_safe_torch_load(file), str(file))  # pickled: weights only, checked
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a transformers index names: files of its own directory, each present."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+    names = sorted(set(weight_map.values()))
+    directory = index.parent
+    outside = [f for f in names if not (directory / f).resolve().is_relative_to(directory.resolve())]
+    if outside:
+        raise CheckpointError(f"{index} names shard files outside {directory}: {', '.join(outside[:3])}")
+    missing = [f for f in names if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index} names shard files that are not in {directory}: {', '.join(missing[:3])}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
+    return [directory / f for f in names]
 
 
 def _load_transformers(path: Path) -> Checkpoint:

@@ -251,3 +251,37 @@ def test_an_activation_other_than_blips_gelu_is_refused(tmp_path, hf_retrieval_d
         CheckpointError, match=r"text_config\.hidden_act is 'relu'; CapFilt's MED uses BLIP's 'gelu'"
     ):
         load_checkpoint(directory)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_transformers_weights_load_as_the_single_file(tmp_path, hf_retrieval_dir, fmt) -> None:
+    """`save_pretrained(max_shard_size=...)` writes shards and an index: safetensors, or with
+    transformers 4's `safe_serialization=False` `pytorch_model-0000N-of-0000M.bin` and
+    `pytorch_model.bin.index.json` (refused before: only one .bin was looked for)."""
+    from safetensors.torch import load_file, save_file
+
+    directory = _copy(hf_retrieval_dir, tmp_path / fmt, ("model.safetensors",))
+    state = load_file(str(hf_retrieval_dir / "model.safetensors"))
+    names = sorted(state)
+    parts = [names[i::3] for i in range(3)]
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        shard = f"{stem}-{i:05d}-of-00003.{ext}"
+        tensors = {k: state[k].contiguous() for k in part}
+        if fmt == "safetensors":
+            save_file(tensors, str(directory / shard))
+        else:
+            torch.save(tensors, directory / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = directory / f"{stem}.{ext}.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    sharded, single = load_checkpoint(directory), load_checkpoint(hf_retrieval_dir)
+    assert sharded.role == single.role == "filter"
+    _same_model(sharded, single, single.tokenizer)
+    (directory / f"{stem}-00002-of-00003.{ext}").unlink()
+    with pytest.raises(CheckpointError, match=rf"names shard files that are not in .*{stem}-00002-of-00003"):
+        load_checkpoint(directory)
+    (directory / f"{stem}-00002-of-00003.{ext}").mkdir()  # a directory in a shard's place
+    with pytest.raises(CheckpointError, match="names shard files that are not in"):
+        load_checkpoint(directory)
