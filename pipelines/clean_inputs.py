@@ -146,6 +146,10 @@ class TarSample:
     too_large: dict[str, int] = field(default_factory=dict)  # image and text members not read: their sizes
     unreadable: dict[str, str] = field(default_factory=dict)  # members that could not be read: why
 
+    def has(self, ext: str) -> bool:
+        """Whether a member of extension `ext` is in this sample already (read or not)."""
+        return ext in self.files or ext in self.too_large or ext in self.unreadable
+
     @property
     def image_ext(self) -> str | None:
         return next((e for e in IMAGE_EXTENSIONS if e in self.files), None)
@@ -195,14 +199,15 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
     """The samples of a tar (a local path or URL), members grouped by key as `capfilt.data.read_tar`
     groups them (unsorted tars are fine), and the error that cut the read short, if any.
 
-    A member whose key and extension were already met starts a new sample of that key;
+    A member joins the first sample of its key that has no member of its extension yet, else
+    starts a new sample of that key;
     `read_webdataset` cleans the first and reports the others as DUPLICATE_KEY (webdataset itself
     yields them as more samples of the key, or refuses the tar). What was read before an error is
     kept; the sample of the last member read is marked `cut`, as its other members may be lost.
     tarfile stops without a word at a corrupt header in the middle of a tar or at a tar cut between
     members: the bytes after the last member tell (`_end_of_archive`)."""
     samples: list[TarSample] = []
-    latest: dict[str, TarSample] = {}  # each key's last sample: a member joins it unless it repeats
+    by_key: dict[str, list[TarSample]] = {}  # each key's samples, in the tar's order
     reading: TarSample | None = None
     error, whole = None, False
     try:
@@ -214,9 +219,13 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
                 ):
                     continue  # hard links are read as their target's bytes
                 short = text_of(key.rpartition("/")[2]) or ""  # names that are not UTF-8 get U+FFFD
-                reading = latest.get(short)
-                if reading is None or ext in reading.files:
-                    reading = latest[short] = TarSample(short)
+                # the key's first sample still lacking this extension: `k.jpg k.jpg k.txt` gives the
+                # text to the first sample, the one cleaned, not to the duplicate
+                of_key = by_key.setdefault(short, [])
+                reading = next((t for t in of_key if not t.has(ext)), None)
+                if reading is None:
+                    reading = TarSample(short)
+                    of_key.append(reading)
                     samples.append(reading)
                 if member.issym():  # a sample all of symbolic links still has its ledger row
                     reading.unreadable[ext] = (

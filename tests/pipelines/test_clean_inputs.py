@@ -724,3 +724,30 @@ def test_decoding_rejects_a_sample_whatever_its_image_raises(monkeypatch) -> Non
         out.column("pixels_4").to_pylist()[0] is None
         and len(out.column("pixels_4").to_pylist()[1]) == 4 * 4 * 3
     )
+
+
+@pytest.mark.parametrize(
+    ("members", "cleaned_text"),
+    [
+        (["k.png", "k.png", "k.txt"], "first"),  # the text used to go to the duplicate
+        (["k.png", "k.txt", "k.png", "k.txt"], "first"),
+        (["k.txt", "k.png", "k.png"], "first"),
+    ],
+)
+def test_a_repeated_member_starts_a_duplicate_and_the_first_sample_stays_whole(
+    tmp_path: Path, members: list[str], cleaned_text: str
+) -> None:
+    texts = iter(["first", "second"])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in members:
+            data = _png((9, 9, 9)) if name.endswith(".png") else next(texts).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "dup.tar"
+    path.write_bytes(buf.getvalue())
+    samples, error = read_input(str(path))
+    assert error is None
+    assert [(s.key, s.status) for s in samples] == [("k", "ok"), ("k", "duplicate_key")]
+    assert samples[0].text == cleaned_text and samples[0].image is not None
