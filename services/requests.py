@@ -29,20 +29,24 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 MAX_ERRORS = 20  # errors a 422 lists: a body of a million bad fields gets a short answer
 
 
+def _capped(
+    errors: list[dict[str, Any]], total: int, prefix: tuple[str, ...], what: str
+) -> RequestValidationError:
+    """A 422 of the first MAX_ERRORS of `total` errors (`errors` holds at least those), then one
+    saying how many more `what` there were."""
+    shown = errors[:MAX_ERRORS]
+    if total > MAX_ERRORS:
+        more = f"and {total - MAX_ERRORS} more {what}"
+        shown.append({"loc": list(prefix), "msg": more, "type": "too_many_errors"})
+    return RequestValidationError(shown)
+
+
 def validation_error(err: ValidationError, prefix: tuple[str, ...] = ("body",)) -> RequestValidationError:
     """pydantic's errors as FastAPI's 422, located in the body, without echoing the (large) input;
     the first MAX_ERRORS of them, then one saying how many more there were."""
     found = err.errors(include_url=False)
     errors = [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in found[:MAX_ERRORS]]
-    if len(found) > MAX_ERRORS:
-        errors.append(
-            {
-                "loc": list(prefix),
-                "msg": f"and {len(found) - MAX_ERRORS} more errors",
-                "type": "too_many_errors",
-            }
-        )
-    return RequestValidationError(errors)
+    return _capped(errors, len(found), prefix, "errors")
 
 
 def _unknown_fields(
@@ -54,20 +58,11 @@ def _unknown_fields(
         return
     unknown = [k for k in data if k not in model.model_fields]
     if unknown:
-        shown = unknown[:MAX_ERRORS]
         errors = [
             {"loc": [*prefix, k], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
-            for k in shown
+            for k in unknown[:MAX_ERRORS]
         ]
-        if len(unknown) > len(shown):
-            errors.append(
-                {
-                    "loc": list(prefix),
-                    "msg": f"and {len(unknown) - len(shown)} more unknown fields",
-                    "type": "too_many_errors",
-                }
-            )
-        raise RequestValidationError(errors)
+        raise _capped(errors, len(unknown), prefix, "unknown fields")
 
 
 def _from_json(raw: bytes, model: type[M]) -> M:
