@@ -177,6 +177,20 @@ def _prepare_start(cfg: TrainConfig, shards: list[Path], out: Path) -> str:
             f"{', '.join(cfg.data)} hold no image-text pairs: each sample needs an image member and a text "
             "(.txt, or a caption in its .json); check the paths name img2dataset webdataset shards"
         )
+    empty = sum(1 for t in texts if not t)
+    if empty == len(texts):
+        raise CapfiltError(
+            f"{', '.join(cfg.data)}: every one of the {len(texts)} texts is empty after BLIP's caption "
+            "cleaning (lower case, punctuation removed): there is nothing to learn; check the .txt "
+            "members or the .json captions"
+        )
+    if empty * 2 > len(texts):
+        log.warning(
+            "%d of the %d texts in %s are empty after BLIP's caption cleaning; the model learns from them as they are",
+            empty,
+            len(texts),
+            ", ".join(cfg.data),
+        )
     if len(texts) < cfg.global_batch:
         raise CapfiltError(
             f"{', '.join(cfg.data)} hold {len(texts)} pairs, fewer than one global batch of "

@@ -177,3 +177,26 @@ def test_size_with_init_is_refused_unless_it_is_the_inits(world, pretrained, tmp
         main([*argv, "--out", str(tmp_path / "b"), "--size", "tiny", "--steps", "1", "--batch-size", "8"])
         == 0
     )
+
+
+def test_data_whose_texts_are_all_empty_is_refused(tmp_path, capsys) -> None:
+    """Texts that are empty, or only punctuation that BLIP's cleaning removes, leave nothing to
+    learn: refused before training (it used to train on them without a word)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "PNG")
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(8):
+            for ext, data in (("png", buf.getvalue()), ("txt", b"" if i % 2 else b" ... !")):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    argv = ["train", "pretrain", "--data", str(shard), "--out", str(tmp_path / "p"), "--size", "tiny"]
+    assert main([*argv, "--workers", "0", "--steps", "1", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "every one of the 8 texts is empty after BLIP's caption cleaning" in err
