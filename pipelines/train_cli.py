@@ -258,7 +258,6 @@ _NOT_FOR_VIT = (
     "text_negatives",
     "ray_address",
     "epochs",
-    "checkpoint_every",
     "workers",
     "cpus_per_worker",
     "vocab_size",
@@ -293,6 +292,7 @@ def _run_train_vit(args: argparse.Namespace) -> dict[str, Any]:
         warmup_steps=50 if args.warmup_steps is None else args.warmup_steps,
         grad_clip=args.grad_clip,
         log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
         use_gpu=args.num_gpus > 0,
         seed=args.seed,
     )

@@ -15,7 +15,10 @@ learnt"); the MED's objectives read the image only by attention, so without this
 learn shape. The head is discarded: `pretrain --vit-init OUT` keeps the encoder.
 
 Writes OUT/vit.safetensors (the encoder's weights), OUT/vit.json (its config, the label names, the
-run's arguments and held-out accuracy) and OUT/metrics.jsonl.
+run's arguments and held-out accuracy) and OUT/metrics.jsonl. Every `checkpoint_every` steps it
+saves OUT/vit_state.pt (weights, optimiser, schedule, data order and random states): the same
+command run again after an interruption resumes from there and ends with the weights an
+uninterrupted run gives. The state is removed once the run is finished.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -49,6 +53,10 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "vit.safetensors"
 META = "vit.json"
+STATE = "vit_state.pt"
+# Arguments that may change between a run and its resume (they shape neither the weights nor the
+# data order): the rest must be the same.
+RESUME_EXEMPT = ("out", "checkpoint_every", "log_every", "max_memory_gb")
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
@@ -73,6 +81,7 @@ class VitTrainConfig:
     # px); a larger set is refused rather than left to exhaust the machine.
     max_memory_gb: float = 16.0
     log_every: int = 50
+    checkpoint_every: int = 500  # steps between resumable states (OUT/vit_state.pt); 0: none
     use_gpu: bool = False
     seed: int = 0
 
@@ -99,6 +108,10 @@ class VitTrainConfig:
         )
         need(self.grad_clip >= 0, f"grad clip must be >= 0 (0: none), got {self.grad_clip}")
         need(self.log_every >= 1, f"log every must be at least 1 step, got {self.log_every}")
+        need(
+            self.checkpoint_every >= 0,
+            f"checkpoint every must be >= 0 (0: never), got {self.checkpoint_every}",
+        )
         if self.image_size is not None:
             from capfilt.model.config import med_config
 
@@ -172,7 +185,8 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
     config = med_config(cfg.size, image_size=cfg.image_size, stem=cfg.stem)
     vision = config.vision
     shards = shard_paths(cfg.data)
-    finished = _finished_run(out, dataclasses.asdict(cfg) | {"data": [str(p) for p in shards]})
+    args = dataclasses.asdict(cfg) | {"data": [str(p) for p in shards]}
+    finished = _finished_run(out, args)
     if finished is not None:
         return finished
     pixels, labels = _read(cfg, shards, vision.image_size)
@@ -204,34 +218,57 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
         return x, target[rows].to(device)
 
     make_run_dir(out)
-    metrics = (out / "metrics.jsonl").open("w")
     rng = np.random.default_rng(cfg.seed)
     queue: list[int] = []
+    first = 1
+    state = _saved_state(out, args, names)
+    if state is not None:
+        vit.load_state_dict(state["vit"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        rng.bit_generator.state = json.loads(state["data_rng"])
+        queue = state["queue"].tolist()
+        torch.set_rng_state(state["torch_rng"])
+        first = int(state["step"]) + 1
+        log.info("resuming the `train vit` run in %s from step %d", out, first - 1)
+    metrics = _metrics_to(out / "metrics.jsonl", first - 1)
     vit.train()
     loss = torch.zeros(())
-    for step in range(1, cfg.steps + 1):
-        if len(queue) < cfg.batch_size:
-            queue.extend(rng.permutation(train_rows).tolist())
-        rows, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
-        x, y = batch(rows)
-        loss = nn.functional.binary_cross_entropy_with_logits(head(readout(vit(x))), y)
-        if not bool(torch.isfinite(loss)):
-            from .train_loop import diverged
+    try:
+        for step in range(first, cfg.steps + 1):
+            if len(queue) < cfg.batch_size:
+                queue.extend(rng.permutation(train_rows).tolist())
+            rows, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
+            x, y = batch(rows)
+            loss = nn.functional.binary_cross_entropy_with_logits(head(readout(vit(x))), y)
+            if not bool(torch.isfinite(loss)):
+                from .train_loop import diverged
 
-            raise diverged(step, f"the loss {float(loss.detach())}", cfg.grad_clip)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            line = {"step": step, "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0]}
-            metrics.write(json.dumps(line) + "\n")
-            metrics.flush()
-        if progress is not None:
-            progress(step, cfg.steps, {"bce_loss": loss.item()})
-    metrics.close()
+                raise diverged(step, f"the loss {float(loss.detach())}", cfg.grad_clip)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                line = {"step": step, "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0]}
+                metrics.write(json.dumps(line) + "\n")
+                metrics.flush()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                _save_state(out, args, names, step, vit, head, opt, sched, rng, queue)
+            if progress is not None:
+                progress(step, cfg.steps, {"bce_loss": loss.item()})
+    except KeyboardInterrupt as err:
+        saved = _saved_step(out)
+        where = f"its last saved state is step {saved}" if saved else "no state was saved yet"
+        raise KeyboardInterrupt(
+            f"`train vit` interrupted; {where} in {out} (one every --checkpoint-every steps): "
+            "run the same command again to resume from it"
+        ) from err
+    finally:
+        metrics.close()
     accuracy = _accuracy(vit, head, held, batch) if held else None
     vit = vit.cpu()
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out / WEIGHTS))
@@ -246,9 +283,94 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
         "args": dataclasses.asdict(cfg) | {"data": [str(p) for p in shards]},
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks a finished run
+    (out / STATE).unlink(missing_ok=True)
     wall = time.perf_counter() - start
     log.info("ViT pre-training done in %.0f s; held-out accuracy %s", wall, accuracy)
     return VitTrainResult(out, cfg.steps, names, accuracy, wall)
+
+
+def _differing(saved: dict[str, Any], args: dict[str, Any]) -> str:
+    """ "name: saved X, now Y" for the arguments a resume may not change, "" when none differs."""
+    differ = sorted(k for k in args if k not in RESUME_EXEMPT and saved.get(k) != args[k])
+    return "; ".join(f"{k}: saved {saved.get(k)!r}, now {args[k]!r}" for k in differ)
+
+
+def _saved_state(out: Path, args: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
+    """The state an interrupted run of these `args` left in `out`, None when there is none;
+    CapfiltError when it is another run's or unreadable."""
+    path = out / STATE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["args"])
+    except Exception as err:  # a torn or foreign file: say which, never guess
+        raise CapfiltError(
+            f"{path} is not a readable `train vit` state ({err}); delete it to start the run again"
+        ) from err
+    details = _differing(saved, args)
+    if details:
+        raise CapfiltError(
+            f"{out} holds an unfinished `train vit` run with other arguments ({details}); rerun with "
+            "those to resume it, or choose a new --out"
+        )
+    if state.get("labels") != names:
+        raise CapfiltError(f"{path} was trained on other labels than --data holds now; choose a new --out")
+    return state
+
+
+def _save_state(
+    out: Path,
+    args: dict[str, Any],
+    names: list[str],
+    step: int,
+    vit: nn.Module,
+    head: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+    queue: list[int],
+) -> None:
+    """Write the run's state after `step` under a temporary name, then rename it: a kill leaves the
+    previous state or this one, never half of one."""
+    state = {
+        "step": step,
+        "args": json.dumps(args),
+        "labels": names,
+        "vit": {k: v.detach().cpu() for k, v in vit.state_dict().items()},
+        "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "schedule": sched.state_dict(),
+        "data_rng": json.dumps(rng.bit_generator.state),
+        "queue": torch.tensor(queue, dtype=torch.int64),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = out / f".{STATE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE)
+
+
+def _saved_step(out: Path) -> int | None:
+    """The step of the state in `out`, None when there is none (or it cannot be read)."""
+    try:
+        return int(torch.load(out / STATE, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # no state, or a torn one: the resume will say which
+        return None
+
+
+def _metrics_to(path: Path, step: int) -> Any:
+    """metrics.jsonl open for appending, holding only the lines of steps up to `step` (a killed run
+    may have logged past its last state)."""
+    kept: list[str] = []
+    if step > 0 and path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the kill
+    path.write_text("".join(f"{line}\n" for line in kept))
+    return path.open("a")
 
 
 def _finished_run(out: Path, args: dict[str, Any]) -> VitTrainResult | None:
@@ -270,9 +392,8 @@ def _finished_run(out: Path, args: dict[str, Any]) -> VitTrainResult | None:
         raise CapfiltError(
             f"{out}/{META} is not a finished `train vit` run's record ({err}); choose a new --out"
         ) from err
-    differ = sorted(k for k in args if k != "out" and saved.get(k) != args[k])
-    if differ:
-        details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {args[k]!r}" for k in differ)
+    details = _differing(saved, args)
+    if details:
         raise CapfiltError(
             f"{out} holds a finished `train vit` run with other arguments ({details}); choose a new --out"
         )

@@ -134,9 +134,7 @@ def test_train_vit_command(labelled: Path, tmp_path: Path, capsys: pytest.Captur
     # Options of a MED run with a default of their own are refused too when given, not ignored.
     extra = ["--epochs", "3", "--workers", "4", "--batching", "similar", "--checkpoint-every", "5"]
     assert main([*argv, "--steps", "2", *extra]) == 2
-    assert (
-        "`train vit` takes no --epochs, --checkpoint-every, --workers, --batching" in capsys.readouterr().err
-    )
+    assert "`train vit` takes no --epochs, --workers, --batching" in capsys.readouterr().err
     again = [
         "train",
         "vit",
@@ -256,3 +254,36 @@ def test_an_out_holding_another_run_is_refused_and_the_same_vit_run_is_not_redon
     pre = ["train", "pretrain", "--data", str(labelled / "web"), "--size", "tiny", "--out", str(run)]
     assert main([*pre, "--workers", "0", "--steps", "1", "--batch-size", "8"]) == 2
     assert "holds a `capfilt train vit` run" in capsys.readouterr().err
+
+
+def test_an_interrupted_vit_run_resumes_to_the_uninterrupted_weights(labelled: Path, tmp_path: Path) -> None:
+    """A run stopped after its state at step 4 resumes from there (the state holds weights,
+    optimiser, schedule, data order and random states) and ends bit for bit where a run that was
+    never stopped ends; other arguments are refused; the state is removed once the run is done."""
+    base = dict(data=[str(labelled / "labelled")], size="tiny", steps=7, batch_size=8, log_every=1)
+    whole = train_vit(VitTrainConfig(out=str(tmp_path / "whole"), checkpoint_every=0, **base))
+    run = tmp_path / "stopped"
+
+    def stop_at_5(step: int, total: int, losses: dict[str, float]) -> None:
+        if step == 5:
+            raise KeyboardInterrupt  # Ctrl-C
+
+    with pytest.raises(
+        KeyboardInterrupt, match=r"its last saved state is step 4 .* run the same command again"
+    ):
+        train_vit(VitTrainConfig(out=str(run), checkpoint_every=2, **base), stop_at_5)
+    assert (run / "vit_state.pt").is_file() and not (run / "vit.json").exists()
+    with pytest.raises(
+        CapfiltError, match=r"unfinished `train vit` run with other arguments \(lr: saved 0.001, now 0.002\)"
+    ):
+        train_vit(VitTrainConfig(out=str(run), checkpoint_every=2, **{**base, "lr": 2e-3}))
+    resumed = train_vit(
+        VitTrainConfig(out=str(run), checkpoint_every=3, **base)
+    )  # checkpoint_every may change
+    assert resumed.steps == whole.steps == 7 and resumed.held_out_accuracy == whole.held_out_accuracy
+    ours, theirs = load_file(str(run / "vit.safetensors")), load_file(str(whole.out / "vit.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))  # step 5, logged before the stop, is not logged twice
+    assert (run / "metrics.jsonl").read_text() == (whole.out / "metrics.jsonl").read_text()
+    assert not (run / "vit_state.pt").exists()
