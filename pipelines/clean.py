@@ -312,9 +312,20 @@ def _job(
     config: CleanConfig, web: list[Shard], human: list[Shard], cap: _Model, filt: _Model
 ) -> dict[str, Any]:
     """What decides the result; a resumed job must match it."""
+    return job_record(config, [s.source for s in web], [s.source for s in human], cap.digest, filt.digest)
+
+
+# job.json's keys that name the checkpoints by digest (the REST service checks a resume without them)
+CHECKPOINT_KEYS = ("captioner_id", "filter_id")
+
+
+def job_record(
+    config: CleanConfig, web: list[str], human: list[str], captioner_id: str, filter_id: str
+) -> dict[str, Any]:
+    """job.json: the arguments that decide a job's result, its shards as `input_files` lists them."""
     return {
-        "inputs": [s.source for s in web],
-        "human": [s.source for s in human],
+        "inputs": web,
+        "human": human,
         # The threshold in force: --threshold 0.5 and no --threshold are one job (None with --keep-fraction).
         "threshold": effective_threshold(config.threshold, config.keep_fraction),
         "keep_fraction": config.keep_fraction,
@@ -322,8 +333,8 @@ def _job(
         "top_p": config.top_p,
         "top_k": config.top_k,
         "seed": config.seed,
-        "captioner_id": cap.digest,
-        "filter_id": filt.digest,
+        "captioner_id": captioner_id,
+        "filter_id": filter_id,
         # Named only when not the default, so jobs written before the option resume as before.
         **({"precision": config.precision} if config.precision != "exact" else {}),
     }

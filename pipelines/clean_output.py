@@ -100,6 +100,19 @@ def write_parquet(path: Path, data: pa.Table) -> None:
     _commit([_atomic(path, lambda p: pq.write_table(data, p))])
 
 
+def changed_job_arguments(saved: Any, job: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """ "name: saved X, now Y" for each argument of `job` that differs from a saved job.json's,
+    leaving out the keys in `ignore`."""
+    if not isinstance(saved, dict):
+        return [f"job.json: saved {type(saved).__name__}, not the arguments of a job"]
+    saved = dict(saved)
+    if "threshold" in saved and saved["threshold"] is None and saved.get("keep_fraction") is None:
+        saved["threshold"] = DEFAULT_THRESHOLD  # written before job.json held the default
+    return changed_arguments(
+        {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in job.items() if k not in ignore}
+    )
+
+
 def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
     """Create or reopen the output directory; returns the names of finished shards.
 
@@ -115,14 +128,7 @@ def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
         if not (out / JOB).is_file():
             raise CapfiltError(f"--output {out} holds files but no {JOB}: it is not a clean job's output")
         saved = _read_json(out / JOB, "the arguments the job was started with")
-        if (
-            isinstance(saved, dict)
-            and "threshold" in saved
-            and saved["threshold"] is None
-            and saved.get("keep_fraction") is None
-        ):
-            saved["threshold"] = DEFAULT_THRESHOLD  # written before job.json held the default
-        diff = changed_arguments(saved, job)
+        diff = changed_job_arguments(saved, job)
         if diff:
             raise CapfiltError(
                 f"--resume in {out}: the job was started with other arguments ({'; '.join(diff)}); "

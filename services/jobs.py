@@ -157,11 +157,33 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
     # the service's own checkpoints were checked when it started (ServeConfig.validate)
     checkpoints = [(captioner, "caption", "captioner")] if request.captioner else []
     checkpoints += [(filt, "score", "filter")] if request.filter else []
-    _check_with_the_cli(argv, checkpoints)
+    clean_config = _check_with_the_cli(argv, checkpoints)
+    if request.resume and (output / "job.json").is_file():
+        _check_resumable(output, clean_config, inputs, human)
     return argv
 
 
-def _check_with_the_cli(argv: list[str], checkpoints: Sequence[tuple[str, str, str]] = ()) -> None:
+def _check_resumable(output: Path, config: Any, inputs: list[str], human: list[str]) -> None:
+    """A resume whose arguments differ from those the output's job was started with is refused
+    now, not accepted and then failed by the job. The checkpoints' digests are left to the job."""
+    from capfilt.pipelines.clean import CHECKPOINT_KEYS, job_record
+    from capfilt.pipelines.clean_output import changed_job_arguments
+
+    try:
+        saved = json.loads((output / "job.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # the job itself says what is wrong with it
+    diff = changed_job_arguments(saved, job_record(config, inputs, human, "", ""), ignore=CHECKPOINT_KEYS)
+    if diff:
+        raise ClientError(
+            409,
+            f"output {output} holds a job started with other arguments ({'; '.join(diff)}): resume it "
+            "with those, or choose a new output",
+            "resume_mismatch",
+        )
+
+
+def _check_with_the_cli(argv: list[str], checkpoints: Sequence[tuple[str, str, str]] = ()) -> Any:
     """Parse `argv` with `capfilt clean`'s own parser, validate its CleanConfig and load each
     (path, task, option) of `checkpoints` as the command does before any work."""
     from capfilt.pipelines.clean import inspect_checkpoint
@@ -173,8 +195,9 @@ def _check_with_the_cli(argv: list[str], checkpoints: Sequence[tuple[str, str, s
         args = parser.parse_args(argv)
     except (argparse.ArgumentError, SystemExit) as err:
         raise ClientError(400, f"the job's options do not parse as `capfilt clean`: {err}") from err
+    config = config_from_args(args)
     try:
-        config_from_args(args).validate()
+        config.validate()
     except CapfiltError as err:
         raise ClientError(400, f"invalid job (options named as `capfilt clean` flags): {err}") from err
     for path, task, option in checkpoints:
@@ -184,6 +207,7 @@ def _check_with_the_cli(argv: list[str], checkpoints: Sequence[tuple[str, str, s
             raise ClientError(
                 400, f"invalid job (options named as `capfilt clean` flags): {err}", "invalid_checkpoint"
             ) from err
+    return config
 
 
 def read_progress(output: Path) -> JobProgress | None:

@@ -101,3 +101,29 @@ def test_submitted_jobs_read_table_image_paths_only_under_the_input_roots(tmp_pa
         jobs.submit(JobRequest(input=[str(tmp_path / "in")], output=str(tmp_path / "out" / "job")))
     env = sent.value.args[0]["runtime_env"]["env_vars"]
     assert env == {IMAGE_ROOTS_ENV: str(tmp_path / "in")}
+
+
+def test_a_resume_with_other_arguments_is_refused_at_submission(tmp_path: Path) -> None:
+    """The output's job.json names the arguments its job started with: a resume that changes one is
+    a 409 naming it (it used to be accepted, then failed by the job); the default threshold and an
+    explicit 0.5 are the same job, and the checkpoints are left to the job to compare."""
+    import json
+
+    from capfilt.pipelines.clean import job_record
+
+    serve = _serve(tmp_path)
+    output = tmp_path / "out" / "job"
+    output.mkdir()
+    inputs = [str((tmp_path / "in" / "00000.tar").resolve())]
+    started = _parsed(
+        ["clean", "--input", *inputs, "--output", str(output), "--captioner", "c", "--filter", "f"]
+    )
+    (output / "job.json").write_text(json.dumps(job_record(started, inputs, [], "sha256:aa", "sha256:bb")))
+    same = JobRequest(input=[str(tmp_path / "in")], output=str(output), resume=True, threshold=0.5)
+    assert "--resume" in clean_argv(same, serve)
+    other = JobRequest(input=[str(tmp_path / "in")], output=str(output), resume=True, seed=5)
+    with pytest.raises(
+        ClientError, match=r"started with other arguments \(seed: saved 0, now 5\)"
+    ) as refused:
+        clean_argv(other, serve)
+    assert (refused.value.status, refused.value.reason) == (409, "resume_mismatch")
