@@ -90,7 +90,9 @@ def sample_hard_negatives(
         soft = F.softmax(sim.float(), dim=1)
         return hardness * soft + (1.0 - hardness) / sim.shape[1] if hardness < 1.0 else soft
 
-    # +1e-4 as BLIP: a floor so every non-positive can still be drawn when the softmax underflows.
+    # +1e-4 as BLIP's pre-training (its retrieval fine-tuning adds none; here the filter's fine-tuning
+    # keeps it too, as its recipe was measured with it): a floor so every non-positive can still be
+    # drawn when the softmax underflows.
     if not (bool(torch.isfinite(sim_t2i).all()) and bool(torch.isfinite(sim_i2t).all())):
         raise FloatingPointError("the ITC similarities the hard negatives are drawn from")
     weights_t2i = (weights(sim_t2i) + 1e-4).masked_fill(positive_mask.t(), 0)
