@@ -3,13 +3,14 @@ and the image they carry, decoded under the pixel limit and resized as the clean
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import typing
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import anyio
 import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,9 +21,16 @@ from starlette.datastructures import UploadFile
 from capfilt.images import ImageError, open_image
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 JSON, MULTIPART = "application/json", "multipart/form-data"
 MAX_FIELD_BYTES = 64 * 1024  # one multipart text field; the image part is bounded by the body limit
-_DECODES = anyio.CapacityLimiter(4)  # images decoded at once: each can take width x height x 3 bytes
+# Threads that decode images (each can take width x height x 3 bytes) and parse JSON bodies (up to
+# --max-body-bytes each). Fixed pools, not limiters: a request cancelled because its client left
+# drops its call if it waits for a thread, and one already running finishes inside the pool, so
+# the pool's size still bounds the work (with anyio's limiter a cancelled caller gave back its
+# slot while its thread went on: abandoned 25-megapixel decodes piled up, 34 at once, 5.6 GB).
+_DECODE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
+_PARSE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="parse-json")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -145,7 +153,7 @@ def body(model: type[M], *, multipart: bool = True) -> Callable[[Request], Await
                 raise HTTPException(400, f"the request body is empty: send {expected}")
             if not media:
                 raise HTTPException(415, f"no Content-Type: send {accepted}")
-            return await anyio.to_thread.run_sync(_from_json, raw, model)
+            return await _in_pool(_PARSE_POOL, _from_json, raw, model)
         raise HTTPException(415, f"unsupported Content-Type {media!r}: send {accepted}")
 
     return parse
@@ -183,6 +191,11 @@ def openapi_body(model: type[BaseModel], list_fields: tuple[str, ...] = ()) -> d
     }
 
 
+async def _in_pool(pool: ThreadPoolExecutor, fn: Callable[..., R], *args: Any) -> R:
+    """fn(*args) in one of `pool`'s threads."""
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
 def _pixels(data: bytes, max_pixels: int, sizes: list[int]) -> dict[int, bytes]:
     image = open_image(data, "image", max_pixels)
     return {size: model_pixels(image, size) for size in dict.fromkeys(sizes)}
@@ -192,7 +205,7 @@ async def image_pixels(data: bytes, max_pixels: int, sizes: list[int]) -> dict[i
     """The image in `data` decoded (in a worker thread) and resized to each model size, or
     ImageError (its `reason`: image_empty, image_undecodable, image_too_large)."""
     try:
-        return await anyio.to_thread.run_sync(_pixels, data, max_pixels, sizes, limiter=_DECODES)
+        return await _in_pool(_DECODE_POOL, _pixels, data, max_pixels, sizes)
     except ImageError as err:  # PIL names the BytesIO's address: not the client's business
         raise ImageError(_ADDRESS.sub("", str(err)), err.reason) from None
 

@@ -123,3 +123,41 @@ def test_a_full_queue_answers_busy_at_once_and_frees_as_requests_finish() -> Non
         assert await pool.call(CAPTIONER, None) == "a caption"  # type: ignore[arg-type]
 
     asyncio.run(run())
+
+
+def test_decodes_of_requests_whose_clients_left_stay_within_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image decodes run in a pool of 4 threads: a request cancelled (its client left) while its
+    decode waits never decodes, and one cancelled mid-decode still holds its thread. With anyio's
+    limiter a cancelled caller gave its slot back while its thread went on decoding."""
+    import threading
+    import time
+
+    from capfilt.services import requests as requests_module
+
+    lock = threading.Lock()
+    running, most, started = 0, 0, 0
+
+    def slow_decode(data: bytes, max_pixels: int, sizes: list[int]) -> dict[int, bytes]:
+        nonlocal running, most, started
+        with lock:
+            running, started = running + 1, started + 1
+            most = max(most, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return {size: b"" for size in sizes}
+
+    monkeypatch.setattr(requests_module, "_pixels", slow_decode)
+
+    async def run() -> None:
+        for _ in range(3):  # waves of clients that leave while their images decode or wait
+            wave = [asyncio.ensure_future(requests_module.image_pixels(b"x", 10, [8])) for _ in range(8)]
+            await asyncio.sleep(0.05)
+            for task in wave:
+                task.cancel()
+        await asyncio.sleep(1.0)  # the decodes under way finish
+        assert await requests_module.image_pixels(b"x", 10, [8]) == {8: b""}
+
+    asyncio.run(run())
+    assert most <= 4, f"{most} decodes at once"
+    assert started <= 4 + 1, f"{started} decodes started for 24 abandoned requests and 1 kept"
