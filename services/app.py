@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.routing import Route
 
+from . import limits
 from .actors import ModelPool
 from .config import ServeConfig
 from .disconnect import CancelOnDisconnect
@@ -37,7 +38,12 @@ def create_app(config: ServeConfig, models: ModelPool | None, jobs: JobManager |
         app.include_router(router)
     # a client gone before its caption or score: the work is cancelled (the job routes run to the end)
     app.add_middleware(CancelOnDisconnect, paths=frozenset(r.path for r in inference_router.routes))
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=config.max_body_bytes,
+        idle_s=limits.BODY_IDLE_S,
+        total_s=limits.BODY_TOTAL_S,
+    )
     # outermost: sees every answer; the routes (the docs' and ours) name the requests it counts
     routes = [r for r in app.router.routes if isinstance(r, Route)] + [r for x in routers for r in x.routes]
     app.add_middleware(MetricsMiddleware, metrics=HttpMetrics(registry), routes=routes)

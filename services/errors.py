@@ -4,7 +4,7 @@
 - everything else: `{"detail": "...", "reason": ...}` (`schemas.ErrorBody`); a request the schema
   admits but the service cannot do (settings the model refuses, a relative path): 400
 - images: 400 when empty or undecodable, 413 when over the pixel limit (reason: the ImageError code)
-- the body over `--max-body-bytes`: 413 naming the limit
+- the body over `--max-body-bytes`: 413 naming the limit; a body that stalls or trickles: 408
 - a model replica down or still loading, Ray Jobs unreachable: 503; a client that hung up before
   its body arrived: 499 (logged in a line, not counted as a server error); anything else is a bug:
   500, logged with its traceback

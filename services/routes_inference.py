@@ -30,6 +30,7 @@ ERRORS = {
     for code, why in (
         (400, "empty body, invalid JSON, an image that cannot be decoded, settings the model cannot do"),
         (401, "missing or wrong API key (with --auth all)"),
+        (408, "a request body that stalled or came too slowly"),
         (413, "body or image over the limits"),
         (415, "a Content-Type other than JSON or multipart"),
         (503, "the models are still loading"),

@@ -27,6 +27,7 @@ ERRORS = {
             "output not empty (without resume), output overlapping an unfinished job's, "
             "or the job has already ended",
         ),
+        (408, "a request body that stalled or came too slowly"),
         (413, "body over the limit"),
         (415, "a Content-Type other than JSON"),
         (503, "Ray Jobs cannot be reached"),

@@ -161,3 +161,61 @@ def test_decodes_of_requests_whose_clients_left_stay_within_the_pool(monkeypatch
     asyncio.run(run())
     assert most <= 4, f"{most} decodes at once"
     assert started <= 4 + 1, f"{started} decodes started for 24 abandoned requests and 1 kept"
+
+
+@pytest.mark.parametrize(
+    ("sends", "says"),
+    [
+        ([b"x" * 10], "no bytes for 0.5 s"),  # part of the body, then nothing
+        ([b"x"] * 20, "not whole after 1.5 s"),  # a byte every 0.2 s: never idle, never done
+    ],
+    ids=["stalled", "trickled"],
+)
+def test_a_body_that_stalls_or_trickles_is_answered_408(
+    monkeypatch: pytest.MonkeyPatch, sends: list[bytes], says: str
+) -> None:
+    """uvicorn waits for a body's next bytes without end: a client sending a byte now and then held
+    its connection for ever. A body idle for BODY_IDLE_S or not whole after BODY_TOTAL_S is a 408."""
+    import json
+    import socket
+    import time
+
+    from capfilt.services import limits
+    from capfilt.services.app import create_app
+    from capfilt.services.bench import LoopbackServer
+    from capfilt.services.config import ServeConfig
+
+    monkeypatch.setattr(limits, "BODY_IDLE_S", 0.5)
+    monkeypatch.setattr(limits, "BODY_TOTAL_S", 1.5)
+    from capfilt.services.deps import get_models
+
+    app = create_app(ServeConfig(captioner="unused", filter="unused"), None, None)
+    app.dependency_overrides[get_models] = lambda: None  # the body is read before a model is asked
+    with (
+        LoopbackServer(app) as url,
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock,
+    ):
+        head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        sock.sendall(head.encode())
+        started = time.monotonic()
+        sock.settimeout(0.2)
+        answer = b""
+        for chunk in sends:
+            try:
+                sock.sendall(chunk)
+                answer += sock.recv(65536)
+                break
+            except TimeoutError:
+                continue
+            except OSError:  # the server answered and closed
+                break
+        sock.settimeout(10)
+        while not answer.endswith(b"}"):
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["reason"] == "body_timeout" and says in body["detail"]
+    assert time.monotonic() - started < 5
