@@ -23,7 +23,9 @@ uninterrupted run gives. The state is removed once the run is finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -185,7 +187,8 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
     config = med_config(cfg.size, image_size=cfg.image_size, stem=cfg.stem)
     vision = config.vision
     shards = shard_paths(cfg.data)
-    args = dataclasses.asdict(cfg) | {"data": [str(p) for p in shards]}
+    # image_size as it trains: None and the size's own resolution are one run
+    args = dataclasses.asdict(cfg) | {"data": [str(p) for p in shards], "image_size": vision.image_size}
     finished = _finished_run(out, args)
     if finished is not None:
         return finished
@@ -221,7 +224,9 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
     rng = np.random.default_rng(cfg.seed)
     queue: list[int] = []
     first = 1
-    state = _saved_state(out, args, names)
+    data = _data_digest(pixels, labels)
+    _remove_tmp(out)
+    state = _saved_state(out, args, names, data)
     if state is not None:
         vit.load_state_dict(state["vit"])
         head.load_state_dict(state["head"])
@@ -257,16 +262,26 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_state(out, args, names, step, vit, head, opt, sched, rng, queue)
+                _save_state(out, args, names, data, step, vit, head, opt, sched, rng, queue)
             if progress is not None:
                 progress(step, cfg.steps, {"bce_loss": loss.item()})
     except KeyboardInterrupt as err:
         saved = _saved_step(out)
-        where = f"its last saved state is step {saved}" if saved else "no state was saved yet"
-        raise KeyboardInterrupt(
-            f"`train vit` interrupted; {where} in {out} (one every --checkpoint-every steps): "
-            "run the same command again to resume from it"
-        ) from err
+        if not cfg.checkpoint_every:
+            message = (
+                "`train vit` interrupted; with --checkpoint-every 0 no state is saved: a rerun starts over"
+            )
+        elif saved:
+            message = (
+                f"`train vit` interrupted; its last saved state is step {saved} in {out}: run the same "
+                "command again to resume from it"
+            )
+        else:
+            message = (
+                f"`train vit` interrupted before its first state (one every {cfg.checkpoint_every} steps): "
+                "a rerun starts over"
+            )
+        raise KeyboardInterrupt(message) from err
     finally:
         metrics.close()
     accuracy = _accuracy(vit, head, held, batch) if held else None
@@ -284,27 +299,59 @@ def train_vit(cfg: VitTrainConfig, progress: ProgressFn | None = None) -> VitTra
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks a finished run
     (out / STATE).unlink(missing_ok=True)
+    _remove_tmp(out)
     wall = time.perf_counter() - start
     log.info("ViT pre-training done in %.0f s; held-out accuracy %s", wall, accuracy)
     return VitTrainResult(out, cfg.steps, names, accuracy, wall)
 
 
 def _differing(saved: dict[str, Any], args: dict[str, Any]) -> str:
-    """ "name: saved X, now Y" for the arguments a resume may not change, "" when none differs."""
+    """ "name: saved X, now Y" for the arguments a resume may not change, "" when none differs
+    (`args` holds the image size the run trains at; a saved None is the size's own)."""
+    saved = dict(saved)
+    if saved.get("image_size") is None and saved.get("size") == args.get("size"):
+        with contextlib.suppress(KeyError, ValueError, TypeError):  # another stem: the comparison names it
+            saved["image_size"] = med_config(args["size"], stem=saved.get("stem", "patch")).vision.image_size
     differ = sorted(k for k in args if k not in RESUME_EXEMPT and saved.get(k) != args[k])
     return "; ".join(f"{k}: saved {saved.get(k)!r}, now {args[k]!r}" for k in differ)
 
 
-def _saved_state(out: Path, args: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
-    """The state an interrupted run of these `args` left in `out`, None when there is none;
-    CapfiltError when it is another run's or unreadable."""
+STATE_KEYS = (
+    "step",
+    "args",
+    "labels",
+    "data",
+    "vit",
+    "head",
+    "optimizer",
+    "schedule",
+    "data_rng",
+    "queue",
+    "torch_rng",
+)
+
+
+def _data_digest(pixels: torch.Tensor, labels: list[list[str]]) -> str:
+    """What identifies the images and labels a run trains on (a state's row indices point into them)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([list(pixels.shape), labels]).encode())
+    digest.update(pixels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _saved_state(out: Path, args: dict[str, Any], names: list[str], data: str) -> dict[str, Any] | None:
+    """The state an interrupted run of these `args` on this `data` (`_data_digest`) left in `out`,
+    None when there is none; CapfiltError when it is another run's or unreadable."""
     path = out / STATE
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
         saved = json.loads(state["args"])
-    except Exception as err:  # a torn or foreign file: say which, never guess
+    except Exception as err:  # a torn or foreign file, a directory: say which, never guess
         raise CapfiltError(
             f"{path} is not a readable `train vit` state ({err}); delete it to start the run again"
         ) from err
@@ -314,8 +361,11 @@ def _saved_state(out: Path, args: dict[str, Any], names: list[str]) -> dict[str,
             f"{out} holds an unfinished `train vit` run with other arguments ({details}); rerun with "
             "those to resume it, or choose a new --out"
         )
-    if state.get("labels") != names:
-        raise CapfiltError(f"{path} was trained on other labels than --data holds now; choose a new --out")
+    if state.get("labels") != names or state.get("data") != data:
+        raise CapfiltError(
+            f"{path} was saved by a run on other images or labels than --data holds now (the data "
+            "changed since): delete it to train on the data as it is, or choose a new --out"
+        )
     return state
 
 
@@ -323,6 +373,7 @@ def _save_state(
     out: Path,
     args: dict[str, Any],
     names: list[str],
+    data: str,
     step: int,
     vit: nn.Module,
     head: nn.Module,
@@ -337,6 +388,7 @@ def _save_state(
         "step": step,
         "args": json.dumps(args),
         "labels": names,
+        "data": data,
         "vit": {k: v.detach().cpu() for k, v in vit.state_dict().items()},
         "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "optimizer": opt.state_dict(),
@@ -348,6 +400,11 @@ def _save_state(
     tmp = out / f".{STATE}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / STATE)
+
+
+def _remove_tmp(out: Path) -> None:
+    """The temporary file of a state write a kill cut short."""
+    (out / f".{STATE}.tmp").unlink(missing_ok=True)
 
 
 def _saved_step(out: Path) -> int | None:
@@ -369,7 +426,9 @@ def _metrics_to(path: Path, step: int) -> Any:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by the kill
-    path.write_text("".join(f"{line}\n" for line in kept))
+    tmp = path.with_name(f".{path.name}.tmp")  # rewritten aside, then renamed: a kill loses nothing
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
     return path.open("a")
 
 

@@ -259,8 +259,13 @@ def test_an_out_holding_another_run_is_refused_and_the_same_vit_run_is_not_redon
 def test_an_interrupted_vit_run_resumes_to_the_uninterrupted_weights(labelled: Path, tmp_path: Path) -> None:
     """A run stopped after its state at step 4 resumes from there (the state holds weights,
     optimiser, schedule, data order and random states) and ends bit for bit where a run that was
-    never stopped ends; other arguments are refused; the state is removed once the run is done."""
-    base = dict(data=[str(labelled / "labelled")], size="tiny", steps=7, batch_size=8, log_every=1)
+    never stopped ends. Other arguments, or other images under the same --data, are refused; the
+    image size the run took may be named; the state and a cut write's temporary file are removed
+    once the run is done."""
+    import shutil
+
+    data = shutil.copytree(labelled / "labelled", tmp_path / "data")
+    base = dict(data=[str(data)], size="tiny", steps=7, batch_size=8, log_every=1)
     whole = train_vit(VitTrainConfig(out=str(tmp_path / "whole"), checkpoint_every=0, **base))
     run = tmp_path / "stopped"
 
@@ -277,8 +282,20 @@ def test_an_interrupted_vit_run_resumes_to_the_uninterrupted_weights(labelled: P
         CapfiltError, match=r"unfinished `train vit` run with other arguments \(lr: saved 0.001, now 0.002\)"
     ):
         train_vit(VitTrainConfig(out=str(run), checkpoint_every=2, **{**base, "lr": 2e-3}))
+    # The same path, other images (a world written again over it): the state's rows point elsewhere.
+    shutil.rmtree(data)
+    synthesize(
+        tmp_path / "other", web=16, human=16, test=0, image_size=32, shard_size=40, labelled=120, seed=9
+    )
+    shutil.copytree(tmp_path / "other" / "labelled", data)
+    with pytest.raises(CapfiltError, match="saved by a run on other images or labels than --data holds now"):
+        train_vit(VitTrainConfig(out=str(run), checkpoint_every=2, **base))
+    shutil.rmtree(data)
+    shutil.copytree(labelled / "labelled", data)
+    (run / ".vit_state.pt.tmp").write_bytes(b"a write a kill cut short")
+    named = {**base, "image_size": 32}  # the size's own resolution, named: the same run
     resumed = train_vit(
-        VitTrainConfig(out=str(run), checkpoint_every=3, **base)
+        VitTrainConfig(out=str(run), checkpoint_every=3, **named)
     )  # checkpoint_every may change
     assert resumed.steps == whole.steps == 7 and resumed.held_out_accuracy == whole.held_out_accuracy
     ours, theirs = load_file(str(run / "vit.safetensors")), load_file(str(whole.out / "vit.safetensors"))
@@ -286,4 +303,30 @@ def test_an_interrupted_vit_run_resumes_to_the_uninterrupted_weights(labelled: P
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 8))  # step 5, logged before the stop, is not logged twice
     assert (run / "metrics.jsonl").read_text() == (whole.out / "metrics.jsonl").read_text()
-    assert not (run / "vit_state.pt").exists()
+    assert not (run / "vit_state.pt").exists() and not (run / ".vit_state.pt.tmp").exists()
+    assert (
+        train_vit(VitTrainConfig(out=str(whole.out), checkpoint_every=0, **named)).wall_s == 0.0
+    )  # finished
+
+
+def test_a_vit_state_that_is_no_state_is_named_and_nothing_saved_says_so(
+    labelled: Path, tmp_path: Path
+) -> None:
+    base = dict(data=[str(labelled / "labelled")], size="tiny", steps=3, batch_size=8)
+    for bad in ("a dict without its parts", "a directory"):
+        run = tmp_path / bad.replace(" ", "_")
+        run.mkdir()
+        if bad == "a directory":
+            (run / "vit_state.pt").mkdir()
+        else:
+            torch.save({"step": 2, "args": "{}"}, run / "vit_state.pt")
+        with pytest.raises(CapfiltError, match=r"vit_state.pt is not a readable `train vit` state"):
+            train_vit(VitTrainConfig(out=str(run), **base))
+
+    def stop(step: int, total: int, losses: dict[str, float]) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(
+        KeyboardInterrupt, match="with --checkpoint-every 0 no state is saved: a rerun starts over"
+    ):
+        train_vit(VitTrainConfig(out=str(tmp_path / "none"), checkpoint_every=0, **base), stop)
