@@ -9,14 +9,16 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt.data import IMAGE_EXTENSIONS, filesystem, text_of
@@ -37,6 +39,12 @@ from .clean_inputs import (
 )
 
 log = logging.getLogger(__name__)
+
+# The most one column of one row group may declare decompressed. Reading a row group decompresses
+# its column chunks whole (pyarrow peaked at 3x the declared size), and a compressed parquet can
+# declare gigabytes of zeros in kilobytes: a row group over this, or over the per-row limits
+# (MAX_IMAGE_BYTES, MAX_TEXT_BYTES) on average, is not read; its rows are rejected as too large.
+ROW_GROUP_COLUMN_BYTES = 4 * 2**30
 
 FETCH_THREADS = 16  # image files of a parquet table read at once (remote stores answer slowly)
 # Parquet image tables: the first column present of each kind is used.
@@ -163,9 +171,12 @@ def read_image_table(
             rows = table.metadata.num_rows
             cols = table_columns(table.schema_arrow, source)
             for group in range(table.num_row_groups):  # by row group: damage in one keeps the ones before
-                for batch in table.iter_batches(batch_size=READ_BATCH, row_groups=[group]):
-                    for row in decoded_rows(plain_batch(batch)):
-                        sample, path = _table_sample(row, index, cols, stem, source, seen)
+                declared = _declared_too_large(table.metadata.row_group(group), cols, group)
+                for batch in _row_group_batches(table, group, cols, declared):
+                    batch, too_large = _without_oversize(plain_batch(batch), cols)
+                    for i, row in enumerate(decoded_rows(batch)):
+                        oversize = declared[:2] if declared else too_large.get(i)
+                        sample, path = _table_sample(row, index, cols, stem, source, seen, oversize)
                         index += 1
                         if keys is not None and (sample.key not in keys or sample.status == DUPLICATE_KEY):
                             continue
@@ -194,10 +205,110 @@ def read_image_table(
     return out, error
 
 
+def _declared_too_large(
+    meta: pq.RowGroupMetaData, cols: TableColumns, group: int
+) -> tuple[str, str, str] | None:
+    """(status, why, column) when a row group's footer declares more decompressed bytes in a column
+    the job reads than its rows may hold (ROW_GROUP_COLUMN_BYTES, and twice MAX_IMAGE_BYTES or
+    MAX_TEXT_BYTES a row on average, for the encoding's own bytes); None when it may be read."""
+    sizes: dict[str, int] = {}
+    for c in range(meta.num_columns):
+        chunk = meta.column(c)
+        top = chunk.path_in_schema.split(".")[0]
+        sizes[top] = sizes.get(top, 0) + chunk.total_uncompressed_size
+    rows = max(meta.num_rows, 1)
+    texts = (cols.text, cols.key, cols.url, cols.status, cols.error_message)
+    limits = [(cols.image, MAX_IMAGE_BYTES, IMAGE_TOO_LARGE)]
+    limits += [(t, MAX_TEXT_BYTES, TEXT_TOO_LARGE) for t in texts if t]
+    for name, per_row, status in limits:
+        size = sizes.get(name, 0)
+        if size > min(ROW_GROUP_COLUMN_BYTES, 2 * rows * per_row):  # 2: pages, dictionaries, offsets
+            why = (
+                f"its row group {group} declares {size} bytes of {name} for {meta.num_rows} rows, over "
+                "what CapFilt reads (a compression bomb, or values over the limits); the row group was not read"
+            )
+            return status, why, name
+    return None
+
+
+def _row_group_batches(
+    table: pq.ParquetFile, group: int, cols: TableColumns, declared: tuple[str, str, str] | None
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of a row group; of one not to be read (`declared`), only its keys (unless
+    the key column is the one over bounds), every other column null."""
+    if declared is None:
+        yield from table.iter_batches(batch_size=READ_BATCH, row_groups=[group])
+        return
+    schema = table.schema_arrow
+    rows = table.metadata.row_group(group).num_rows
+    if cols.key is not None and cols.key != declared[2]:
+        keys = [b.column(cols.key) for b in table.iter_batches(row_groups=[group], columns=[cols.key])]
+        key_values = pa.concat_arrays(keys) if keys else pa.nulls(0, schema.field(cols.key).type)
+    else:
+        key_values = None
+    arrays = [
+        key_values if key_values is not None and f.name == cols.key else pa.nulls(rows, f.type)
+        for f in schema
+    ]
+    yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _without_oversize(
+    batch: pa.RecordBatch, cols: TableColumns
+) -> tuple[pa.RecordBatch, dict[int, tuple[str, str]]]:
+    """`batch` with images over MAX_IMAGE_BYTES and texts over MAX_TEXT_BYTES replaced by nulls,
+    judged by Arrow's lengths before any becomes a Python object (each copy of a 600 MB value
+    counts), and for each such row its status and why."""
+    found: dict[int, tuple[str, str]] = {}
+    names = batch.schema.names
+
+    def over(values: pa.Array, limit: int, status: str, what: str) -> pa.Array | None:
+        if pa.types.is_null(values.type):  # a caption column pandas wrote with every value None
+            return None
+        lengths = pc.binary_length(values)
+        too_big = pc.fill_null(pc.greater(lengths, limit), False)
+        if not pc.any(too_big).as_py():
+            return None
+        for i in np.flatnonzero(too_big.to_numpy(zero_copy_only=False)):
+            size = lengths[int(i)].as_py()
+            kind = "a text" if status == TEXT_TOO_LARGE else "an image"
+            found.setdefault(
+                int(i), (status, f"its {what} is {size} bytes, over the {limit}-byte limit for {kind}")
+            )
+        return too_big
+
+    columns = list(batch.columns)
+    checks = []
+    if cols.image_kind == "bytes":
+        checks.append((cols.image, batch.column(cols.image), MAX_IMAGE_BYTES, IMAGE_TOO_LARGE, cols.image))
+    elif cols.image_kind == "struct":
+        image = batch.column(cols.image)
+        checks.append(
+            (cols.image, pc.struct_field(image, "bytes"), MAX_IMAGE_BYTES, IMAGE_TOO_LARGE, cols.image)
+        )
+    if cols.text:
+        checks.append((cols.text, batch.column(cols.text), MAX_TEXT_BYTES, TEXT_TOO_LARGE, cols.text))
+    for name, values, limit, status, what in checks:
+        too_big = over(values, limit, status, what)
+        if too_big is not None:
+            j = names.index(name)
+            columns[j] = pc.if_else(too_big, pa.nulls(len(batch), columns[j].type), columns[j])
+    if not found:
+        return batch, found
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema), found
+
+
 def _table_sample(
-    row: dict[str, Any], index: int, cols: TableColumns, stem: str, source: str, seen: set[str]
+    row: dict[str, Any],
+    index: int,
+    cols: TableColumns,
+    stem: str,
+    source: str,
+    seen: set[str],
+    too_large: tuple[str, str] | None = None,
 ) -> tuple[InputSample, str | None]:
-    """A table row's sample, and the path of its image file still to read (None: nothing to read)."""
+    """A table row's sample, and the path of its image file still to read (None: nothing to read);
+    `too_large`: the status and why of a row whose image or text `_without_oversize` dropped."""
     raw_key = text_of(row[cols.key]) if cols.key else None
     key = raw_key if raw_key else f"{stem}_{index:09d}"
     value = row[cols.image]
@@ -217,6 +328,8 @@ def _table_sample(
         status, message = INVALID_KEY, f"row {index}: {problem}"
     elif given not in (None, "success"):  # img2dataset could not download or resize it
         status, message = given, row[cols.error_message] if cols.error_message else None
+    elif too_large is not None:
+        status, message = too_large[0], f"row {index} of {source}: {too_large[1]}"
     elif data is None and not path:
         status, message = MISSING_IMAGE, f"row {index} of {source} has no image ({cols.image} is null)"
     elif text_bytes > MAX_TEXT_BYTES:

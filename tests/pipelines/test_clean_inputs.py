@@ -751,3 +751,46 @@ def test_a_repeated_member_starts_a_duplicate_and_the_first_sample_stays_whole(
     assert error is None
     assert [(s.key, s.status) for s in samples] == [("k", "ok"), ("k", "duplicate_key")]
     assert samples[0].text == cleaned_text and samples[0].image is not None
+
+
+def test_a_parquet_that_declares_too_much_is_not_decompressed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compressed parquet can declare gigabytes of zeros in kilobytes (a 40 kB file of two 600 MB
+    values made the reader peak at 6.8 GB). A row group whose footer declares more of a column than
+    its rows may hold is not read: its rows are rejected as too large, by key. Within a row group
+    that is read, a value over its limit is rejected by its Arrow length, before it becomes a
+    Python object. The limits are scaled down here so the test needs no gigabytes."""
+    from capfilt.pipelines import clean_tables
+
+    monkeypatch.setattr(clean_tables, "MAX_IMAGE_BYTES", 4000)
+    monkeypatch.setattr(clean_tables, "MAX_TEXT_BYTES", 4000)
+    monkeypatch.setattr(clean_tables, "ROW_GROUP_COLUMN_BYTES", 100_000)
+    png = _png((1, 2, 3))
+    assert len(png) < 1000
+    schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.string())])
+
+    def group(rows: list[tuple[str, bytes, str]]) -> pa.Table:
+        return pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema)
+
+    path = tmp_path / "bomb.parquet"
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        writer.write_table(group([("a", png, "fine"), ("b", png, "fine")]))
+        writer.write_table(group([("c", b"\0" * 20000, "ok"), ("d", png, "x" * 20000)]))  # 10 kB a row: over
+        rows = [(f"e{i}", png, "fine") for i in range(30)] + [("big", b"\0" * 3900, "y" * 5000)]
+        writer.write_table(group(rows))  # within the average: read, one text over its limit
+        writer.write_table(
+            group([(f"f{i}", png, f"{i:03d}" + "z" * 3000) for i in range(40)])
+        )  # 120 kB: over the cap
+    samples, error = read_input(str(path))
+    assert error is None
+    status = {s.key: s.status for s in samples}
+    assert [status[k] for k in ("a", "b")] == ["ok", "ok"]
+    assert status["c"] == status["d"] == "image_too_large"  # the group: judged by its first column over
+    said = next(s.error_message for s in samples if s.key == "c")
+    assert "row group 1 declares" in said and "the row group was not read" in said
+    assert status["big"] == "text_too_large" and all(status[f"e{i}"] == "ok" for i in range(30))
+    big = next(s for s in samples if s.key == "big")
+    assert big.text is None and big.image is None and "caption is 5000 bytes" in big.error_message
+    assert {status[f"f{i}"] for i in range(40)} == {"text_too_large"}
+    assert len(samples) == 2 + 2 + 31 + 40  # every row has its ledger row
