@@ -9,6 +9,9 @@ cancels its request in the actor), and the request is counted as a 499.
 
 Only the routes in `paths` are watched: the inference endpoints, whose work is only for the
 client. A job submission goes on to the end whatever its client does: half of one is worse.
+
+When the server stops and its graceful shutdown runs out before such a request is answered, the
+request is answered 503 `shutting_down` (retry elsewhere) rather than uvicorn's 500.
 """
 
 from __future__ import annotations
@@ -61,17 +64,32 @@ class CancelOnDisconnect:
 
         handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
         watcher = asyncio.ensure_future(watch())
+        stopping = False
         try:
             await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)
             if handler.done() or started:  # answered (uvicorn reports a disconnect once it has)
                 await handler
                 return
-        finally:  # also when this request itself is cancelled (the server shutting down)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            stopping = True  # the server stops, and its graceful shutdown ran out before this answer
+        finally:
             for task in (watcher, handler):
                 if not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+        if stopping:
+            # a 503 the client can retry elsewhere, where uvicorn would answer a 500 and log a traceback
+            log.warning("shutting down: %s %s was cancelled unanswered", scope["method"], scope["path"])
+            stopped = JSONResponse(
+                {"detail": "the service is shutting down; retry", "reason": "shutting_down"},
+                status_code=503,
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+            await stopped(scope, receive, send)
+            return
         log.info(
             "client disconnected while waiting on %s %s: its work was cancelled",
             scope["method"],

@@ -219,3 +219,22 @@ def test_a_body_that_stalls_or_trickles_is_answered_408(
     body = json.loads(answer.partition(b"\r\n\r\n")[2])
     assert body["reason"] == "body_timeout" and says in body["detail"]
     assert time.monotonic() - started < 5
+
+
+def test_a_request_cut_by_the_servers_shutdown_is_a_503_not_a_500() -> None:
+    """uvicorn cancels the requests still running when its graceful shutdown runs out, and answers
+    those unanswered 500 with a traceback: a watched request answers 503 shutting_down instead."""
+
+    async def run() -> tuple[list[str], list[dict[str, Any]]]:
+        log: list[str] = []
+        client = _Client()
+        middleware = CancelOnDisconnect(_slow_app(log, 30), frozenset({PATH}))
+        served = asyncio.ensure_future(middleware(_scope(), client.receive, client.send))
+        await asyncio.sleep(0.05)
+        served.cancel()  # what uvicorn does to the requests left at the end of its shutdown
+        await asyncio.wait_for(served, 5)
+        return log, client.sent
+
+    log, sent = asyncio.run(run())
+    assert log == ["cancelled"]
+    assert sent[0]["status"] == 503 and b'"reason":"shutting_down"' in sent[1]["body"]
