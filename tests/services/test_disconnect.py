@@ -54,18 +54,29 @@ def _slow_app(log: list[str], seconds: float) -> Any:
     return app
 
 
-def test_a_client_that_leaves_has_its_work_cancelled_and_counted_as_499() -> None:
+def _interrupted(how: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """A watched request whose 30 s of work is interrupted after 50 ms: its client leaves ("leave"),
+    or the server cancels it ("cancel", as uvicorn at the end of its graceful shutdown). Returns
+    what the work logged and what was sent."""
+
     async def run() -> tuple[list[str], list[dict[str, Any]]]:
         log: list[str] = []
         client = _Client()
         middleware = CancelOnDisconnect(_slow_app(log, 30), frozenset({PATH}))
         served = asyncio.ensure_future(middleware(_scope(), client.receive, client.send))
         await asyncio.sleep(0.05)
-        client.leave.set()
+        if how == "leave":
+            client.leave.set()
+        else:
+            served.cancel()
         await asyncio.wait_for(served, 5)
         return log, client.sent
 
-    log, sent = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_a_client_that_leaves_has_its_work_cancelled_and_counted_as_499() -> None:
+    log, sent = _interrupted("leave")
     assert log == ["cancelled"]
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
 
@@ -224,17 +235,6 @@ def test_a_body_that_stalls_or_trickles_is_answered_408(
 def test_a_request_cut_by_the_servers_shutdown_is_a_503_not_a_500() -> None:
     """uvicorn cancels the requests still running when its graceful shutdown runs out, and answers
     those unanswered 500 with a traceback: a watched request answers 503 shutting_down instead."""
-
-    async def run() -> tuple[list[str], list[dict[str, Any]]]:
-        log: list[str] = []
-        client = _Client()
-        middleware = CancelOnDisconnect(_slow_app(log, 30), frozenset({PATH}))
-        served = asyncio.ensure_future(middleware(_scope(), client.receive, client.send))
-        await asyncio.sleep(0.05)
-        served.cancel()  # what uvicorn does to the requests left at the end of its shutdown
-        await asyncio.wait_for(served, 5)
-        return log, client.sent
-
-    log, sent = asyncio.run(run())
+    log, sent = _interrupted("cancel")
     assert log == ["cancelled"]
     assert sent[0]["status"] == 503 and b'"reason":"shutting_down"' in sent[1]["body"]
