@@ -321,7 +321,6 @@ def _table_sample(
     hint = hint or (cols.image if cols.image in IMAGE_EXTENSIONS else None)
     given = row[cols.status] if cols.status else None
     text = text_of(row[cols.text]) if cols.text else None
-    text_bytes = len(text.encode("utf-8", "replace")) if text and len(text) > MAX_TEXT_BYTES // 4 else 0
     if key in seen:
         status, message = DUPLICATE_KEY, f"row {index}: key {key} is used by an earlier row"
     elif problem := key_problem(key):
@@ -332,9 +331,6 @@ def _table_sample(
         status, message = too_large[0], f"row {index} of {source}: {too_large[1]}"
     elif data is None and not path:
         status, message = MISSING_IMAGE, f"row {index} of {source} has no image ({cols.image} is null)"
-    elif text_bytes > MAX_TEXT_BYTES:
-        status = TEXT_TOO_LARGE
-        message = f"row {index} of {source}: its {cols.text} is {text_bytes} bytes, over the {MAX_TEXT_BYTES}-byte limit for a text"
     else:
         status, message = OK, None
     seen.add(key)
