@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
@@ -53,6 +54,13 @@ CAPFILT_SAMPLING = GenerationConfig(
     min_tokens=5,
     num_captions=1,
 )
+
+
+def capfilt_sampling(*, num_captions: int, top_p: float, top_k: int, seed: int) -> GenerationConfig:
+    """BLIP's CapFilt sampling with a job's K, top-p, top-k and seed (the CLI, REST and bootstrap)."""
+    return dataclasses.replace(
+        CAPFILT_SAMPLING, num_captions=num_captions, top_p=top_p, top_k=top_k, seed=seed
+    )
 
 
 def _resolve(checkpoint: Checkpoint | str | Path, device: str | torch.device) -> Checkpoint:

@@ -29,7 +29,7 @@ from capfilt.data import Sample, iter_samples
 from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError, changed_arguments
 from capfilt.images import ImageError, open_image
-from capfilt.inference import BLIP_TOP_K, CAPFILT_SAMPLING, Captioner, Filter
+from capfilt.inference import BLIP_TOP_K, Captioner, Filter, capfilt_sampling
 from capfilt.model.config import STEMS
 from capfilt.world.writer import Sample as ShardSample
 from capfilt.world.writer import write_shard
@@ -208,9 +208,7 @@ def capfilt_web(cfg: BootstrapConfig, captioner_ckpt: Path, filter_ckpt: Path, o
     if done.is_file():
         return done
     out.mkdir(parents=True, exist_ok=True)
-    gen = dataclasses.replace(
-        CAPFILT_SAMPLING, num_captions=cfg.num_captions, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
-    )
+    gen = capfilt_sampling(num_captions=cfg.num_captions, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
     captioner = Captioner(captioner_ckpt, device=cfg.device)
     filt = Filter(filter_ckpt, device=cfg.device)
     rule = variant_rule("capfilt", cfg.threshold)

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from capfilt.data import PARQUET, input_files, input_format
 from capfilt.decision import DEFAULT_THRESHOLD, Rule, threshold_for_keep_fraction
 from capfilt.errors import CapfiltError
-from capfilt.inference import CAPFILT_SAMPLING, PRECISIONS
+from capfilt.inference import PRECISIONS, capfilt_sampling
 from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
 from capfilt.model.generate import GenerationConfig
 
@@ -139,12 +139,8 @@ class CleanConfig:
 
     def generation(self) -> GenerationConfig:
         """BLIP's CapFilt sampling with this job's K, top-p and top-k."""
-        return dataclasses.replace(
-            CAPFILT_SAMPLING,
-            num_captions=self.num_captions,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
+        return capfilt_sampling(
+            num_captions=self.num_captions, top_p=self.top_p, top_k=self.top_k, seed=self.seed
         )
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from capfilt.inference import CAPFILT_SAMPLING
+from capfilt.inference import capfilt_sampling
 from capfilt.model.generate import GenerationConfig
 from capfilt.pipelines.clean_inputs import key_problem
 from capfilt.pipelines.clean_resources import gpu_share_problem
@@ -175,12 +174,8 @@ class CapfiltRequest(_Request):
 
     def generation(self) -> GenerationConfig:
         """BLIP's CapFilt sampling with this K, top-p and top-k: what `CleanConfig.generation()` gives."""
-        return dataclasses.replace(
-            CAPFILT_SAMPLING,
-            num_captions=self.num_captions,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
+        return capfilt_sampling(
+            num_captions=self.num_captions, top_p=self.top_p, top_k=self.top_k, seed=self.seed
         )
 
 
