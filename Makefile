@@ -6,17 +6,30 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # torch and torchvision first, pinned, so pip takes the builds this machine serves and nothing larger.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+# The versions the suite last passed with (`make lock` writes it anew): a fresh machine gets the same
+# environment as CI, whatever the registries released since. pyproject keeps ranges for users.
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: venv test lint demo bench bench-gpu clean-venv
+.PHONY: venv test lint demo bench bench-gpu clean-venv lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PKGS)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) $(TORCH_PKGS)
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
+
+# Resolve the dependencies afresh in a scratch venv and pin what came: run it, then `make test`.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet $(TORCH_PKGS)
+	.venv-lock/bin/python -m pip install --quiet -e '.[dev]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable > $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 test: venv
 	$(BIN)/ruff check .
