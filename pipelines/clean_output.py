@@ -188,7 +188,8 @@ def _append_manifest(out: Path, entry: dict[str, Any]) -> None:
 
 
 def _write_tar(path: Path, records: list[dict[str, Any]]) -> None:
-    with wds.TarWriter(str(path), encoder=False, mtime=0.0, user="", group="") as sink:
+    # mtime an int: a float one (0.0) costs every member a 1 KiB PAX header, 40% of a small-image D'
+    with wds.TarWriter(str(path), encoder=False, mtime=0, user="", group="") as sink:
         for record in records:
             sink.write(record)
 
