@@ -462,11 +462,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
+    from capfilt.progress import progress_bar
     from capfilt.world import synthesize
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with progress_bar() as bar:
         tasks: dict[str, Any] = {}
 
         def progress(split: str, done: int, total: int) -> None:
@@ -604,9 +603,9 @@ def _bootstrap_config(args: argparse.Namespace) -> Any:  # -> BootstrapConfig
 
 def _with_stage_bar(label: str, total: int, run: Any) -> Any:
     """Run `run(progress)` under a transient progress bar of named stages on stderr."""
-    from rich.progress import Progress
+    from capfilt.progress import progress_bar
 
-    with Progress(console=Console(stderr=True), transient=True) as bar, stdout_to_stderr():
+    with progress_bar() as bar, stdout_to_stderr():
         task = bar.add_task(label, total=total)
 
         def progress(stage: str, done: int, _total: int) -> None:

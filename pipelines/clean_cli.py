@@ -137,8 +137,9 @@ def config_from_args(args: argparse.Namespace) -> CleanConfig:
 
 def run_clean(args: argparse.Namespace) -> dict[str, Any]:
     """Clean with a progress bar of shards and samples on stderr; returns the summary the CLI prints."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from capfilt.progress import progress_bar
 
     from .clean import clean
 
@@ -150,8 +151,8 @@ def run_clean(args: argparse.Namespace) -> dict[str, Any]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[samples]} samples"),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("clean", total=None, samples=0)
+    with progress_bar(*columns) as bar:
+        task = bar.add_task("clean shards", total=None, samples=0)
 
         def progress(shards_done: int, shards_total: int, samples_done: int) -> None:
             bar.update(task, completed=shards_done, total=shards_total, samples=samples_done)

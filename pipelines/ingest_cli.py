@@ -138,7 +138,9 @@ def run_ingest(args: argparse.Namespace) -> int:
     stdout; 0 when every shard is finished, 1 when img2dataset gave up on some (rerun with --resume)
     or lost samples it counted as successes (the summary's `lost_samples`; the log says why)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from capfilt.progress import progress_bar
 
     from .ingest import ingest
 
@@ -151,8 +153,8 @@ def run_ingest(args: argparse.Namespace) -> int:
         TimeRemainingColumn(),
         TextColumn("{task.fields[urls]} urls"),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("ingest", total=None, urls=0)
+    with progress_bar(*columns) as bar:
+        task = bar.add_task("ingest shards", total=None, urls=0)
 
         def progress(shards_done: int, shards_total: int, urls_done: int) -> None:
             bar.update(task, completed=shards_done, total=shards_total, urls=urls_done)

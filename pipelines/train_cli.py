@@ -209,8 +209,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _with_loss_bar(label: str, run: Callable[[ProgressFn], T]) -> T:
     """`run(progress)` under a transient bar on stderr of the steps and the latest losses."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from capfilt.progress import progress_bar
 
     columns = (
         TextColumn(label),
@@ -219,8 +220,8 @@ def _with_loss_bar(label: str, run: Callable[[ProgressFn], T]) -> T:
         TimeRemainingColumn(),
         TextColumn("{task.fields[losses]}"),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=None, losses="starting")
+    with progress_bar(*columns) as bar:
+        task = bar.add_task(f"train {label}", total=None, losses="starting")
 
         def progress(step: int, total: int, losses: dict[str, float]) -> None:
             shown = " ".join(f"{k.removesuffix('_loss')}={v:.3f}" for k, v in losses.items())

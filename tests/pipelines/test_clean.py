@@ -369,7 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_cli_reruns_a_finished_job_as_a_json_summary(whole, inputs, world, our_captioner_dir, our_filter_dir):
+def test_cli_reruns_a_finished_job_as_a_json_summary(
+    whole, inputs, world, our_captioner_dir, our_filter_dir, capsys
+):
     from capfilt.pipelines.clean_cli import run_clean
 
     argv = [
@@ -392,6 +394,8 @@ def test_cli_reruns_a_finished_job_as_a_json_summary(whole, inputs, world, our_c
     assert (resources["device"], resources["captioner_actors"], resources["filter_actors"]) == ("cpu", 1, 1)
     assert resources["cpus_per_actor"] == pytest.approx(2 / 3) and resources["threads_per_actor"] == 1
     assert whole.resources == resources
+    # stderr is no terminal here: the progress comes as a line (rich's live bar would print nothing)
+    assert "clean shards: 6/6 (100%), samples 44" in capsys.readouterr().err
 
 
 def test_cli_flags_map_onto_the_config() -> None:
