@@ -1,8 +1,12 @@
-"""Errors a user can cause. The CLI turns them into exit code 2 and their message."""
+"""Errors a user can cause, and stops a user asks for. The CLI turns the errors into exit code 2
+and their message, and a KeyboardInterrupt into exit code 130 and its message."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 
@@ -18,3 +22,25 @@ def changed_arguments(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[
         for k in sorted(set(saved) | set(now))
         if saved.get(k) != now.get(k)
     ]
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, as Ctrl-C does, so that what
+    a scheduler, `ray job stop` or a closed terminal sends stops a command the way Ctrl-C stops it:
+    work under way stopped, finished work kept, a message on how to go on. (A Ray driver otherwise
+    aborts on SIGTERM with exit 134.) Enter it after `ray.init`, which installs Ray's handler; on
+    leaving, the handlers Python knew come back. Outside the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    saved = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

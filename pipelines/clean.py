@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from capfilt.data import PARQUET, input_files, input_format
 from capfilt.decision import DEFAULT_THRESHOLD, Rule, threshold_for_keep_fraction
-from capfilt.errors import CapfiltError
+from capfilt.errors import CapfiltError, signals_interrupt
 from capfilt.inference import PRECISIONS, capfilt_sampling
 from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
 from capfilt.model.generate import GenerationConfig
@@ -369,31 +369,41 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     timings: dict[str, float] = {"prepare_s": time.perf_counter() - start}
     run_samples = 0
     try:
-        plan = plan_actors(cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors)
-        if config.batch_size is None:
-            config = dataclasses.replace(
-                config,
-                batch_size=default_batch_size(plan.device, cap.cache_bytes_per_image * config.num_captions),
+        with signals_interrupt():
+            plan = plan_actors(
+                cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors
             )
-        log.info("model actors: %s; %d images per model batch", plan.as_dict(), config.batch_size)
-        t0 = time.perf_counter()
-        if config.keep_fraction is None:
-            threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
-            # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
-            scoring = _score(config, plan, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n))
-            with contextlib.closing(scoring) as scored:
-                for shard, rows in scored:
-                    timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
-                    write_web_shard(out, shard, rows)
-                    run_samples += len(rows)
+            if config.batch_size is None:
+                config = dataclasses.replace(
+                    config,
+                    batch_size=default_batch_size(
+                        plan.device, cap.cache_bytes_per_image * config.num_captions
+                    ),
+                )
+            log.info("model actors: %s; %d images per model batch", plan.as_dict(), config.batch_size)
+            t0 = time.perf_counter()
+            if config.keep_fraction is None:
+                threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
+                # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
+                scoring = _score(config, plan, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n))
+                with contextlib.closing(scoring) as scored:
+                    for shard, rows in scored:
+                        timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
+                        write_web_shard(out, shard, rows)
+                        run_samples += len(rows)
+                        advance(1, 0)
+            else:
+                threshold, run_samples = _keep_fraction(config, plan, out, pending, cap, filt, advance)
+            timings["web_s"] = time.perf_counter() - t0
+            for shard in human:
+                if shard.name not in done:
+                    write_human_shard(out, shard)
                     advance(1, 0)
-        else:
-            threshold, run_samples = _keep_fraction(config, plan, out, pending, cap, filt, advance)
-        timings["web_s"] = time.perf_counter() - t0
-        for shard in human:
-            if shard.name not in done:
-                write_human_shard(out, shard)
-                advance(1, 0)
+    except KeyboardInterrupt as err:
+        raise KeyboardInterrupt(
+            f"clean {err or 'interrupted'}: {len(read_manifest(out))} of {total} shards are finished in {out}; "
+            "rerun the same command with --resume to clean the rest"
+        ) from err
     finally:
         if started:
             ray.shutdown()

@@ -54,17 +54,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from capfilt.errors import CapfiltError
+from capfilt.errors import CapfiltError, signals_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +268,7 @@ def lost_samples(out: Path, names: list[str]) -> dict[str, int]:
 def _run_img2dataset(kwargs: dict[str, Any], log_path: Path, poll: Callable[[], None]) -> None:
     """`img2dataset.download(**kwargs)` in a child process whose output is appended to `log_path`;
     `poll()` every POLL_S seconds while it runs. Raises RuntimeError when img2dataset fails."""
-    with log_path.open("ab") as sink, _signals_interrupt():
+    with log_path.open("ab") as sink, signals_interrupt():
         proc = subprocess.Popen(
             [sys.executable, "-c", RUNNER, json.dumps(kwargs)],
             stdout=sink,
@@ -471,25 +470,6 @@ def _prepare(out: Path, job: dict[str, Any], resume: bool) -> None:
             )
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(job, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt here, as Ctrl-C does, so that the child's
-    process group is stopped (it runs in its own session, so no signal to us reaches it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-
-    saved = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def _fingerprint(path: Path, edge: int = 2**20) -> dict[str, Any]:

@@ -283,6 +283,56 @@ def test_killed_job_resumes_to_the_same_result(
     assert again.shards_skipped == 6 and again.run_samples == 0 and again.dprime_pairs == whole.dprime_pairs
 
 
+STOPPED_CLI = """
+import sys, time
+from capfilt.pipelines import clean as job
+write = job.write_web_shard
+def write_then_wait(*args):
+    write(*args)
+    time.sleep(300)  # stopped here, one shard finished
+job.write_web_shard = write_then_wait
+from capfilt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_the_job_as_ctrl_c_does_and_says_how_to_resume(
+    whole, inputs, world, our_captioner_dir, our_filter_dir, tmp_path
+):
+    """What `ray job stop`, Kubernetes or a scheduler send: before, Ray's handler aborted the
+    driver (exit 134, a stack dump); now the job stops as on Ctrl-C and names the resume."""
+    import ray
+
+    out = tmp_path / "stopped"
+    argv = ["clean", "--input", str(inputs), "--output", str(out), "--captioner", str(our_captioner_dir)]
+    argv += ["--filter", str(our_filter_dir), "--human", str(world / "human"), "--num-captions", "2"]
+    argv += ["--batch-size", "8", "--seed", str(SEED), "--threshold", str(THRESHOLD)]
+    gcs = ["--ray-address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_CLI, *argv, *gcs],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600  # generous: a loaded 2-core machine starts actors slowly
+        while time.monotonic() < deadline and not (out / "manifest.jsonl").is_file():
+            assert proc.poll() is None, f"the job ended before it could be stopped: {proc.stderr.read()}"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert (
+        f"clean stopped by SIGTERM: 1 of 6 shards are finished in {out}; rerun the same command with --resume"
+        in err
+    )
+    assert "SIGTERM received" not in err and not list(out.rglob("*.tmp"))
+    resumed = clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir, resume=True))
+    assert resumed.shards_skipped == 1 and resumed.dprime_pairs == whole.dprime_pairs
+
+
 def test_keep_fraction_picks_the_threshold_over_all_scores(
     inputs, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
 ) -> None:
