@@ -22,6 +22,7 @@ pools wait for the autoscaler to add them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -90,8 +91,34 @@ def plan_actors(
     gpus = sum(n.gpus for n in nodes)
     use_gpus = num_gpus > 0 if num_gpus is not None else gpus >= 1
     if use_gpus:
-        return _gpu_plan(nodes, cpus, gpus, num_gpus, captioner_actors, filter_actors)
-    return _cpu_plan(nodes, cpus, gpus, captioner_actors, filter_actors)
+        plan = _gpu_plan(nodes, cpus, gpus, num_gpus, captioner_actors, filter_actors)
+    else:
+        plan = _cpu_plan(nodes, cpus, gpus, captioner_actors, filter_actors)
+    return _tasks_fit_beside_actors(nodes, plan)
+
+
+def _tasks_fit_beside_actors(nodes: Sequence[Node], plan: ActorPlan) -> ActorPlan:
+    """The plan with read and decode tasks no larger than the CPUs some node keeps once the
+    actors are spread over the nodes (Ray may spread them so): sized from the cluster's total
+    alone, on two 1-CPU nodes an actor on each left a third of a CPU per node, the tasks asked for
+    two thirds, and the job waited for ever."""
+    free = sorted((n.cpus for n in nodes), reverse=True)
+    if not free:
+        return plan
+    for _ in range(plan.captioner_actors + plan.filter_actors):
+        i = max(range(len(free)), key=free.__getitem__)  # the freest node takes the next actor
+        free[i] -= plan.cpus_per_actor
+    left = max(free)
+    if left + 1e-9 >= plan.task_cpus:
+        return plan
+    if left < MIN_CPUS:
+        log.warning(
+            "the model actors leave no node %g CPUs for reading and decoding: the job may wait for "
+            "CPUs; give the cluster more CPUs or set --captioner-actors / --filter-actors lower",
+            MIN_CPUS,
+        )
+        return dataclasses.replace(plan, task_cpus=MIN_CPUS)
+    return dataclasses.replace(plan, task_cpus=left)
 
 
 def _split(slots: int, captioner: int | None, filt: int | None) -> tuple[int, int]:

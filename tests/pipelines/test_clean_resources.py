@@ -9,6 +9,7 @@ import pytest
 from capfilt.model.config import med_config
 from capfilt.pipelines.clean_resources import (
     MAX_CPU_ACTORS,
+    MIN_CPUS,
     Node,
     default_batch_size,
     gpu_share_problem,
@@ -46,6 +47,37 @@ def test_an_actor_fits_on_one_node():
     assert plan.threads_per_actor <= 4
     per_node = 8 // plan.threads_per_actor
     assert plan.captioner_actors + plan.filter_actors <= per_node * 4
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        [Node(1), Node(1)],  # two 1-CPU nodes: an actor on each left a third of a CPU each
+        [Node(1)] * 3,
+        [Node(1), Node(2)],
+        [Node(0.5), Node(1.5)],
+        [Node(2), Node(2)],
+        [Node(3), Node(3), Node(1)],
+        [Node(8)] * 4,
+        [Node(0), Node(2, 1)],
+    ],
+)
+def test_a_read_task_fits_on_some_node_however_ray_spreads_the_actors(nodes):
+    """Ray may place each actor on the freest node; a read or decode task must still fit on one
+    node, or the pipeline never reads a shard and the job waits for ever."""
+    plan = plan_actors(nodes)
+    free = [n.cpus for n in nodes]
+    for _ in range(plan.captioner_actors + plan.filter_actors):
+        i = max(range(len(free)), key=free.__getitem__)
+        assert free[i] >= plan.cpus_per_actor - 1e-9, "an actor that fits no node"
+        free[i] -= plan.cpus_per_actor
+    assert max(free) >= plan.task_cpus - 1e-9 and plan.task_cpus >= MIN_CPUS
+
+
+def test_two_one_cpu_nodes_read_on_the_third_of_a_cpu_each_keeps():
+    plan = plan_actors([Node(1), Node(1)])
+    assert _counts(plan) == ("cpu", 1, 1)
+    assert plan.cpus_per_actor == pytest.approx(2 / 3) and plan.task_cpus == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize(
