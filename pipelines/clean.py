@@ -52,6 +52,7 @@ from capfilt.model.generate import GenerationConfig
 
 from .clean_output import (
     Shard,
+    forget_unstarted,
     prepare,
     read_manifest,
     read_stats,
@@ -62,6 +63,7 @@ from .clean_output import (
 )
 from .clean_resources import ActorPlan, cluster_nodes, default_batch_size, gpu_share_problem, plan_actors
 from .clean_tables import table_columns, table_schema
+from .ray_connect import connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +347,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     cap = inspect_checkpoint(config.captioner, "caption", "captioner")
     filt = inspect_checkpoint(config.filter, "score", "filter")
     out = Path(config.output)
+    existed, empty = out.is_dir(), not out.exists() or (out.is_dir() and not any(out.iterdir()))
     done = prepare(out, _job(config, web, human, cap, filt), config.resume)
     total = len(web) + len(human)
     pending = [s for s in web if s.name not in done]
@@ -364,7 +367,12 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=config.ray_address)
+        try:
+            connect_ray(config.ray_address)
+        except CapfiltError:
+            if empty:  # nothing of the job is there yet: the same command runs again after the fix
+                forget_unstarted(out, existed)
+            raise
     ray.data.DataContext.get_current().enable_progress_bars = progress is None
     timings: dict[str, float] = {"prepare_s": time.perf_counter() - start}
     run_samples = 0

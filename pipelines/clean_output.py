@@ -113,6 +113,16 @@ def changed_job_arguments(saved: Any, job: dict[str, Any], ignore: tuple[str, ..
     )
 
 
+def forget_unstarted(out: Path, existed: bool) -> None:
+    """Undo `prepare` on an output that was empty or absent and where nothing else was written
+    (the job could not start): `job.json` and the empty folders go, so the same command can run
+    again without --resume."""
+    (out / JOB).unlink(missing_ok=True)
+    for sub in (*SUBDIRS, *([] if existed else [""])):
+        with contextlib.suppress(OSError):  # not empty: leave it
+            (out / sub).rmdir()
+
+
 def prepare(out: Path, job: dict[str, Any], resume: bool) -> set[str]:
     """Create or reopen the output directory; returns the names of finished shards.
 

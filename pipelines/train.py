@@ -34,6 +34,7 @@ from capfilt.model.checkpoint import CheckpointError, load_checkpoint, new_check
 from capfilt.model.tokenizer import train_tokenizer
 from capfilt.text import pre_caption
 
+from .ray_connect import connect_ray
 from .train_config import DEFAULT_LR, RESUME_KEYS, TASK_LOSSES, TASKS, TrainConfig, lr_at
 from .train_loop import LoopSpec, ProgressFn, run_worker
 from .train_state import (
@@ -292,7 +293,7 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
     cfg = spec.config
     started = not ray.is_initialized()
     if started:  # address None: Ray's default, RAY_ADDRESS or else a new local cluster
-        ray.init(address=cfg.ray_address)
+        connect_ray(cfg.ray_address)
     if started and cfg.ray_address is None and not os.environ.get("RAY_ADDRESS"):  # this machine alone
         try:
             _check_resources(cfg, ray.cluster_resources())

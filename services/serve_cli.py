@@ -168,10 +168,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def init_ray(config: ServeConfig) -> str | None:
     """Connect to (or start) Ray with a dashboard on 127.0.0.1; returns the dashboard URL, if any."""
-    import ray
 
-    context = ray.init(
-        address=config.ray_address,
+    from capfilt.pipelines.ray_connect import connect_ray
+
+    context = connect_ray(
+        config.ray_address,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=config.dashboard_port,

@@ -333,6 +333,47 @@ def test_sigterm_stops_the_job_as_ctrl_c_does_and_says_how_to_resume(
     assert resumed.shards_skipped == 1 and resumed.dprime_pairs == whole.dprime_pairs
 
 
+@pytest.mark.parametrize("made_first", [False, True], ids=["absent", "empty"])
+def test_a_cluster_that_cannot_be_reached_is_named_and_the_same_command_runs_again(
+    inputs, world, our_captioner_dir, our_filter_dir, tmp_path, monkeypatch, made_first
+):
+    """Ray's own error was a ConnectionError traceback after 20 s naming neither the address nor
+    the token, and the job.json written before it made the rerun refuse a "non-empty" --output."""
+    import ray
+
+    def unreachable(address=None, **kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    out = tmp_path / "out"
+    if made_first:
+        out.mkdir()
+    config = _config(inputs, world, out, our_captioner_dir, our_filter_dir, ray_address="10.9.9.9:6379")
+    with pytest.raises(CapfiltError) as err:
+        clean(config)
+    assert "could not connect to the Ray cluster at 10.9.9.9:6379" in str(err.value)
+    assert "RAY_AUTH_TOKEN" in str(err.value) and "--ray-address" in str(err.value)
+    assert out.is_dir() == made_first and (not made_first or not any(out.iterdir()))
+
+
+def test_a_refused_token_says_what_to_set(monkeypatch):
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    from capfilt.pipelines.ray_connect import connect_ray
+
+    def refused(address=None, **kwargs):
+        raise AuthenticationError("Invalid authentication token")
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    with pytest.raises(
+        CapfiltError, match=r"the Ray cluster at head:6379 refused this process's token.*RAY_AUTH_TOKEN"
+    ):
+        connect_ray(None)
+
+
 def test_keep_fraction_picks_the_threshold_over_all_scores(
     inputs, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
 ) -> None:
