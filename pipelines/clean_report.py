@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from capfilt.errors import CapfiltError
-from capfilt.ledger import OK, read_ledger
+from capfilt.ledger import LEDGER_SCHEMA, OK
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,21 @@ SERIES = {  # histogram / keep-rate series: (title, colour)
     "synthetic": ("synthetic captions (best per image)", COLORS["synthetic"]),
     "candidates": ("synthetic captions (all candidates)", COLORS["candidates"]),
 }
+# What the counts, histograms and keep rates read of every ledger row: scores and decisions, not
+# texts. The whole ledger took 0.9 KB a row of the driver's memory (9 GB at 10M pairs); the
+# galleries read their few rows whole.
+SUMMARY_COLUMNS = [
+    "key",
+    "shard",
+    "status",
+    "reason",
+    "threshold",
+    "web_itm",
+    "web_kept",
+    "synthetic.list.element.itm",
+    "synthetic_kept",
+]
+DICTIONARY_COLUMNS = ["status", "reason"]  # a few values each: read as dictionaries
 # SVG chart geometry: plot area inside margins (left, right, top, bottom).
 W, H, ML, MR, MT, MB = 360, 240, 62, 16, 26, 42
 PW, PH = W - ML - MR, H - MT - MB
@@ -385,12 +401,44 @@ def _header(job: dict[str, Any], threshold: float | None, keep_fraction: Any, to
     )
 
 
+def _read_summary(out: Path) -> tuple[pa.Table, list[Path]]:
+    """The ledger's SUMMARY_COLUMNS over every file in `out/ledger`, with `_file` and `_row`: where
+    each row lies, to read it whole (`_whole_rows`)."""
+    files = sorted((out / "ledger").glob("*.parquet"))
+    tables = []
+    for i, path in enumerate(files):
+        table = pq.ParquetFile(path, read_dictionary=DICTIONARY_COLUMNS).read(columns=SUMMARY_COLUMNS)
+        n = table.num_rows
+        table = table.append_column("_file", pa.array(np.full(n, i, dtype=np.int64)))
+        tables.append(table.append_column("_row", pa.array(np.arange(n, dtype=np.int64))))
+    if not tables:
+        empty = LEDGER_SCHEMA.empty_table().select([c.split(".")[0] for c in SUMMARY_COLUMNS])
+        tables = [
+            empty.append_column("_file", pa.array([], pa.int64())).append_column(
+                "_row", pa.array([], pa.int64())
+            )
+        ]
+    return pa.concat_tables(tables), files
+
+
+def _whole_rows(files: Sequence[Path], where: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The whole ledger rows at `where` (`_file`, `_row`), in that order; each file read once."""
+    wanted: dict[int, list[int]] = {}
+    for w in where:
+        wanted.setdefault(w["_file"], []).append(w["_row"])
+    rows = {}
+    for i, at in wanted.items():
+        table = pq.read_table(files[i], schema=LEDGER_SCHEMA).take(pa.array(at, pa.int64()))
+        rows.update({(i, j): row for j, row in zip(at, table.to_pylist())})
+    return [rows[(w["_file"], w["_row"])] for w in where]
+
+
 def _render(out: Path, gallery_size: int, bins: int) -> str:
     """The report page of the clean job in `out`."""
-    ledger = read_ledger(out)
+    ledger, files = _read_summary(out)
     job = _read_json(out / "job.json")
     if not job and ledger.num_rows:  # no job.json: what the ledger knows
-        first = ledger.slice(0, 1).to_pylist()[0]
+        first = _whole_rows(files, [{"_file": 0, "_row": 0}])[0]
         job = {k: first[k] for k in ("captioner_id", "filter_id", "seed")}
     threshold = _threshold(ledger, out, job)
     keep_fraction = job.get("keep_fraction", _read_json(out / "threshold.json").get("keep_fraction"))
@@ -418,7 +466,7 @@ def _render(out: Path, gallery_size: int, bins: int) -> str:
         for s in ("web", "synthetic", "candidates")
         if s != "candidates" or scores["candidates"].size > scores["synthetic"].size  # K = 1: same as best
     ]
-    kept_rows, rejected_rows = _pick(ledger, kept, gallery_size)
+    kept_rows, rejected_rows = (_whole_rows(files, rows) for rows in _pick(ledger, kept, gallery_size))
     images = _thumbnails(kept_rows + rejected_rows)
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     return "\n".join(
