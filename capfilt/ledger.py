@@ -203,7 +203,9 @@ def table(rows: Sequence[dict[str, Any]], schema: pa.Schema = LEDGER_SCHEMA) -> 
 
 
 def read_ledger(output: str | Path) -> pa.Table:
-    """Every ledger row a cleaning job wrote under `output` (finished shards only)."""
+    """Every ledger row a cleaning job wrote under `output`: its finished shards, and while a job
+    runs or after it was killed, a shard whose files are in place but not yet in the manifest (a
+    resume writes that shard again)."""
     files = sorted((Path(output) / "ledger").glob("*.parquet"))
     if not files:
         return LEDGER_SCHEMA.empty_table()
