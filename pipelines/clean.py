@@ -225,40 +225,39 @@ def _shards(entries: list[str], option: str, first_id: int, kind: str) -> list[S
     return [Shard(first_id + i, source, kind) for i, source in enumerate(sources)]
 
 
-def _score(
+def _pipeline(
     config: CleanConfig,
     plan: ActorPlan,
     shards: list[Shard],
     captioner: _Model,
     filt: _Model,
     threshold: float,
-    on_rows: Callable[[int], None] | None = None,
-) -> Iterator[tuple[Shard, list[dict[str, Any]]]]:
-    """Run the Ray Data pipeline over `shards`; yields each shard with its ledger rows as soon
-    as its last row arrives (shards in completion order). `on_rows(n)` hears of every batch of n
-    rows as it leaves the filter, so progress moves within a shard, not only at its end."""
+) -> Any:  # ray.data.Dataset
+    """The Ray Data pipeline over `shards`: read and decode tasks, then the captioner and the
+    filter actor pools; its rows are the ledger rows, with `shard_id` and `shard_rows`."""
     import ray
 
     from .clean_stages import CaptionStage, FilterStage, decode_batch, read_shard
 
-    if not shards:
-        return
     # Actors hold their CPUs (and GPUs) for the whole job; read and decode tasks get the rest.
     actor_cpus, task_cpus = plan.cpus_per_actor, plan.task_cpus
     model_args = dict(
         batch_size=config.batch_size, device=plan.device, num_cpus=actor_cpus, precision=config.precision
     )
     sizes = sorted({captioner.image_size, filt.image_size})
-    by_id = {s.id: s for s in shards}
     ds = ray.data.from_items(
         [{"shard_id": s.id, "source": s.source} for s in shards], override_num_blocks=len(shards)
     )
-    ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=task_cpus)
+    # max_retries=-1 is Ray Data's own default for map tasks. Named here, it sets these tasks'
+    # remote arguments apart from the model stages', so that Ray Data fuses read and decode into
+    # one task but never into the captioner's actors. With equal CPUs per task and per actor it
+    # did, and the fused actor then took `batch_size` *shards* a call: a small job ran whole in one
+    # call of one actor, every shard finishing at its end (4 CPUs, 12 shards: 0 rows out for 46 s).
+    tasks = dict(batch_format="pyarrow", num_cpus=task_cpus, max_retries=-1)
+    ds = ds.map_batches(read_shard, batch_size=1, **tasks)
     # Whole blocks (batch_size=None): Ray fuses read and decode into one task, and a batch size
     # here would make that task bundle that many *shards*, reading the whole input in one task.
-    ds = ds.map_batches(
-        decode_batch, fn_kwargs={"sizes": sizes}, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus
-    )
+    ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=None, **tasks)
     ds = ds.map_batches(
         CaptionStage,
         fn_constructor_kwargs=dict(
@@ -289,6 +288,25 @@ def _score(
         num_gpus=plan.gpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=plan.filter_actors),
     )
+    return ds
+
+
+def _score(
+    config: CleanConfig,
+    plan: ActorPlan,
+    shards: list[Shard],
+    captioner: _Model,
+    filt: _Model,
+    threshold: float,
+    on_rows: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Shard, list[dict[str, Any]]]]:
+    """Run the Ray Data pipeline over `shards`; yields each shard with its ledger rows as soon
+    as its last row arrives (shards in completion order). `on_rows(n)` hears of every batch of n
+    rows as it leaves the filter, so progress moves within a shard, not only at its end."""
+    if not shards:
+        return
+    ds = _pipeline(config, plan, shards, captioner, filt, threshold)
+    by_id = {s.id: s for s in shards}
     pending: dict[int, list[dict[str, Any]]] = {}
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if on_rows is not None:

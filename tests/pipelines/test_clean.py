@@ -374,6 +374,27 @@ def test_a_refused_token_says_what_to_set(monkeypatch):
         connect_ray(None)
 
 
+def test_read_and_decode_never_run_inside_the_captioner_actors(
+    inputs, world, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster, capsys
+):
+    """With equal CPUs per task and per actor (4 CPUs: 1 and 1) Ray Data fused read and decode
+    into the captioner's actor pool, which then took `batch_size` shards a call: a 12-shard job
+    ran in one call of one actor and gave no row for 46 s, then all of them."""
+    from capfilt.pipelines.clean import _pipeline, inspect_checkpoint
+    from capfilt.pipelines.clean_output import Shard
+    from capfilt.pipelines.clean_resources import ActorPlan
+
+    plan = ActorPlan("cpu", 2, 1, 0.0, 1.0, 1, 1.0, 4.0, 0.0)  # what a 4-CPU machine gets
+    config = _config(inputs, world, tmp_path / "out", our_captioner_dir, our_filter_dir)
+    cap = inspect_checkpoint(str(our_captioner_dir), "caption", "captioner")
+    filt = inspect_checkpoint(str(our_filter_dir), "score", "filter")
+    shards = [Shard(i, str(p), "web") for i, p in enumerate(sorted(inputs.glob("*.tar")))]
+    _pipeline(config, plan, shards, cap, filt, 0.5).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(read_shard)->MapBatches(decode_batch)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(CaptionStage)]" in optimized, optimized
+
+
 def test_keep_fraction_picks_the_threshold_over_all_scores(
     inputs, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
 ) -> None:
