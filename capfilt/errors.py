@@ -29,8 +29,9 @@ def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, as Ctrl-C does, so that what
     a scheduler, `ray job stop` or a closed terminal sends stops a command the way Ctrl-C stops it:
     work under way stopped, finished work kept, a message on how to go on. (A Ray driver otherwise
-    aborts on SIGTERM with exit 134.) Enter it after `ray.init`, which installs Ray's handler; on
-    leaving, the handlers Python knew come back. Outside the main thread it changes nothing."""
+    aborts on SIGTERM with exit 134.) A signal set to be ignored (SIGHUP under `nohup`) stays
+    ignored. Enter it after `ray.init`, which installs Ray's handler; on leaving, the handlers
+    Python knew come back. Outside the main thread it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -38,7 +39,9 @@ def signals_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
-    saved = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal set to be ignored stays so: `nohup` ignores SIGHUP so the job outlives its terminal.
+    wanted = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) is not signal.SIG_IGN]
+    saved = {sig: signal.signal(sig, interrupt) for sig in wanted}
     try:
         yield
     finally:

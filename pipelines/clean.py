@@ -387,7 +387,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     if started:
         try:
             connect_ray(config.ray_address)
-        except CapfiltError:
+        except BaseException:  # an error, or Ctrl-C while connecting
             if empty:  # nothing of the job is there yet: the same command runs again after the fix
                 forget_unstarted(out, existed)
             raise

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt.errors import CapfiltError
-from capfilt.ledger import LEDGER_SCHEMA, OK
+from capfilt.ledger import CANDIDATE_TYPE, LEDGER_SCHEMA, OK
 
 log = logging.getLogger(__name__)
 
@@ -401,24 +401,51 @@ def _header(job: dict[str, Any], threshold: float | None, keep_fraction: Any, to
     )
 
 
+def _summary_schema() -> pa.Schema:
+    """SUMMARY_COLUMNS as `_read_summary` holds them: `synthetic` keeps each candidate's ITM alone,
+    `status` and `reason` are dictionaries."""
+    fields = []
+    for column in dict.fromkeys(c.split(".")[0] for c in SUMMARY_COLUMNS):
+        field = LEDGER_SCHEMA.field(column)
+        if column == "synthetic":
+            field = field.with_type(pa.list_(pa.struct([CANDIDATE_TYPE.field("itm")])))
+        elif column in DICTIONARY_COLUMNS:
+            field = field.with_type(pa.dictionary(pa.int32(), pa.string()))
+        fields.append(field)
+    return pa.schema(fields)
+
+
+def _read_summary_file(path: Path, schema: pa.Schema) -> pa.Table:
+    """One ledger file's SUMMARY_COLUMNS. A file the projection does not fit (one written with
+    another list layout, or lacking a column) is read whole as `read_ledger` reads it."""
+    try:
+        table = pq.ParquetFile(path, read_dictionary=DICTIONARY_COLUMNS).read(columns=SUMMARY_COLUMNS)
+        if table.column_names == schema.names:
+            return table.cast(schema)
+    except (pa.ArrowException, KeyError, ValueError, TypeError):
+        pass
+    try:
+        whole = pq.read_table(path, schema=LEDGER_SCHEMA)
+    except (pa.ArrowException, OSError) as err:
+        raise CapfiltError(f"ledger file {path} cannot be read: {err}") from err
+    synthetic = whole["synthetic"].combine_chunks()
+    itm = pa.StructArray.from_arrays([pc.struct_field(synthetic.values, "itm")], names=["itm"])
+    only_itm = pa.ListArray.from_arrays(synthetic.offsets, itm, mask=synthetic.is_null())
+    whole = whole.set_column(whole.schema.get_field_index("synthetic"), "synthetic", only_itm)
+    return whole.select(schema.names).cast(schema)
+
+
 def _read_summary(out: Path) -> tuple[pa.Table, list[Path]]:
     """The ledger's SUMMARY_COLUMNS over every file in `out/ledger`, with `_file` and `_row`: where
     each row lies, to read it whole (`_whole_rows`)."""
     files = sorted((out / "ledger").glob("*.parquet"))
-    tables = []
-    for i, path in enumerate(files):
-        table = pq.ParquetFile(path, read_dictionary=DICTIONARY_COLUMNS).read(columns=SUMMARY_COLUMNS)
-        n = table.num_rows
-        table = table.append_column("_file", pa.array(np.full(n, i, dtype=np.int64)))
-        tables.append(table.append_column("_row", pa.array(np.arange(n, dtype=np.int64))))
-    if not tables:
-        empty = LEDGER_SCHEMA.empty_table().select([c.split(".")[0] for c in SUMMARY_COLUMNS])
-        tables = [
-            empty.append_column("_file", pa.array([], pa.int64())).append_column(
-                "_row", pa.array([], pa.int64())
-            )
-        ]
-    return pa.concat_tables(tables), files
+    schema = _summary_schema()
+    tables = [schema.empty_table()] + [_read_summary_file(path, schema) for path in files]
+    where = [np.full(t.num_rows, i - 1, dtype=np.int64) for i, t in enumerate(tables)]
+    rows = [np.arange(t.num_rows, dtype=np.int64) for t in tables]
+    ledger = pa.concat_tables(tables)
+    ledger = ledger.append_column("_file", pa.array(np.concatenate(where)))
+    return ledger.append_column("_row", pa.array(np.concatenate(rows))), files
 
 
 def _whole_rows(files: Sequence[Path], where: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -438,7 +465,9 @@ def _render(out: Path, gallery_size: int, bins: int) -> str:
     ledger, files = _read_summary(out)
     job = _read_json(out / "job.json")
     if not job and ledger.num_rows:  # no job.json: what the ledger knows
-        first = _whole_rows(files, [{"_file": 0, "_row": 0}])[0]
+        first = _whole_rows(
+            files, [{"_file": ledger["_file"][0].as_py(), "_row": ledger["_row"][0].as_py()}]
+        )[0]
         job = {k: first[k] for k in ("captioner_id", "filter_id", "seed")}
     threshold = _threshold(ledger, out, job)
     keep_fraction = job.get("keep_fraction", _read_json(out / "threshold.json").get("keep_fraction"))

@@ -82,3 +82,20 @@ def test_a_command_off_a_terminal_prints_progress_lines(tmp_path, capsys, monkey
             last[split] = rest
     assert set(last) == {"writing web", "writing human", "writing test"}, err
     assert last["writing web"].startswith("30/30 (100%)") and last["writing human"].startswith("10/10 (100%)")
+
+
+def test_signals_a_process_ignores_stay_ignored() -> None:
+    """`nohup` ignores SIGHUP so that a job outlives its terminal: entering signals_interrupt must
+    not turn the terminal's hang-up into a stop."""
+    import signal
+
+    from capfilt.errors import signals_interrupt
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with signals_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -344,6 +345,9 @@ def test_a_cluster_that_cannot_be_reached_is_named_and_the_same_command_runs_aga
     def unreachable(address=None, **kwargs):
         raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
 
+    from capfilt.pipelines import ray_connect
+
+    monkeypatch.setattr(ray_connect, "_probe", lambda where: None)  # Ray's own error, past the probe
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", unreachable)
     out = tmp_path / "out"
@@ -357,15 +361,40 @@ def test_a_cluster_that_cannot_be_reached_is_named_and_the_same_command_runs_aga
     assert out.is_dir() == made_first and (not made_first or not any(out.iterdir()))
 
 
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("127.0.0.1:1", "could not connect to the Ray cluster at 127.0.0.1:1: nothing answers there"),
+        ("head", "'head' is not a Ray cluster address"),
+    ],
+)
+def test_an_address_where_no_cluster_can_be_is_refused_at_once(
+    inputs, world, our_captioner_dir, our_filter_dir, tmp_path, monkeypatch, address, says
+):
+    """No mock of Ray here: where nothing listened Ray's own connect retried for over 12 minutes
+    (Ctrl-C did not stop it), and an address it cannot parse was a ValueError traceback."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    out = tmp_path / "out"
+    config = _config(inputs, world, out, our_captioner_dir, our_filter_dir, ray_address=address)
+    start = time.monotonic()
+    with pytest.raises(CapfiltError, match=re.escape(says)):
+        clean(config)
+    assert time.monotonic() - start < 30 and not out.exists()
+
+
 def test_a_refused_token_says_what_to_set(monkeypatch):
     import ray
     from ray.exceptions import AuthenticationError
 
+    from capfilt.pipelines import ray_connect
     from capfilt.pipelines.ray_connect import connect_ray
 
     def refused(address=None, **kwargs):
         raise AuthenticationError("Invalid authentication token")
 
+    monkeypatch.setattr(ray_connect, "_probe", lambda where: None)
     monkeypatch.setattr(ray, "init", refused)
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     with pytest.raises(

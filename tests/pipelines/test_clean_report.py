@@ -22,7 +22,7 @@ from PIL import Image
 from capfilt.curate import Candidate, Curated
 from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError
-from capfilt.ledger import failed_row, ok_row, read_ledger
+from capfilt.ledger import LEDGER_SCHEMA, failed_row, ok_row, read_ledger
 from capfilt.pipelines.clean_output import Shard, prepare, write_web_shard
 from capfilt.pipelines.clean_report import load_images, write_report
 from capfilt.world.writer import Sample, sample_key, write_shard
@@ -357,3 +357,52 @@ def test_bad_arguments_name_the_problem(tmp_path: Path) -> None:
         write_report(tmp_path / "nope")
     with pytest.raises(CapfiltError, match="bins"):
         write_report(tmp_path, bins=0)
+
+
+def _rewrite_ledgers(src: Path, dst: Path, change) -> Path:
+    """A copy of the job `src` whose ledger files went through `change(table, path)`."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for path in sorted((dst / "ledger").glob("*.parquet")):
+        change(pq.read_table(path), path)
+    return dst
+
+
+def test_ledgers_of_other_layouts_give_the_same_page(job: Path, tmp_path: Path) -> None:
+    """The report reads the ledger's scores alone (a projection of nested columns); files written
+    with the legacy list layout, lacking a column, or with a first file of 0 rows and no job.json
+    render as the whole ledger does."""
+    from capfilt.pipelines import clean_report
+
+    def page_of(out: Path) -> str:  # the page less the output's own path and name
+        return clean_report._render(out, 12, 20).replace(str(out), "OUT").replace(out.name, "OUT")
+
+    page = page_of(job)
+    legacy = _rewrite_ledgers(
+        job,
+        tmp_path / "legacy",
+        lambda t, p: pq.write_table(t.cast(LEDGER_SCHEMA), p, use_compliant_nested_type=False),
+    )
+    schema = pq.ParquetFile(legacy / "ledger" / "00000.parquet").schema
+    assert "synthetic.list.item.itm" in [schema.column(i).path for i in range(len(schema))]
+    assert page_of(legacy) == page
+    no_seed = _rewrite_ledgers(
+        job, tmp_path / "no_seed", lambda t, p: pq.write_table(t.drop_columns(["seed"]), p)
+    )
+    assert page_of(no_seed) == page
+    # No job.json and a first ledger file of 0 rows (an empty shard): the header is the ledger's.
+    empty_first = _rewrite_ledgers(job, tmp_path / "empty_first", lambda t, p: None)
+    (empty_first / "job.json").unlink()
+    first = pq.read_table(empty_first / "ledger" / "00000.parquet")
+    pq.write_table(first.slice(0, 0), empty_first / "ledger" / "00000.parquet")
+    assert JOB["captioner_id"] in page_of(empty_first)
+
+
+def test_a_ledger_file_that_cannot_be_read_is_named(job: Path, tmp_path: Path) -> None:
+    from capfilt.pipelines.clean_report import _render
+
+    broken = _rewrite_ledgers(job, tmp_path / "broken", lambda t, p: None)
+    (broken / "ledger" / "00001.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(CapfiltError, match=r"ledger file .*00001\.parquet cannot be read"):
+        _render(broken, 12, 20)
