@@ -28,7 +28,8 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
 	.venv-lock/bin/python -m pip install --quiet $(TORCH_PKGS)
 	.venv-lock/bin/python -m pip install --quiet -e '.[dev]'
-	.venv-lock/bin/python -m pip freeze --exclude-editable > $(CONSTRAINTS)
+	.venv-lock/bin/python -m pip freeze --exclude-editable > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	rm -rf .venv-lock
 
 test: venv

@@ -4,8 +4,10 @@ live bar would print nothing at all."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,20 +39,25 @@ def progress_bar(*columns: str | ProgressColumn) -> Iterator[Progress | LineProg
 def _every_s() -> float:
     raw = os.environ.get(PROGRESS_EVERY_ENV, "")
     try:
-        return max(0.0, float(raw)) if raw.strip() else DEFAULT_EVERY_S
+        every = float(raw) if raw.strip() else DEFAULT_EVERY_S
     except ValueError:
         return DEFAULT_EVERY_S
+    return max(0.0, every) if math.isfinite(every) else DEFAULT_EVERY_S
 
 
 class LineProgress:
     """rich `Progress`'s `add_task`/`update` as log lines, a task's description first: `clean:
     12/60 (20%), samples 12,000 (251.0/s), 3m12s left, 48s elapsed`, at most one a task every `every_s` seconds, and the last state on close.
     Rates and the time left count only the work done since a task's first update, so a resumed
-    job's skipped part does not read as speed."""
+    job's skipped part does not read as speed. Between updates (a model loading, a long training
+    stage) a heartbeat thread repeats the last state every `every_s` seconds."""
 
-    def __init__(self, stream: TextIO, every_s: float = DEFAULT_EVERY_S) -> None:
-        self.stream, self.every_s = stream, every_s
+    def __init__(self, stream: TextIO, every_s: float = DEFAULT_EVERY_S, heartbeat: bool = True) -> None:
+        self.stream, self.every_s, self.heartbeat = stream, every_s, heartbeat
         self._tasks: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
         self._tasks.append(
@@ -67,7 +74,20 @@ class LineProgress:
         description: str | None = None,
         **fields: Any,
     ) -> None:
-        task = self._tasks[task_id]
+        with self._lock:
+            self._update(self._tasks[task_id], completed, total, description, fields)
+        if self._heartbeat is None and self.heartbeat and self.every_s > 0:
+            self._heartbeat = threading.Thread(target=self._beat, name="progress-lines", daemon=True)
+            self._heartbeat.start()
+
+    def _update(
+        self,
+        task: dict[str, Any],
+        completed: float | None,
+        total: float | None,
+        description: str | None,
+        fields: dict[str, Any],
+    ) -> None:
         if completed is not None:
             task["completed"] = completed
         if total is not None:
@@ -83,11 +103,23 @@ class LineProgress:
         if now - task["printed"] >= self.every_s:
             self._print(task, now)
 
+    def _beat(self) -> None:
+        while not self._stop.wait(min(self.every_s, 1.0)):
+            with self._lock:
+                now = time.monotonic()
+                for task in self._tasks:
+                    if "start" in task and now - task["printed"] >= self.every_s:
+                        self._print(task, now)
+
     def close(self) -> None:
-        now = time.monotonic()
-        for task in self._tasks:
-            if "start" in task and task.get("printed_state") != _state(task):
-                self._print(task, now)
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        with self._lock:
+            now = time.monotonic()
+            for task in self._tasks:
+                if "start" in task and task.get("printed_state") != _state(task):
+                    self._print(task, now)
 
     def _print(self, task: dict[str, Any], now: float) -> None:
         task["printed"], task["printed_state"] = now, _state(task)

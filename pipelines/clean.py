@@ -426,8 +426,12 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
                     write_human_shard(out, shard)
                     advance(1, 0)
     except KeyboardInterrupt as err:
+        try:
+            finished = len(read_manifest(out))
+        except CapfiltError:  # a manifest damaged beyond a cut last line: the count this run kept
+            finished = state["shards"]
         raise KeyboardInterrupt(
-            f"clean {err or 'interrupted'}: {len(read_manifest(out))} of {total} shards are finished in {out}; "
+            f"clean {err or 'interrupted'}: {finished} of {total} shards are finished in {out}; "
             "rerun the same command with --resume to clean the rest"
         ) from err
     finally:

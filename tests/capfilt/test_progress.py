@@ -29,7 +29,7 @@ def clock(monkeypatch) -> Clock:
 
 def test_lines_come_at_the_interval_and_count_only_this_runs_work(clock: Clock) -> None:
     out = io.StringIO()
-    lines = LineProgress(out, every_s=30)
+    lines = LineProgress(out, every_s=30, heartbeat=False)
     task = lines.add_task("clean shards", total=None, samples=0)
     lines.update(task, completed=10, total=60, samples=10_000)  # resumed: 10 shards done before
     clock.now += 10
@@ -51,7 +51,7 @@ def test_lines_come_at_the_interval_and_count_only_this_runs_work(clock: Clock) 
 
 def test_text_fields_and_descriptions_show_as_they_are(clock: Clock) -> None:
     out = io.StringIO()
-    lines = LineProgress(out, every_s=0)
+    lines = LineProgress(out, every_s=0, heartbeat=False)
     task = lines.add_task("train captioner", total=None, losses="starting")
     lines.update(task, completed=0, total=2000, losses="starting")
     clock.now += 90
@@ -62,8 +62,23 @@ def test_text_fields_and_descriptions_show_as_they_are(clock: Clock) -> None:
 def test_the_interval_comes_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv(progress_mod.PROGRESS_EVERY_ENV, "5")
     assert progress_mod._every_s() == 5.0
-    monkeypatch.setenv(progress_mod.PROGRESS_EVERY_ENV, "soon")
-    assert progress_mod._every_s() == progress_mod.DEFAULT_EVERY_S
+    for bad in ("soon", "nan", "inf"):
+        monkeypatch.setenv(progress_mod.PROGRESS_EVERY_ENV, bad)
+        assert progress_mod._every_s() == progress_mod.DEFAULT_EVERY_S
+
+
+def test_a_heartbeat_repeats_the_state_while_nothing_updates() -> None:
+    """A model loading or a training stage of hours: no update, yet a line every interval."""
+    import time
+
+    out = io.StringIO()
+    lines = LineProgress(out, every_s=0.2)
+    task = lines.add_task("bootstrap: pretrain", total=7)
+    lines.update(task, completed=2)
+    time.sleep(1.0)
+    beats = out.getvalue().splitlines()
+    lines.close()
+    assert len(beats) >= 2 and all(b.startswith("bootstrap: pretrain: 2/7 (29%)") for b in beats), beats
 
 
 def test_a_command_off_a_terminal_prints_progress_lines(tmp_path, capsys, monkeypatch) -> None:
