@@ -103,7 +103,7 @@ def _tasks_fit_beside_actors(nodes: Sequence[Node], plan: ActorPlan) -> ActorPla
     alone, on two 1-CPU nodes an actor on each left a third of a CPU per node, the tasks asked for
     two thirds, and the job waited for ever."""
     free = sorted((n.cpus for n in nodes), reverse=True)
-    if not free:
+    if not free or plan.cluster_cpus <= 0:  # an autoscaling cluster with no worker yet: nothing to fit
         return plan
     for _ in range(plan.captioner_actors + plan.filter_actors):
         i = max(range(len(free)), key=free.__getitem__)  # the freest node takes the next actor
