@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import convert
-from .config import ROLES, MEDConfig
+from .config import CLIP_MEAN, CLIP_STD, ROLES, MEDConfig
 from .med import MED
 from .tokenizer import CaptionTokenizer
 from .vit import resize_pos_embed
@@ -477,6 +478,13 @@ def _load_transformers(path: Path) -> Checkpoint:
         config = convert.config_from_transformers(hf_cfg, conv)
     except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as err:
         raise CheckpointError(f"{path}/config.json is not a usable BLIP config: {err}") from err
+    normalization = image_normalization(path, config.vision.image_size)
+    if normalization is not None:
+        config = config.replace(image_mean=normalization[0], image_std=normalization[1])
+        try:
+            config.validate()
+        except ValueError as err:
+            raise CheckpointError(f"{path}: its image processor's {err}") from err
     tok = _tokenizer_for(path, config)
     config.text.enc_token_id, config.text.dec_token_id = tok.ids.enc, tok.ids.dec
     config.text.cls_token_id = tok.ids.cls
@@ -496,6 +504,81 @@ def _load_transformers(path: Path) -> Checkpoint:
     )
     log.info("loaded transformers %s from %s (%s)", arch or "BLIP", path, conv.summary())
     return Checkpoint(med, tok, role, provenance, "transformers", digest)
+
+
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def image_normalization(directory: Path, image_size: int) -> Normalization | None:
+    """(mean, std) over pixels scaled to [0, 1], as the image processor saved beside a transformers
+    checkpoint normalises them (`preprocessor_config.json`, or transformers 5's
+    `processor_config.json` under `image_processor`); None when neither file is there (BLIP's
+    CLIP statistics then). A processor that rescales by another factor than 1/255, or not at
+    all, is folded into the same two numbers per channel; one that does not normalise gives
+    mean 0 and std 1."""
+    found = None
+    for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (directory / name).is_file():
+            data = _read_json(directory / name)
+            found = (name, data if section is None else data.get(section))
+            if isinstance(found[1], dict):
+                break
+            found = None
+    if found is None:
+        return None
+    name, proc = found
+    where = f"{directory / name}"
+
+    def triple(key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+        if key not in proc:
+            return default
+        value = proc[key]
+        values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not (
+            isinstance(values, list)
+            and len(values) == 3
+            and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values
+            )
+        ):
+            raise CheckpointError(f"{where}: {key} is {value!r}, not a number or three (one per RGB channel)")
+        return tuple(float(x) for x in values)  # type: ignore[return-value]
+
+    if proc.get("do_normalize", True) is False:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean, std = triple("image_mean", CLIP_MEAN), triple("image_std", CLIP_STD)
+    factor = proc.get("rescale_factor", 1 / 255) if proc.get("do_rescale", True) is not False else 1.0
+    if (
+        isinstance(factor, bool)
+        or not isinstance(factor, (int, float))
+        or not (factor > 0 and math.isfinite(factor))
+    ):
+        raise CheckpointError(f"{where}: rescale_factor is {factor!r}, not a positive number")
+    scale = factor * 255  # 1 for the usual 1/255: our pixels are already in [0, 1]
+    if abs(scale - 1) > 1e-9:
+        log.warning(
+            "%s rescales pixels by %r, not 1/255; CapFilt folds that into the normalisation", where, factor
+        )
+        mean, std = tuple(m / scale for m in mean), tuple(s / scale for s in std)  # type: ignore[assignment]
+    size = proc.get("size")
+    sides = (
+        {size.get("height"), size.get("width")} - {None}
+        if isinstance(size, dict)
+        else {size}
+        if isinstance(size, int)
+        else set()
+    )
+    if sides and sides != {image_size}:
+        log.warning(
+            "%s resizes images to %s, but the model's position embeddings are for %d px; "
+            "CapFilt resizes to %d px",
+            where,
+            size,
+            image_size,
+            image_size,
+        )
+    return mean, std
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # what a BERT tokenizer is read from

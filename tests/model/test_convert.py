@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -359,3 +360,68 @@ def test_a_tokenizer_without_dec_and_enc_that_does_not_fit_the_embeddings_is_ref
     ) as err:
         load_checkpoint(blip_captioner_pth, tokenizer=stock)
     assert str(blip_captioner_pth) in str(err.value) and "--tokenizer" in str(err.value)
+
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [
+        {"image_mean": IMAGENET[0], "image_std": IMAGENET[1]},
+        {"image_mean": 0.5, "image_std": 0.25},  # one number for every channel
+        {"do_normalize": False},
+        {"do_rescale": False, "image_mean": [120.0, 110.0, 100.0], "image_std": [60.0, 60.0, 60.0]},
+    ],
+    ids=["imagenet", "scalar", "no-normalize", "no-rescale"],
+)
+@pytest.mark.parametrize("file", ["preprocessor_config.json", "processor_config.json"])
+def test_a_transformers_directory_normalises_images_as_its_image_processor_says(
+    tmp_path, hf_retrieval_dir, processor, file
+):
+    """Pixels reach the model as transformers' own image processor from the same directory
+    makes them (a directory saved with ImageNet statistics was read with CLIP's)."""
+    from PIL import Image
+    from transformers import BlipImageProcessor
+
+    from capfilt.inference import Filter
+
+    directory = tmp_path / "hf"
+    shutil.copytree(hf_retrieval_dir, directory)
+    saved = BlipImageProcessor(size={"height": 32, "width": 32}, **processor)
+    if file == "preprocessor_config.json":
+        saved.save_pretrained(directory)
+    else:  # transformers 5's processor file nests the image processor's fields
+        fields = json.loads(saved.to_json_string())
+        (directory / file).write_text(json.dumps({"image_processor": fields}))
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    expected = saved(image, return_tensors="pt").pixel_values
+    ours = Filter(load_checkpoint(directory), device="cpu").pixels([image])
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_a_transformers_directory_without_an_image_processor_uses_blip_s_statistics(hf_retrieval_dir):
+    from capfilt.model.config import CLIP_MEAN, CLIP_STD
+
+    assert not (hf_retrieval_dir / "preprocessor_config.json").exists()
+    config = load_checkpoint(hf_retrieval_dir).config
+    assert (config.image_mean, config.image_std) == (CLIP_MEAN, CLIP_STD)
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"image_mean": [0.5, 0.5]}, "image_mean is [0.5, 0.5]"),
+        ({"image_std": [0.5, 0.0, 0.5]}, "image_std"),
+        ({"image_mean": "imagenet"}, "image_mean is 'imagenet'"),
+        ({"rescale_factor": 0}, "rescale_factor is 0"),
+    ],
+)
+def test_an_unusable_image_processor_is_a_checkpoint_error_naming_the_field(
+    tmp_path, hf_retrieval_dir, fields, says
+):
+    directory = tmp_path / "hf"
+    shutil.copytree(hf_retrieval_dir, directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(fields))
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        load_checkpoint(directory)
