@@ -42,6 +42,15 @@ def _med_config_facts(path: Path) -> dict[str, Any]:
     return {ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg}
 
 
+def _pth_option(option: str, path: Path) -> str:
+    """Advice naming a .pth-only option: caption, score and convert take it; the commands that
+    hand a checkpoint to other processes (clean, serve, train) take a converted one instead."""
+    return (
+        f"pass {option} to caption, score or convert; for clean, serve and train convert it once "
+        f"(capfilt convert --input {path} --output DIR {option.split(' / ')[0].split()[0]} ...) and pass DIR"
+    )
+
+
 def _pth_tokenizer(
     path: Path, tok_dir: Path, words: torch.Tensor | None, facts: dict[str, Any]
 ) -> CaptionTokenizer:
@@ -54,7 +63,7 @@ def _pth_tokenizer(
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"no tokenizer for {path}: an original BLIP .pth has none. Put bert-base-uncased tokenizer files "
-            f"(vocab.txt or tokenizer.json) beside it or pass --tokenizer DIR ({err})"
+            f"(vocab.txt or tokenizer.json) beside it, or {_pth_option('--tokenizer DIR', path)} ({err})"
         ) from err
     dec_id, enc_id = facts.get("dec_token_id"), facts.get("enc_token_id")
     vocab = hf.get_vocab()
@@ -75,7 +84,7 @@ def _pth_tokenizer(
         raise CheckpointError(
             f"the tokenizer in {tok_dir} lacks BLIP's {' and '.join(missing)} and cannot be completed as "
             f"BLIP's: {why}. Pass the tokenizer the model was trained with (BLIP's is bert-base-uncased "
-            "plus [DEC] and [ENC]) with --tokenizer DIR"
+            f"plus [DEC] and [ENC]): {_pth_option('--tokenizer DIR', path)}"
         )
     return CaptionTokenizer(hf, dec_id=dec_id, enc_id=enc_id)
 
@@ -96,10 +105,23 @@ def _state_dict_of(raw: Any) -> dict[str, Any] | None:
     return None
 
 
+def _transformers_weights_file(raw: Any) -> bool:
+    """Whether a loaded weights file is one file of a transformers BLIP directory."""
+    if not isinstance(raw, dict):
+        return False
+    keys = [k for k in raw if isinstance(k, str)]
+    return any(k.startswith("vision_model.") for k in keys)
+
+
 def load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str, Any]) -> Checkpoint:
     raw = _safe_torch_load(path)
     state = _state_dict_of(raw)
     if state is None:
+        if _transformers_weights_file(raw):
+            raise CheckpointError(
+                f"{path} holds the weights of a transformers BLIP model (vision_model.* keys): pass the "
+                f"directory it was saved in ({path.parent}, with its config.json), not the file"
+            )
         raise CheckpointError(
             f"{path} is not a BLIP checkpoint: no state dict with visual_encoder.* weights (looked at the "
             "file itself and under 'model' and 'state_dict', with and without a 'module.' prefix)"
@@ -107,7 +129,13 @@ def load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str,
     # BLIP's files hold other entries beside the weights (an epoch, the optimizer's...): names and
     # tensors only
     state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    conv = convert.from_blip(state)
+    try:
+        conv = convert.from_blip(state)
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path} is not a BLIP model CapFilt can load: {err}. Pass BLIP's pre-training, captioning "
+            "(model_*_caption*.pth, a captioner) or retrieval (model_*_retrieval_*.pth, a filter) checkpoint"
+        ) from err
     log.info("%s: %s", path, conv.summary())
     for note in conv.notes:
         log.warning("%s: %s", path, note)
@@ -124,7 +152,7 @@ def load_blip_pth(path: Path, tokenizer: str | Path | None, overrides: dict[str,
         raise CheckpointError(
             f"cannot rebuild the architecture of {path} from its weights: {why}. Pass an original BLIP "
             "pre-training, captioning or retrieval checkpoint; head counts come from med_config.json "
-            "beside it (num_attention_heads, vision_heads) or --text-heads / --vision-heads"
+            f"beside it (num_attention_heads, vision_heads), or {_pth_option('--text-heads / --vision-heads', path)}"
         ) from err
     if isinstance(train_cfg, dict) and isinstance(train_cfg.get("prompt"), str):
         config.prompt = train_cfg["prompt"]

@@ -135,28 +135,43 @@ def from_transformers(sd: dict[str, torch.Tensor]) -> Conversion:
                 continue
             key = "visual_encoder." + new
         blip[key] = value
-    conv = from_blip(blip)
+    conv = from_blip(blip, other="BlipForQuestionAnswering")
     if unknown:
         conv.skipped["unknown vision keys"] += unknown
-    heads = ("itm_head.weight", "vision_proj.weight", "text_proj.weight")
-    if conv.has_encoder and not all(k in conv.state_dict for k in heads):
-        raise ValueError(
-            "it has a text encoder but no ITM head or ITC projections (itm_head, vision_proj, text_proj), "
-            "as BlipForQuestionAnswering has"
-        )
     return conv
+
+
+_HEADS = ("itm_head.weight", "vision_proj.weight", "text_proj.weight")
+
+
+def _unusable_model(sd: dict[str, torch.Tensor], other: str) -> str | None:
+    """Why a BLIP state dict is a model CapFilt cannot use (`other`: what such a model is called
+    in the caller's layout), or None. BLIP's NLVR2 model has a `cls_head` and two cross-attentions a
+    layer; its VQA model (`other` in transformers) a text encoder with no ITM head or ITC projections."""
+    if any(k.startswith("cls_head.") for k in sd):
+        return "it is BLIP's NLVR2 model (a cls_head, two images a text), not a captioner or a filter"
+    if any(k.startswith("text_encoder.") for k in sd) and not all(k in sd for k in _HEADS):
+        return (
+            "it has a text encoder but no ITM head or ITC projections (itm_head, vision_proj, "
+            f"text_proj), as {other} has: a filter needs them"
+        )
+    return None
 
 
 _MOMENTUM = re.compile(r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.")
 _QUEUES = {"image_queue", "text_queue", "idx_queue", "queue_ptr", "ptr_queue"}
 
 
-def from_blip(sd: dict[str, torch.Tensor]) -> Conversion:
+def from_blip(sd: dict[str, torch.Tensor], other: str = "BLIP's VQA model") -> Conversion:
     """State dict of an original BLIP model (`checkpoint["model"]`) -> ours.
 
     Momentum copies (`*_m`), feature queues and the ITC temperature are training state: they are
-    skipped and counted in the summary.
+    skipped and counted in the summary. ValueError for BLIP's VQA and NLVR2 models (see
+    `_unusable_model`): CapFilt has no use for them.
     """
+    why = _unusable_model(sd, other)
+    if why is not None:
+        raise ValueError(why)
     conv = Conversion({})
     out = conv.state_dict
     for key, value in sd.items():

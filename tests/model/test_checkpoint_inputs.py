@@ -285,3 +285,16 @@ def test_sharded_transformers_weights_load_as_the_single_file(tmp_path, hf_retri
     (directory / f"{stem}-00002-of-00003.{ext}").mkdir()  # a directory in a shard's place
     with pytest.raises(CheckpointError, match="names shard files that are not in"):
         load_checkpoint(directory)
+
+
+def test_clean_s_advice_for_a_pth_without_a_tokenizer_is_one_clean_can_follow(tmp_path, blip_filter_pth):
+    """clean takes no --tokenizer: its error says to convert the .pth once instead."""
+    from capfilt.errors import CapfiltError
+    from capfilt.pipelines.clean import inspect_checkpoint
+
+    directory = tmp_path / "filter"
+    directory.mkdir()
+    shutil.copy(blip_filter_pth, directory / "model.pth")
+    with pytest.raises(CapfiltError, match=r"--filter .*for clean, serve and train convert it once") as err:
+        inspect_checkpoint(str(directory / "model.pth"), "score", "filter")
+    assert "capfilt convert --input" in str(err.value) and "--tokenizer" in str(err.value)

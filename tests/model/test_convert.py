@@ -425,3 +425,39 @@ def test_an_unusable_image_processor_is_a_checkpoint_error_naming_the_field(
     (directory / "preprocessor_config.json").write_text(json.dumps(fields))
     with pytest.raises(CheckpointError, match=re.escape(says)):
         load_checkpoint(directory)
+
+
+def _as_vqa(state: dict[str, torch.Tensor]) -> None:
+    """BLIP's VQA model: a text encoder (questions) and a decoder (answers), no ITM head or ITC."""
+    for key in [k for k in state if k.split(".")[0] in ("itm_head", "vision_proj", "text_proj")]:
+        del state[key]
+    for key in [k for k in state if k.startswith("text_encoder.")]:
+        state["text_decoder.bert." + key[len("text_encoder.") :]] = state[key].clone()
+
+
+def _as_nlvr(state: dict[str, torch.Tensor]) -> None:
+    """BLIP's NLVR2 model: a classification head over two images."""
+    for key in [k for k in state if k.split(".")[0] in ("itm_head", "vision_proj", "text_proj")]:
+        del state[key]
+    state["cls_head.0.weight"] = torch.zeros(32, 32)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [(_as_vqa, r"no ITM head or ITC projections .*BLIP's VQA model"), (_as_nlvr, "BLIP's NLVR2 model")],
+    ids=["vqa", "nlvr"],
+)
+def test_blip_s_vqa_and_nlvr_files_are_named_at_once(tmp_path, blip_filter_pth, change, says, caplog):
+    """Refused with what they are, before any weight is merged (the VQA file warned 20 times about
+    its encoder and decoder copies first, then named missing keys)."""
+    path = _blip_pth(tmp_path / "pth", blip_filter_pth, change)
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match=says) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "retrieval" in str(err.value)
+    assert not [r for r in caplog.records if "differ" in r.getMessage()]
+
+
+def test_a_transformers_weights_file_asks_for_its_directory(tmp_path, hf_retrieval_dir):
+    with pytest.raises(CheckpointError, match="pass the directory it was saved in") as err:
+        load_checkpoint(hf_retrieval_dir / "model.safetensors")
+    assert str(hf_retrieval_dir) in str(err.value)
