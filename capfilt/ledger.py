@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from .curate import Curated
 from .decision import Rule, Scored, decide
 
+MAX_SEED = 2**63 - 1  # the ledger's seed column is int64
 OK = "ok"
 MISSING_IMAGE = "missing_image"
 

@@ -47,7 +47,7 @@ from capfilt.data import PARQUET, input_files, input_format
 from capfilt.decision import DEFAULT_THRESHOLD, Rule, threshold_for_keep_fraction
 from capfilt.errors import CapfiltError, signals_interrupt
 from capfilt.inference import PRECISIONS, capfilt_sampling
-from capfilt.ledger import LEDGER_SCHEMA, judged_scores, redecide, table
+from capfilt.ledger import LEDGER_SCHEMA, MAX_SEED, judged_scores, redecide, table
 from capfilt.model.generate import GenerationConfig
 
 from .clean_output import (
@@ -123,6 +123,8 @@ class CleanConfig:
             raise bad("threshold", f"must be a probability in [0, 1]; got {self.threshold}")
         if self.keep_fraction is not None and not (0.0 < self.keep_fraction <= 1.0):
             raise bad("keep-fraction", f"must be in (0, 1]; got {self.keep_fraction}")
+        if not (0 <= self.seed <= MAX_SEED):
+            raise bad("seed", f"must be in [0, 2**63 - 1] (the ledger stores it as int64); got {self.seed}")
         if self.num_captions < 1:
             raise bad("num-captions", f"must be >= 1; got {self.num_captions}")
         if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
@@ -394,52 +396,62 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     ray.data.DataContext.get_current().enable_progress_bars = progress is None
     timings: dict[str, float] = {"prepare_s": time.perf_counter() - start}
     run_samples = 0
+    # The signals stay interrupts until the summary and the report are written: a SIGTERM after
+    # the last shard killed the driver through Ray's handler (exit 15, no summary, no report).
     try:
         with signals_interrupt():
-            plan = plan_actors(
-                cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors
-            )
-            if config.batch_size is None:
-                config = dataclasses.replace(
-                    config,
-                    batch_size=default_batch_size(
-                        plan.device, cap.cache_bytes_per_image * config.num_captions
-                    ),
+            try:
+                plan = plan_actors(
+                    cluster_nodes(), config.num_gpus, config.captioner_actors, config.filter_actors
                 )
-            log.info("model actors: %s; %d images per model batch", plan.as_dict(), config.batch_size)
-            t0 = time.perf_counter()
-            if config.keep_fraction is None:
-                threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
-                # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
-                scoring = _score(config, plan, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n))
-                with contextlib.closing(scoring) as scored:
-                    for shard, rows in scored:
-                        timings.setdefault("first_shard_s", time.perf_counter() - t0)  # mostly actor start-up
-                        write_web_shard(out, shard, rows)
-                        run_samples += len(rows)
+                if config.batch_size is None:
+                    config = dataclasses.replace(
+                        config,
+                        batch_size=default_batch_size(
+                            plan.device, cap.cache_bytes_per_image * config.num_captions
+                        ),
+                    )
+                log.info("model actors: %s; %d images per model batch", plan.as_dict(), config.batch_size)
+                t0 = time.perf_counter()
+                if config.keep_fraction is None:
+                    threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
+                    # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
+                    scoring = _score(
+                        config, plan, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n)
+                    )
+                    with contextlib.closing(scoring) as scored:
+                        for shard, rows in scored:
+                            # the first shard's time is mostly the actors' start-up
+                            timings.setdefault("first_shard_s", time.perf_counter() - t0)
+                            write_web_shard(out, shard, rows)
+                            run_samples += len(rows)
+                            advance(1, 0)
+                else:
+                    threshold, run_samples = _keep_fraction(config, plan, out, pending, cap, filt, advance)
+                timings["web_s"] = time.perf_counter() - t0
+                for shard in human:
+                    if shard.name not in done:
+                        write_human_shard(out, shard)
                         advance(1, 0)
-            else:
-                threshold, run_samples = _keep_fraction(config, plan, out, pending, cap, filt, advance)
-            timings["web_s"] = time.perf_counter() - t0
-            for shard in human:
-                if shard.name not in done:
-                    write_human_shard(out, shard)
-                    advance(1, 0)
+            finally:
+                if started:
+                    ray.shutdown()
+            with signals_interrupt():  # again: ray.shutdown() puts back the default handlers
+                summary = _summary(
+                    out, web, human, len(done), threshold, cap, filt, run_samples, start, timings
+                )
+                resources = {**plan.as_dict(), "batch_size": config.batch_size}
+                return dataclasses.replace(summary, report=_report(out, summary.timings), resources=resources)
     except KeyboardInterrupt as err:
         try:
             finished = len(read_manifest(out))
         except CapfiltError:  # a manifest damaged beyond a cut last line: the count this run kept
             finished = state["shards"]
+        rest = "to write its summary and report" if finished >= total else "to clean the rest"
         raise KeyboardInterrupt(
             f"clean {err or 'interrupted'}: {finished} of {total} shards are finished in {out}; "
-            "rerun the same command with --resume to clean the rest"
+            f"rerun the same command with --resume {rest}"
         ) from err
-    finally:
-        if started:
-            ray.shutdown()
-    summary = _summary(out, web, human, len(done), threshold, cap, filt, run_samples, start, timings)
-    resources = {**plan.as_dict(), "batch_size": config.batch_size}
-    return dataclasses.replace(summary, report=_report(out, summary.timings), resources=resources)
 
 
 def _report(out: Path, timings: dict[str, float]) -> Path | None:

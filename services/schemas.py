@@ -11,11 +11,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from capfilt.inference import capfilt_sampling
+from capfilt.ledger import MAX_SEED
 from capfilt.model.generate import GenerationConfig
 from capfilt.pipelines.clean_inputs import key_problem
 from capfilt.pipelines.clean_resources import gpu_share_problem
 
-MAX_SEED = 2**63 - 1  # the ledger stores seeds as int64
 MAX_TEXTS = 64  # texts per /v1/score request
 MAX_TEXT_CHARS = 10_000  # the filter reads 35 tokens of a text; web texts can be long, not this long
 _DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)  # media type and parameters: any but a comma

@@ -297,6 +297,54 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+REPORTING_CLI = """
+import sys, time
+from capfilt.pipelines import clean as job
+job._report = lambda *args: time.sleep(300)  # stopped here, every shard finished
+from capfilt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_after_the_last_shard_still_stops_as_documented(
+    inputs, world, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
+):
+    """While the summary and report are written: before, the signal handlers were back to Ray's
+    by then, and the driver died with exit 15, no message and no summary."""
+    import ray
+
+    out = tmp_path / "reporting"
+    argv = ["clean", "--input", str(inputs), "--output", str(out), "--captioner", str(our_captioner_dir)]
+    argv += ["--filter", str(our_filter_dir), "--batch-size", "8", "--seed", str(SEED)]
+    argv += ["--ray-address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REPORTING_CLI, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        shards = len(list(inputs.glob("*.tar")))
+        while time.monotonic() < deadline and (
+            not (out / "manifest.jsonl").is_file()
+            or len((out / "manifest.jsonl").read_text().splitlines()) < shards
+        ):
+            assert proc.poll() is None, f"the job ended before it could be stopped: {proc.stderr.read()}"
+            time.sleep(0.05)
+        time.sleep(1)  # into the stubbed report
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    said = f"{shards} of {shards} shards are finished in {out}; rerun the same command with --resume to write"
+    assert said in err, err
+    same = dict(human=None, num_captions=1, threshold=None, resume=True)  # the CLI's defaults above
+    resumed = clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir, **same))
+    assert resumed.shards_skipped == shards and resumed.report is not None and resumed.report.is_file()
+
+
 def test_sigterm_stops_the_job_as_ctrl_c_does_and_says_how_to_resume(
     whole, inputs, world, our_captioner_dir, our_filter_dir, tmp_path
 ):
@@ -479,6 +527,10 @@ def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filte
         clean(config(precision="half"))
     with pytest.raises(CapfiltError, match=r"--top-k must be >= 0 \(0: no top-k cut\); got -1"):
         clean(config(top_k=-1))
+    for seed in (-1, 2**63):  # the captioners refused -1, and the ledger's int64 2**63, after the job began
+        with pytest.raises(CapfiltError, match=rf"--seed must be in \[0, 2\*\*63 - 1\].*got {seed}"):
+            clean(config(seed=seed, output=str(tmp_path / "fresh")))
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_fast_precision_cleans_every_sample_with_close_scores(
