@@ -40,9 +40,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif")
 WEBDATASET, PARQUET = "webdataset", "parquet"  # the input formats of the cleaning job
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # webdataset shards, plain or compressed
+
+
+def is_tar(name: str) -> bool:
+    """Whether a file name is a tar shard's, in any case (`00000.TAR` too)."""
+    return name.lower().endswith(TAR_SUFFIXES)
+
+
+def is_parquet(name: str) -> bool:
+    return name.lower().endswith(".parquet")
+
+
 MAX_WORDS = 30  # BLIP's max_words for pre-training and caption fine-tuning
 PathsLike = str | Path | Sequence[str | Path]
 
@@ -70,11 +81,11 @@ def shard_paths(paths: PathsLike) -> list[Path]:
     for entry in entries:
         p = Path(entry)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.name.endswith(TAR_SUFFIXES) and f.is_file())
+            found = sorted(f for f in p.iterdir() if is_tar(f.name) and f.is_file())
         elif p.is_file():
             found = [p]
         elif glob.has_magic(str(entry)):
-            found = sorted(Path(m) for m in glob.glob(str(entry)) if m.endswith(TAR_SUFFIXES))
+            found = sorted(Path(m) for m in glob.glob(str(entry)) if is_tar(m))
         else:
             raise CapfiltError(f"data path not found: {entry}")
         if not found:
@@ -87,7 +98,7 @@ def shard_paths(paths: PathsLike) -> list[Path]:
 
 def input_format(source: str) -> str:
     """The input format of a shard: PARQUET (an image table) for a `.parquet` file, else WEBDATASET."""
-    return PARQUET if source.lower().endswith(".parquet") else WEBDATASET
+    return PARQUET if is_parquet(source) else WEBDATASET
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -138,25 +149,23 @@ def input_files(entries: Sequence[str]) -> list[str]:
         try:
             if _is_glob(fs, path):
                 matched = sorted(str(m) for m in fs.glob(path))
-                found = [m for m in matched if m.endswith(TAR_SUFFIXES)]
-                found += [m for m in matched if m.endswith(".parquet") and not _sidecar(fs, m, matched)]
+                found = [m for m in matched if is_tar(m)]
+                found += [m for m in matched if is_parquet(m) and not _sidecar(fs, m, matched)]
                 found.sort()
-            elif path.endswith((*TAR_SUFFIXES, ".parquet")) or not fs.isdir(path):
+            elif is_tar(path) or is_parquet(path) or not fs.isdir(path):
                 if not fs.exists(path):
                     raise CapfiltError(f"data path not found: {entry}")
-                if path.endswith(".parquet") and _sidecar(fs, path, []):
+                if is_parquet(path) and _sidecar(fs, path, []):
                     raise CapfiltError(
-                        f"{entry} is img2dataset's sidecar of {path.removesuffix('.parquet')}.tar, read "
+                        f"{entry} is img2dataset's sidecar of {path[: -len('.parquet')]}.tar, read "
                         "with that tar: give the tar (or its directory) instead"
                     )
                 found = [path]
             else:
                 listed = sorted(str(f["name"]) for f in fs.ls(path, detail=True) if f["type"] == "file")
-                found = [f for f in listed if f.endswith(TAR_SUFFIXES)] or [
-                    f for f in listed if f.endswith(".parquet")
-                ]
-                tables = [f for f in listed if f.endswith(".parquet") and not _sidecar(fs, f, listed)]
-                if tables and found and found[0].endswith(TAR_SUFFIXES):
+                found = [f for f in listed if is_tar(f)] or [f for f in listed if is_parquet(f)]
+                tables = [f for f in listed if is_parquet(f) and not _sidecar(fs, f, listed)]
+                if tables and found and is_tar(found[0]):
                     log.warning(
                         "%s holds tar shards, which are its inputs, and %d parquet files that are no tar's "
                         "sidecar (%s...): they are not read; name them (or a glob) to clean them too",
@@ -179,8 +188,8 @@ def input_files(entries: Sequence[str]) -> list[str]:
 
 def _sidecar(fs: fsspec.AbstractFileSystem, parquet: str, known: Sequence[str]) -> bool:
     """Whether `parquet` sits beside a tar of the same stem (img2dataset's sidecar of that tar)."""
-    stem = parquet.removesuffix(".parquet")
-    tars = [stem + suffix for suffix in TAR_SUFFIXES]
+    stem = parquet[: -len(".parquet")]
+    tars = [stem + suffix for suffix in (*TAR_SUFFIXES, *(x.upper() for x in TAR_SUFFIXES))]
     return any(t in known for t in tars) or any(fs.exists(t) for t in tars)
 
 
@@ -188,7 +197,7 @@ def tar_stem(path: str) -> str:
     """A tar shard's path without its tar suffix: `00000.tar.gz` -> `00000` (its sidecar is
     `00000.parquet`)."""
     for suffix in sorted(TAR_SUFFIXES, key=len, reverse=True):
-        if path.endswith(suffix):
+        if path.lower().endswith(suffix):
             return path[: -len(suffix)]
     return path
 

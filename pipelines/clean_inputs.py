@@ -54,7 +54,15 @@ IMAGE_TOO_LARGE = "image_too_large"  # `capfilt.images.ImageError`'s reason for 
 MAX_TEXT_BYTES = 2**20
 TEXT_TOO_LARGE = "text_too_large"
 TEXT_EXTENSIONS = ("txt", "json")  # the members besides the image that the job reads
-_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+_PIL_EXT = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "AVIF": "avif",
+}
 
 
 def key_problem(key: str) -> str | None:
@@ -371,6 +379,14 @@ def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[l
     tar, error = read_tar(source)
     out: list[InputSample] = []
     seen: set[str] = set()
+    # A key with dots (`a.b`, members `a.b.jpg`): webdataset's key ends at the first dot, so the tar
+    # holds it as key `a` with members `b.jpg`; its sidecar row `a.b` is that sample, not another.
+    dotted = {
+        f"{s.key}.{e.rpartition('.')[0]}"
+        for s in tar
+        for e in (*s.files, *s.too_large, *s.unreadable)
+        if "." in e
+    }
     for s in tar:
         repeated = s.key in seen
         seen.add(s.key)
@@ -408,7 +424,7 @@ def read_webdataset(source: str, keys: Collection[str] | None = None) -> tuple[l
     sidecar, sidecar_error = read_sidecar(source)
     for side in sidecar:
         key = side.get("key")
-        if key is None or key in seen:
+        if key is None or key in seen or key in dotted:
             continue
         seen.add(key)
         status = side.get("status") or MISSING_IMAGE

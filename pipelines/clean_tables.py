@@ -310,7 +310,8 @@ def _table_sample(
     """A table row's sample, and the path of its image file still to read (None: nothing to read);
     `too_large`: the status and why of a row whose image or text `_without_oversize` dropped."""
     raw_key = text_of(row[cols.key]) if cols.key else None
-    key = raw_key if raw_key else f"{stem}_{index:09d}"
+    # A null key (or no key column) is named from the row; an empty one is a bad key, as in a tar.
+    key = raw_key if raw_key is not None else f"{stem}_{index:09d}"
     value = row[cols.image]
     if cols.image_kind == "struct":  # Hugging Face's Image feature: the bytes, else the file
         data, path = (value.get("bytes"), value.get("path")) if value else (None, None)
