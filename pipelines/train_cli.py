@@ -117,7 +117,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many steps (`train vit`: use --steps)"
+    )
     p.add_argument(
         "--image-size",
         type=int,

@@ -158,7 +158,14 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
     checkpoints = [(captioner, "caption", "captioner")] if request.captioner else []
     checkpoints += [(filt, "score", "filter")] if request.filter else []
     clean_config = _check_with_the_cli(argv, checkpoints)
-    if request.resume and (output / "job.json").is_file():
+    if request.resume and output.is_dir() and any(output.iterdir()):
+        if not (output / "job.json").is_file():  # what `capfilt clean --resume` refuses before any work
+            raise ClientError(
+                409,
+                f"output {request.output} holds files but no job.json: it is not a clean job's output; "
+                "choose a new directory",
+                "output_not_a_job",
+            )
         _check_resumable(output, clean_config, inputs, human)
     return argv
 
@@ -325,6 +332,9 @@ class JobManager:
 
     def submit(self, request: JobRequest) -> JobInfo:
         self._require_enabled()
+        # A running job's output is named as such, resume or not (before, a non-empty one without
+        # resume was only "not empty"); checked again below, with no submission in between.
+        self._refuse_overlap(request.output, confine(request.output, self.config.output_roots, "output"))
         argv = clean_argv(request, self.config)
         output = argv[argv.index("--output") + 1]
         with self._submitting:

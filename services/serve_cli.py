@@ -14,13 +14,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from capfilt.errors import CapfiltError
+from capfilt.errors import CapfiltError, signals_interrupt
 
 from .config import MiB, ServeConfig
 
@@ -197,7 +199,9 @@ def run_serve(args: argparse.Namespace) -> int:
     config.validate()
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can submit jobs", config.host)
+    _check_port(config.host, config.port)  # before Ray and the models start, not 30 s later
     dashboard = init_ray(config)
+    _warn_unplaceable(config)
     models = ModelPool.start(config)
     jobs = JobManager(config, dashboard) if dashboard else None
     if jobs is None:
@@ -205,7 +209,10 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(config, models, jobs)
     try:
         facts = {"dashboard": dashboard, "ray_address": ray.get_runtime_context().gcs_address}
-        asyncio.run(_serve(app, config, models, facts))
+        # uvicorn hands a SIGTERM on to the handler it found once it has shut down: Ray's
+        # exited with a traceback (SystemExit 15); as an interrupt, the service stops cleanly.
+        with signals_interrupt():
+            asyncio.run(_serve(app, config, models, facts))
     except KeyboardInterrupt:
         pass
     finally:
@@ -233,7 +240,7 @@ async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, An
             timeout_graceful_shutdown=10,
         )
     )
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(_listen(server, config))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
@@ -241,10 +248,19 @@ async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, An
         shown = f"[{host}]" if ":" in host else host
         print(json.dumps({"url": f"http://{shown}:{port}", **facts}), flush=True)
     failure: ModelUnavailable | None = None
+    started, next_note = time.monotonic(), LOADING_NOTE_S
     while not task.done():
         try:
             if models.ready():
                 break
+            if time.monotonic() - started > next_note:
+                log.warning(
+                    "the models are still loading after %.0f s (/readyz answers 503): Ray may be "
+                    "waiting for resources the model actors need (%s); see `ray status`",
+                    next_note,
+                    _actor_needs(config),
+                )
+                next_note *= 2
         except ModelUnavailable as err:
             log.error("stopping: %s", err)
             failure = err
@@ -254,6 +270,75 @@ async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, An
     await task
     if failure is not None:
         raise CapfiltError(f"the service stopped: {failure}")
+
+
+LOADING_NOTE_S = 60.0  # a service not ready after this long says so (then after twice as long...)
+
+
+async def _listen(server: Any, config: ServeConfig) -> None:
+    """uvicorn's serve(); a failure to listen (uvicorn exits the process on one) as a CapfiltError."""
+    try:
+        await server.serve()
+    except KeyboardInterrupt:  # the SIGTERM or Ctrl-C uvicorn handed on once it had shut down
+        return
+    except SystemExit as err:
+        if server.started:
+            raise
+        raise CapfiltError(
+            f"--host {config.host} --port {config.port}: could not listen there (uvicorn's exit code {err.code}; "
+            "its log above says why): pick another --port, or stop what listens there"
+        ) from None
+
+
+def _check_port(host: str, port: int) -> None:
+    """CapfiltError when `host`:`port` cannot be listened on (taken, or not this machine's address).
+    uvicorn binds with SO_REUSEADDR, and so does this check. Port 0 (any free one) always works."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as err:
+        raise CapfiltError(f"--host {host}: cannot resolve it ({err})") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise CapfiltError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror or err}): pick another "
+                "--port (0: any free one), or stop what listens there"
+            ) from err
+
+
+def _actor_needs(config: ServeConfig) -> str:
+    each = f"{config.num_cpus:g} CPU" + (f" and {config.num_gpus:g} GPU" if config.num_gpus else "")
+    return f"{2 * config.replicas} actors of {each} each"
+
+
+def _warn_unplaceable(config: ServeConfig) -> None:
+    """Warn when the cluster, as it is now, cannot hold the model actors: they wait for the
+    autoscaler, and the service stays unready until it adds what they need."""
+    from capfilt.pipelines.clean_resources import cluster_nodes
+
+    nodes = cluster_nodes()
+    if config.num_gpus:
+        fits = sum(math.floor(n.gpus / config.num_gpus + 1e-9) for n in nodes)
+        have = f"{sum(n.gpus for n in nodes):g} GPUs"
+    elif config.num_cpus:
+        fits = sum(math.floor(n.cpus / config.num_cpus + 1e-9) for n in nodes)
+        have = f"{sum(n.cpus for n in nodes):g} CPUs"
+    else:
+        return
+    if fits < 2 * config.replicas:
+        log.warning(
+            "%s need more than the Ray cluster has now (%s): the service stays unready (/readyz 503) "
+            "until the autoscaler adds it; with none coming, lower --replicas, --num-gpus or --num-cpus",
+            _actor_needs(config),
+            have,
+        )
 
 
 def _raise_open_files_limit() -> None:

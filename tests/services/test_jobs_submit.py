@@ -110,6 +110,35 @@ def test_the_same_output_twice_is_a_conflict(tmp_path: Path, resume: bool) -> No
     assert f"is the output of job {first.id} (PENDING" in str(refused.value)
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_running_job_s_output_with_files_is_in_use_not_merely_not_empty(
+    tmp_path: Path, resume: bool
+) -> None:
+    """The running job has written into its output: a second submission names that job, resume or
+    not (without resume it was `output_not_empty`, naming no job and suggesting resume)."""
+    jobs = _manager(tmp_path, FakeRayJobs())
+    first = jobs.submit(_request(tmp_path, "run"))
+    (tmp_path / "out" / "run").mkdir()
+    (tmp_path / "out" / "run" / "job.json").write_text("{}")
+    for output in ("run", ""):  # the output itself, and the root that contains it
+        with pytest.raises(ClientError) as refused:
+            jobs.submit(_request(tmp_path, output, resume=resume))
+        assert (refused.value.status, refused.value.reason) == (409, "output_in_use")
+        assert f"output of job {first.id}" in str(refused.value)
+
+
+def test_a_resume_into_a_directory_that_is_no_job_s_output_is_refused_at_once(tmp_path: Path) -> None:
+    """`capfilt clean --resume` refuses it before any work; the service accepted it and the job failed."""
+    jobs = _manager(tmp_path, FakeRayJobs())
+    (tmp_path / "out" / "photos").mkdir()
+    (tmp_path / "out" / "photos" / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(ClientError) as refused:
+        jobs.submit(_request(tmp_path, "photos", resume=True))
+    assert (refused.value.status, refused.value.reason) == (409, "output_not_a_job")
+    assert "holds files but no job.json" in str(refused.value)
+    assert not jobs.client.jobs
+
+
 @pytest.mark.parametrize(
     ("first", "second", "how"),
     [
