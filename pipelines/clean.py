@@ -388,8 +388,11 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     started = not ray.is_initialized()
     if started:
         try:
-            connect_ray(config.ray_address)
-        except BaseException:  # an error, or Ctrl-C while connecting
+            # SIGTERM while connecting stops as Ctrl-C does (until ray.init puts in its own handler,
+            # which the block below replaces): before, it killed the driver and left job.json behind.
+            with signals_interrupt():
+                connect_ray(config.ray_address)
+        except BaseException:  # an error, or a stop while connecting
             if empty:  # nothing of the job is there yet: the same command runs again after the fix
                 forget_unstarted(out, existed)
             raise

@@ -382,6 +382,46 @@ def test_sigterm_stops_the_job_as_ctrl_c_does_and_says_how_to_resume(
     assert resumed.shards_skipped == 1 and resumed.dprime_pairs == whole.dprime_pairs
 
 
+CONNECTING_CLI = """
+import sys, time
+from pathlib import Path
+from capfilt.pipelines import clean as job
+def slow_connect(address):
+    Path(sys.argv[-1]).touch()
+    time.sleep(300)  # stopped here, as in a ray.init starting a local cluster
+job.connect_ray = slow_connect
+from capfilt.cli import main
+sys.exit(main(sys.argv[1:-1]))
+"""
+
+
+def test_sigterm_while_connecting_stops_and_leaves_the_new_output_as_it_was(
+    inputs, world, our_captioner_dir, our_filter_dir, tmp_path
+):
+    """Before, the default SIGTERM killed the driver there, and its job.json made the same command
+    refuse a "non-empty" --output."""
+    out, marker = tmp_path / "never", tmp_path / "connecting"
+    argv = ["clean", "--input", str(inputs), "--output", str(out), "--captioner", str(our_captioner_dir)]
+    argv += ["--filter", str(our_filter_dir)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONNECTING_CLI, *argv, str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "stopped by SIGTERM" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("made_first", [False, True], ids=["absent", "empty"])
 def test_a_cluster_that_cannot_be_reached_is_named_and_the_same_command_runs_again(
     inputs, world, our_captioner_dir, our_filter_dir, tmp_path, monkeypatch, made_first
