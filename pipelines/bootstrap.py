@@ -280,9 +280,9 @@ def variant_texts(row: dict[str, Any], variant: str, threshold: float) -> list[t
     if variant == "none":
         return [("web", web)]
     candidates = [Scored(c["text"], c["itm"]) for c in row["synthetic"]]
-    if variant == "captioner":  # one synthetic caption, nothing filtered
-        best = max(candidates, key=lambda c: c.itm)
-        return [("web", web), ("synthetic", best.text)]
+    if variant == "captioner":  # one synthetic caption, nothing filtered: the first sample drawn
+        # (not the best by ITM: with K > 1 that let the filter choose the captioner-only row's caption)
+        return [("web", web), ("synthetic", candidates[0].text)] if candidates else [("web", web)]
     web_scored = Scored(web, row["web_itm"]) if row["web_itm"] is not None else None
     if variant == "filter":  # the web text judged, no synthetic captions
         return [("web", web)] if decide(web_scored, [], variant_rule("filter", threshold)).web_kept else []

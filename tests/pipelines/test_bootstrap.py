@@ -192,7 +192,8 @@ ROW = {
         ("none", 0.1, [("web", "web words")]),
         ("filter", 0.7, [("web", "web words")]),
         ("filter", 0.3, []),
-        ("captioner", 0.1, [("web", "web words"), ("synthetic", "s1")]),
+        # the first sample, whatever the filter thinks of it (s1 scores best)
+        ("captioner", 0.1, [("web", "web words"), ("synthetic", "s0")]),
         ("capfilt", 0.7, [("web", "web words"), ("synthetic", "s1")]),
         ("capfilt", 0.3, [("synthetic", "s1")]),
         ("blip2", 0.7, [("synthetic", "s1"), ("synthetic", "s2")]),  # top two of web + synthetic by ITM
