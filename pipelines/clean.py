@@ -451,8 +451,12 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
         except CapfiltError:  # a manifest damaged beyond a cut last line: the count this run kept
             finished = state["shards"]
         rest = "to write its summary and report" if finished >= total else "to clean the rest"
+        scored = len(list((out / "scored").glob("*.parquet"))) if config.keep_fraction is not None else 0
+        kept = (
+            f" (--keep-fraction's first pass scored {scored}; the rerun keeps their scores)" if scored else ""
+        )
         raise KeyboardInterrupt(
-            f"clean {err or 'interrupted'}: {finished} of {total} shards are finished in {out}; "
+            f"clean {err or 'interrupted'}: {finished} of {total} shards are finished in {out}{kept}; "
             f"rerun the same command with --resume {rest}"
         ) from err
 

@@ -513,15 +513,34 @@ def test_read_and_decode_never_run_inside_the_captioner_actors(
 
 
 def test_keep_fraction_picks_the_threshold_over_all_scores(
-    inputs, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster
+    inputs, our_captioner_dir, our_filter_dir, tmp_path, ray_cluster, monkeypatch
 ) -> None:
+    """Also stopped in its first pass, after one shard is scored: the stop says so, and the resumed
+    job keeps that shard's scores."""
     from capfilt.decision import Rule, Scored, decide, threshold_for_keep_fraction
     from capfilt.ledger import judged_scores
+    from capfilt.pipelines import clean as job
 
     out = tmp_path / "fraction"
     two_shards = [str(inputs / "00000.tar"), str(inputs / "00001.tar")]
     config = _config(inputs, inputs, out, our_captioner_dir, our_filter_dir, human=None, threshold=None)
-    summary = clean(dataclasses.replace(config, inputs=two_shards, keep_fraction=0.3))
+    config = dataclasses.replace(config, inputs=two_shards, keep_fraction=0.3)
+    write = job.write_parquet
+
+    def write_then_stop(*args: Any) -> None:
+        write(*args)
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    monkeypatch.setattr(job, "write_parquet", write_then_stop)
+    with pytest.raises(
+        KeyboardInterrupt, match=r"0 of 2 shards are finished .*first pass scored 1; the rerun keeps"
+    ):
+        clean(config)
+    monkeypatch.setattr(job, "write_parquet", write)
+    (stashed,) = (out / "scored").glob("*.parquet")
+    stashed_rows = pq.read_metadata(stashed).num_rows
+    summary = clean(dataclasses.replace(config, resume=True))
+    assert summary.run_samples == summary.samples - stashed_rows  # the stashed shard was not scored again
     rows = read_ledger(out).to_pylist()
     judged = judged_scores(rows, Rule())
     assert len(judged) >= 35  # 20 images: web texts (some empty) and best candidates
