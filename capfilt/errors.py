@@ -47,3 +47,25 @@ def signals_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def forward_to_sigint() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP call whatever handles SIGINT when they arrive (Ray Train's trainer
+    installs its own Ctrl-C handler, which stops the workers); signals set to be ignored stay so.
+    Returns the handlers replaced, for the caller to put back. Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def forward(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    replaced: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old = signal.signal(sig, forward)
+            replaced[sig] = signal.SIG_DFL if old is None else old
+    return replaced

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from capfilt.data import MAX_WORDS, iter_samples, sample_captions, shard_paths
-from capfilt.errors import CapfiltError
+from capfilt.errors import CapfiltError, forward_to_sigint, signals_interrupt
 from capfilt.model.checkpoint import CheckpointError, load_checkpoint, new_checkpoint
 from capfilt.model.tokenizer import train_tokenizer
 from capfilt.text import pre_caption
@@ -157,7 +157,11 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     )
     if cfg.workers == 0:
         device = torch.device("cuda" if cfg.use_gpu else "cpu")
-        steps = run_worker(spec, device, progress)
+        try:
+            with signals_interrupt():  # SIGTERM and SIGHUP stop it as Ctrl-C does
+                steps = run_worker(spec, device, progress)
+        except KeyboardInterrupt as err:
+            raise KeyboardInterrupt(_interrupted(cfg)) from err
     else:
         steps = _run_ray(spec, progress)
     return _result(out, steps, t0, resumed_from)
@@ -345,6 +349,9 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
         ),
     )
     sigint = signal.getsignal(signal.SIGINT)  # Ray's handler must not outlive the run
+    # SIGTERM and SIGHUP (a scheduler, `ray job stop`, a closed terminal) go the way of Ctrl-C:
+    # Ray's own SIGTERM handler aborted the driver (exit 134, no word) and the workers trained on.
+    others = forward_to_sigint()
     try:
         if relay_thread is not None:
             relay_thread.start()
@@ -361,6 +368,8 @@ def _run_ray(spec: LoopSpec, progress: ProgressFn | None) -> int:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
+            for sig, handler in others.items():
+                signal.signal(sig, handler)
         done.set()
         if relay_thread is not None:
             relay_thread.join()

@@ -107,12 +107,15 @@ def test_data_without_pairs_says_what_a_pair_needs(tmp_path, capsys) -> None:
     assert "hold no image-text pairs: each sample needs an image member and a text" in err
 
 
+@pytest.mark.parametrize("sent", ["SIGINT", "SIGTERM", "SIGHUP"])
 @pytest.mark.parametrize("rays_handler", ["exits", "aborts"])
 def test_ctrl_c_during_ray_training_says_how_to_resume(
-    world, tmp_path, ray_cluster, monkeypatch, capsys, rays_handler
+    world, tmp_path, ray_cluster, monkeypatch, capsys, rays_handler, sent
 ) -> None:
     """Ray Train's Ctrl-C handler aborts the run, then either exits (status 1, no word) or lets
-    `fit` return: either way the CLI says the run was interrupted, where its state is, and exits 130."""
+    `fit` return: either way the CLI says the run was interrupted, where its state is, and exits 130.
+    SIGTERM and SIGHUP go the same way (before, Ray's SIGTERM handler aborted the driver with exit
+    134 and the workers trained on)."""
     import signal
     import sys
 
@@ -129,10 +132,11 @@ def test_ctrl_c_during_ray_training_says_how_to_resume(
 
         def fit(self) -> None:
             self._register_sigint_handler(None)
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(getattr(signal, sent))
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     before = signal.getsignal(signal.SIGINT)
+    terms = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     out = tmp_path / "run"
     argv = ["train", "pretrain", "--data", str(world / "web"), "--out", str(out), "--size", "tiny"]
     assert main([*argv, "--workers", "2", "--steps", "4", "--batch-size", "4"]) == 130
@@ -140,6 +144,27 @@ def test_ctrl_c_during_ray_training_says_how_to_resume(
     assert f"training interrupted; no state was saved yet in {out}" in said
     assert "run the same command again to resume" in said
     assert signal.getsignal(signal.SIGINT) is before  # Ray's handler does not outlive the run
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == terms
+
+
+@pytest.mark.parametrize("sent", ["SIGTERM", "SIGHUP"])
+def test_sigterm_during_local_training_says_how_to_resume(world, tmp_path, monkeypatch, capsys, sent) -> None:
+    """In this process (--workers 0): SIGTERM killed it with no word; now as Ctrl-C, which says where
+    the last state is."""
+    import signal
+
+    from capfilt.pipelines import train as job
+
+    def stopped(*args, **kwargs) -> int:
+        signal.raise_signal(getattr(signal, sent))
+        return 0
+
+    monkeypatch.setattr(job, "run_worker", stopped)
+    out = tmp_path / "run"
+    argv = ["train", "pretrain", "--data", str(world / "web"), "--out", str(out), "--size", "tiny"]
+    assert main([*argv, "--workers", "0", "--steps", "4", "--batch-size", "4"]) == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"training interrupted; no state was saved yet in {out}" in said
 
 
 @pytest.mark.parametrize(
