@@ -37,7 +37,7 @@ from capfilt.world.writer import write_shard
 from .evaluate import eval_caption, eval_retrieval, read_truth
 from .train import train
 from .train_config import TrainConfig
-from .train_state import make_run_dir
+from .train_state import list_states, make_run_dir, read_args
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,20 @@ def _train(
     steps: int | None = None,
     vit_init: Path | None = None,
 ) -> Path:
-    if (out / "config.json").is_file() and not (out / "train_state").exists():
-        return out  # finished earlier (a finished run keeps its final checkpoint)
+    if (out / "config.json").is_file():
+        return out  # finished earlier: the final checkpoint is written last (its states stay beside it)
+    workers = cfg.workers
+    states = list_states(out)
+    if states:  # stopped midway: its data order was cut for the workers it started with
+        saved = read_args(states[-1]).get("workers", max(1, workers))  # a world size: 0 and 1 train alike
+        if saved != max(1, workers):
+            log.warning(
+                "%s resumes with the %d workers it started with (--workers %d applies to later stages)",
+                out,
+                saved,
+                workers,
+            )
+            workers = saved
     tc = TrainConfig(
         task=task,
         data=data,
@@ -164,7 +176,7 @@ def _train(
         epochs=epochs,
         steps=steps,
         batch_size=cfg.batch_size,
-        workers=cfg.workers,
+        workers=workers,
         seed=cfg.seed,
         max_steps=cfg.max_steps,
         use_gpu=cfg.use_gpu,

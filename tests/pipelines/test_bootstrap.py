@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -291,3 +293,40 @@ def test_gpu_with_ray_workers_trains_on_theirs_and_infers_here(world, monkeypatc
     _train_vit(cfg, tmp_path / "vit")
     assert len(configs) == 1 and not configs[0].use_gpu
     configs[0].validate()
+
+
+def test_a_rerun_with_other_workers_skips_finished_stages_and_resumes_a_cut_one_as_it_began(
+    tmp_path, monkeypatch, caplog
+):
+    """README: `--workers` may change on a rerun. A finished stage (its final checkpoint kept beside
+    its states) was trained again and refused ("workers: saved 1, now 2"); a stage cut midway
+    keeps the world size its data order was cut for."""
+    import logging
+
+    from capfilt.pipelines import bootstrap as job
+    from capfilt.pipelines.bootstrap import BootstrapConfig
+    from capfilt.pipelines.train_state import state_name
+
+    asked: list = []
+    monkeypatch.setattr(job, "train", lambda tc: asked.append(tc) or SimpleNamespace(checkpoint=Path(tc.out)))
+    cfg = BootstrapConfig(data=str(tmp_path), out=str(tmp_path / "run"), workers=2)
+
+    finished = tmp_path / "run" / "pretrain"
+    (finished / "train_state" / state_name(40)).mkdir(parents=True)
+    (finished / "train_state" / state_name(40) / "trainer.pt").write_bytes(b"")
+    (finished / "train_state" / state_name(40) / "train_args.json").write_text('{"workers": 1}')
+    (finished / "config.json").write_text("{}")
+    assert job._train(cfg, "pretrain", [], finished, None, 1) == finished and not asked
+
+    cut = tmp_path / "run" / "filter"
+    (cut / "train_state" / state_name(3)).mkdir(parents=True)
+    (cut / "train_state" / state_name(3) / "trainer.pt").write_bytes(b"")
+    (cut / "train_state" / state_name(3) / "config.json").write_text("{}")
+    (cut / "train_state" / state_name(3) / "train_args.json").write_text('{"workers": 1}')
+    with caplog.at_level(logging.WARNING):
+        job._train(cfg, "filter", [], cut, None, 1)
+    assert asked[-1].workers == 1 and "resumes with the 1 workers it started with" in caplog.text
+
+    fresh = tmp_path / "run" / "captioner"
+    job._train(cfg, "captioner", [], fresh, None, 1)
+    assert asked[-1].workers == 2
