@@ -17,7 +17,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -72,11 +72,15 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
         epoch: int,
         start: int = 0,
         order: Callable[[torch.Generator], list[int]] | None = None,
+        image_ids: Sequence[int] | None = None,
     ) -> None:
-        """order: the epoch's permutation from the epoch's generator (`train_batches`); None: random."""
+        """order: the epoch's permutation from the epoch's generator (`train_batches`); None: random.
+        image_ids (the filter's fine-tuning, several captions an image): every rank's batch gets
+        two images at least, which ITM's negatives need (see `two_images_a_batch`)."""
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.seed, self.epoch, self.start = seed, epoch, start
         self.order = order or (lambda g: random_order(n, g))
+        self.image_ids = image_ids
         self.steps = n // (batch_size * world)
 
     def __len__(self) -> int:
@@ -85,10 +89,44 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = self.order(g)
+        if self.image_ids is not None:
+            order = two_images_a_batch(order, self.image_ids, self.batch_size)
         global_batch = self.batch_size * self.world
         for k in range(self.start, self.steps):
             first = k * global_batch + self.rank * self.batch_size
             yield order[first : first + self.batch_size]
+
+
+def two_images_a_batch(order: list[int], image_ids: Sequence[int], batch_size: int) -> list[int]:
+    """`order` with every run of `batch_size` pairs (a rank's batch) holding two images at least:
+    a batch of one image's captions gets its last pair swapped with the next later pair of another
+    image. Batches that already hold two images are left as they are, so only an order that would
+    have stopped the run changes; every rank computes the same. (A random batch of 4 pairs over
+    images of 5 captions was one image's now and then: "ITM needs at least two different images".)"""
+    order = list(order)
+    for first in range(0, len(order) - batch_size + 1, batch_size):
+        last = first + batch_size - 1
+        image = image_ids[order[first]]
+        if batch_size < 2 or any(image_ids[i] != image for i in order[first + 1 : last + 1]):
+            continue
+        other = next((j for j in range(last + 1, len(order)) if image_ids[order[j]] != image), None)
+        if other is None:  # the epoch's last batches: a pair from an earlier batch that keeps two images
+            other = next(
+                (j for j in range(first) if _keeps_two(order, image_ids, batch_size, j, image)), None
+            )
+        if other is not None:  # none: every pair is of this image, and nothing can help
+            order[last], order[other] = order[other], order[last]
+    return order
+
+
+def _keeps_two(order: list[int], image_ids: Sequence[int], batch_size: int, j: int, image: int) -> bool:
+    """Whether the pair at `j` is of another image than `image`, and its batch, given a pair of
+    `image` in its place, still holds two images."""
+    if image_ids[order[j]] == image:
+        return False
+    start = j - j % batch_size
+    rest = {image_ids[order[i]] for i in range(start, start + batch_size) if i != j}
+    return len(rest | {image}) >= 2
 
 
 def set_trainable(med: MED, task: str) -> list[str]:
@@ -288,6 +326,7 @@ class _Worker:
                     epoch,
                     start=self.step % s.steps_per_epoch,
                     order=self.order,
+                    image_ids=self.dataset.image_ids if cfg.task == "filter" else None,
                 )
                 # Its own generator: iter() of a DataLoader draws a seed from the global RNG, which
                 # a run resumed mid-epoch would draw once more than an uninterrupted one (the hard

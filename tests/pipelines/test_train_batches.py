@@ -150,3 +150,22 @@ def test_confusable_tokens_share_contexts_and_skip_synonyms() -> None:
     assert named["[CLS]"] == set() and named["[PAD]"] == set()
     without = confusable_tokens(captions, len(words), special=[0, 1], min_count=5, k=4)
     assert words["large"] in {t for t in without[words["big"]].tolist()}  # only image ids tell synonyms
+
+
+def test_every_rank_batch_of_the_filter_holds_two_images() -> None:
+    """A batch of one image's captions has no ITM negative (the run stopped with "ITM needs at
+    least two different images"); such a batch gets a pair of another image, and nothing else moves."""
+    from capfilt.pipelines.train_loop import EpochBatches, two_images_a_batch
+
+    images = [0, 0, 0, 1, 1, 2, 2, 2]  # pair -> image
+    # [0 1] -> [0 3]; then [2 1] -> [2 4]; the last, [6 7], takes pair 0 from the first batch
+    assert two_images_a_batch([0, 1, 2, 3, 4, 5, 6, 7], images, 2) == [7, 3, 2, 4, 1, 5, 6, 0]
+    fine = [0, 3, 1, 5, 2, 6, 4, 7]
+    assert two_images_a_batch(fine, images, 2) == fine
+    assert two_images_a_batch([0, 1, 2], [0, 0, 0], 2) == [0, 1, 2]  # one image in all: nothing to do
+    for seed in range(20):
+        batches = [
+            b for rank in (0, 1) for b in EpochBatches(len(images), 2, rank, 2, seed, 0, image_ids=images)
+        ]
+        assert all(len({images[i] for i in b}) == 2 for b in batches), batches
+        assert sorted(i for b in batches for i in b) == sorted(set(i for b in batches for i in b))
