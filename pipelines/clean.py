@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -310,20 +311,44 @@ def _score(
     ds = _pipeline(config, plan, shards, captioner, filt, threshold)
     by_id = {s.id: s for s in shards}
     pending: dict[int, list[dict[str, Any]]] = {}
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if on_rows is not None:
-            on_rows(block.num_rows)
-        for row in block.to_pylist():
-            shard_id, expected = row.pop("shard_id"), row.pop("shard_rows")
-            rows = pending.setdefault(shard_id, [])
-            rows.append(row)
-            if len(rows) == expected:
-                yield by_id[shard_id], pending.pop(shard_id)
-                by_id.pop(shard_id)
+    before = set(threading.enumerate())
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for block in batches:
+            if on_rows is not None:
+                on_rows(block.num_rows)
+            for row in block.to_pylist():
+                shard_id, expected = row.pop("shard_id"), row.pop("shard_rows")
+                rows = pending.setdefault(shard_id, [])
+                rows.append(row)
+                if len(rows) == expected:
+                    yield by_id[shard_id], pending.pop(shard_id)
+                    by_id.pop(shard_id)
+    finally:  # also when the consumer stops early (an interrupt, a failed write)
+        if hasattr(batches, "close"):  # Ray Data's generator: it stops its prefetch threads
+            batches.close()
+        _join_new_threads(before, PIPELINE_THREADS_WAIT_S)
     log.debug("Ray Data stats of the clean pipeline:\n%s", ds.stats())
     assert not pending, f"shards ended incomplete: {sorted(pending)}"
     for shard in by_id.values():  # a shard with no samples at all
         yield shard, []
+
+
+PIPELINE_THREADS_WAIT_S = 2.0  # Ray Data's block Prefetcher outlives a stopped iterator: do not wait longer
+
+
+def _join_new_threads(before: set[threading.Thread], timeout: float) -> None:
+    """Wait (at most `timeout` s in all) for threads started since `before` (Ray Data's prefetch
+    threads) to end. One still fetching a block when the driver called ray.shutdown() made Ray end
+    the process with exit 1 ("The core worker has already been shutdown"), in place of the stop's
+    message and exit 130, when a SIGTERM came just as the pipeline finished."""
+    deadline = time.monotonic() + timeout
+    started = [t for t in set(threading.enumerate()) - before if t is not threading.current_thread()]
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in started if t.is_alive()]
+    if alive:
+        log.debug("threads still running after the pipeline: %s", alive)
 
 
 def _job(
