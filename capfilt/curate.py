@@ -17,6 +17,7 @@ from capfilt.model.generate import GenerationConfig
 
 from .decision import Decision, Rule, Scored, decide
 from .inference import Captioner, Filter, Images
+from .text import is_blank
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -65,10 +66,11 @@ def score_and_decide(
 ) -> list[Curated]:
     """Score each image's web text and candidates with one image encoding, then apply `rule`.
 
-    An empty or whitespace-only web text is not scored (nothing to match) and never kept."""
+    A web text with nothing to read (empty, white space, zero-width or control characters only:
+    `capfilt.text.is_blank`) is not scored (nothing to match) and never kept."""
     texts = []
     for web, cands in zip(web_texts, synthetic):
-        has_web = web is not None and web.strip() != ""
+        has_web = not is_blank(web)
         texts.append(([web] if has_web else []) + list(cands))
     scores = filt.score(images, texts)
     out = []

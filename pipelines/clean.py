@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -57,13 +58,20 @@ from .clean_output import (
     prepare,
     read_manifest,
     read_stats,
-    write_human_shard,
     write_json,
     write_parquet,
-    write_web_shard,
 )
-from .clean_resources import ActorPlan, cluster_nodes, default_batch_size, gpu_share_problem, plan_actors
+from .clean_resources import (
+    MAX_WRITERS,
+    ActorPlan,
+    cluster_nodes,
+    default_batch_size,
+    default_writers,
+    gpu_share_problem,
+    plan_actors,
+)
 from .clean_tables import table_columns, table_schema
+from .clean_writers import ShardWriters
 from .ray_connect import connect_ray
 
 log = logging.getLogger(__name__)
@@ -107,6 +115,9 @@ class CleanConfig:
     seed: int = 0  # a sample's sampling seed comes from (seed, key)
     precision: str = "exact"  # "fast": bf16 on GPUs (fp16 before Ampere) and AMX CPUs, int8 on other CPUs (docs/benchmarks.md)
     ray_address: str | None = None  # default: the running Ray, RAY_ADDRESS, or a new local one
+    # Processes writing finished shards beside the pipeline (`clean_writers`); None: from the GPUs
+    # the model actors hold (`clean_resources.default_writers`). Not part of the result.
+    writers: int | None = None
 
     def validate(self) -> None:
         """Raise CapfiltError naming the first bad option (paths are checked by `clean`)."""
@@ -138,6 +149,8 @@ class CleanConfig:
             raise bad("num-gpus", f"{problem}; got {self.num_gpus}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.writers is not None and not (1 <= self.writers <= MAX_WRITERS):
+            raise bad("writers", f"must be in [1, {MAX_WRITERS}]; got {self.writers}")
         for name in ("captioner_actors", "filter_actors"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name.replace("_", "-"), f"must be >= 1; got {getattr(self, name)}")
@@ -439,28 +452,36 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
                             plan.device, cap.cache_bytes_per_image * config.num_captions
                         ),
                     )
-                log.info("model actors: %s; %d images per model batch", plan.as_dict(), config.batch_size)
+                writers = config.writers or default_writers(plan, os.cpu_count())
+                log.info(
+                    "model actors: %s; %d images per model batch; %d shard writer(s)",
+                    plan.as_dict(),
+                    config.batch_size,
+                    writers,
+                )
                 t0 = time.perf_counter()
-                if config.keep_fraction is None:
-                    threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
-                    # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
-                    scoring = _score(
-                        config, plan, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n)
-                    )
-                    with contextlib.closing(scoring) as scored:
-                        for shard, rows in scored:
-                            # the first shard's time is mostly the actors' start-up
-                            timings.setdefault("first_shard_s", time.perf_counter() - t0)
-                            write_web_shard(out, shard, rows)
-                            run_samples += len(rows)
-                            advance(1, 0)
-                else:
-                    threshold, run_samples = _keep_fraction(config, plan, out, pending, cap, filt, advance)
+                # Leaving `writing` waits for every shard handed to it (and records it).
+                with ShardWriters(out, writers, on_written=lambda stats: advance(1, 0)) as writing:
+                    if config.keep_fraction is None:
+                        threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
+                        # closing(): a failed write stops the Ray Data pipeline now, not when it is collected.
+                        scoring = _score(
+                            config, plan, pending, cap, filt, threshold, on_rows=lambda n: advance(0, n)
+                        )
+                        with contextlib.closing(scoring) as scored:
+                            for shard, rows in scored:
+                                # the first shard's time is mostly the actors' start-up
+                                timings.setdefault("first_shard_s", time.perf_counter() - t0)
+                                writing.web(shard, rows)
+                                run_samples += len(rows)
+                    else:
+                        threshold, run_samples = _keep_fraction(
+                            config, plan, out, pending, cap, filt, writing, advance
+                        )
+                    for shard in human:
+                        if shard.name not in done:
+                            writing.human(shard)
                 timings["web_s"] = time.perf_counter() - t0
-                for shard in human:
-                    if shard.name not in done:
-                        write_human_shard(out, shard)
-                        advance(1, 0)
             finally:
                 if started:
                     ray.shutdown()
@@ -468,7 +489,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
                 summary = _summary(
                     out, web, human, len(done), threshold, cap, filt, run_samples, start, timings
                 )
-                resources = {**plan.as_dict(), "batch_size": config.batch_size}
+                resources = {**plan.as_dict(), "batch_size": config.batch_size, "writers": writers}
                 return dataclasses.replace(summary, report=_report(out, summary.timings), resources=resources)
     except KeyboardInterrupt as err:
         try:
@@ -508,6 +529,7 @@ def _keep_fraction(
     pending: list[Shard],
     cap: _Model,
     filt: _Model,
+    writing: ShardWriters,
     advance: Callable[[int, int], None],
 ) -> tuple[float, int]:
     """Pass 1: score and stash every pending shard; pass 2: pick the threshold, decide, write."""
@@ -530,10 +552,11 @@ def _keep_fraction(
             for f in sorted(scored.glob("*.parquet"))
             for r in pq.read_table(f, schema=LEDGER_SCHEMA).to_pylist()
         ]
-        threshold = threshold_for_keep_fraction(judged_scores(stashed, Rule()), config.keep_fraction)
-        write_json(
-            saved, {"threshold": threshold, "keep_fraction": config.keep_fraction, "texts": len(stashed)}
-        )
+        judged = judged_scores(stashed, Rule())
+        threshold = threshold_for_keep_fraction(judged, config.keep_fraction)
+        # "texts": the web and best synthetic texts the fraction is of; "samples": their ledger rows
+        picked = {"threshold": threshold, "keep_fraction": config.keep_fraction}
+        write_json(saved, {**picked, "texts": len(judged), "samples": len(stashed)})
         log.info(
             "keep fraction %.3f: threshold %.6f over %d samples",
             config.keep_fraction,
@@ -543,8 +566,8 @@ def _keep_fraction(
     rule = Rule(threshold=threshold)
     for shard in pending:
         rows = pq.read_table(scored / f"{shard.name}.parquet", schema=LEDGER_SCHEMA).to_pylist()
-        write_web_shard(out, shard, [redecide(r, rule) for r in rows])
-        advance(1, 0)
+        writing.web(shard, [redecide(r, rule) for r in rows])
+    writing.drain()  # every shard recorded before its scores go
     shutil.rmtree(scored)
     return threshold, run_samples
 

@@ -95,6 +95,14 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="filter actors (default: from the cluster's GPUs or CPUs, the rest of the model actors)",
     )
     p.add_argument(
+        "--writers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes writing finished shards beside the pipeline, 1 to 8 (default: 1, and one more "
+        "for every 4 GPUs the model actors hold, at most half this machine's CPUs)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue the job in --output, skipping finished shards"
     )
     p.add_argument(
@@ -128,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> CleanConfig:
         num_gpus=args.num_gpus,
         captioner_actors=args.captioner_actors,
         filter_actors=args.filter_actors,
+        writers=args.writers,
         resume=args.resume,
         seed=args.seed,
         precision=args.precision,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from capfilt.decision import DEFAULT_THRESHOLD
 from capfilt.errors import CapfiltError, changed_arguments
 from capfilt.images import ImageError, check_image
 from capfilt.ledger import DPRIME_INDEX_SCHEMA, MISSING_IMAGE, OK, kept_pairs, table
+from capfilt.text import is_blank
 
 from .clean_inputs import InputSample, read_input
 
@@ -189,8 +191,8 @@ def _read_json(path: Path, what: str) -> Any:
         ) from err
 
 
-def _append_manifest(out: Path, entry: dict[str, Any]) -> None:
-    """One line, whole or cut short (`read_manifest` drops a cut line): never a shard half-listed."""
+def record_shard(out: Path, entry: dict[str, Any]) -> None:
+    """A finished shard's manifest line: whole or cut short (`read_manifest` drops a cut line): never a shard half-listed."""
     with _writing(out / MANIFEST), open(out / MANIFEST, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
         f.flush()
@@ -207,12 +209,29 @@ def _write_tar(path: Path, records: list[dict[str, Any]]) -> None:
 def _record(sample: InputSample, key: str, text: str, extra: dict[str, Any]) -> dict[str, Any]:
     assert sample.image is not None
     meta = {**sample.meta, "key": key, "caption": text, "source_key": sample.key, **extra}
+    if extra["origin"] != "human" and "captions" in meta:
+        # A json "captions" list is read by training as the pair's texts (human phrasings,
+        # `capfilt.data.sample_captions`): a web or synthetic pair keeps the input's list under
+        # another name, or it would train on the web texts the filter judged, not on its .txt.
+        meta["source_captions"] = meta.pop("captions")
     return {
         "__key__": key,
         sample.ext: sample.image,  # the input's bytes: never re-encoded
         "txt": text.encode(),
-        "json": json.dumps(meta, sort_keys=True).encode(),
+        "json": json.dumps(_finite(meta), sort_keys=True, allow_nan=False).encode(),
     }
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinite floats as None: JSON has no such numbers (Python writes a
+    bare NaN that jq, JavaScript and DuckDB refuse), and a table's float column may hold them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _finish(
@@ -222,8 +241,9 @@ def _finish(
     index: list[dict[str, Any]],
     ledger: pa.Table | None,
     stats: dict[str, Any],
-) -> None:
-    """Write one shard's files under temporary names, rename them all, then add its manifest line."""
+) -> dict[str, Any]:
+    """Write one shard's files under temporary names and rename them all; returns its manifest
+    line, which `record_shard` appends once they are renamed."""
     n = shard.name
     temps = [
         _atomic(out / "dprime" / f"{n}.tar", lambda p: _write_tar(p, records)),
@@ -238,20 +258,27 @@ def _finish(
     if ledger is not None:
         temps.append(_atomic(out / "ledger" / f"{n}.parquet", lambda p: pq.write_table(ledger, p)))
     _commit(temps)
-    _append_manifest(
-        out,
-        {
-            "shard": n,
-            "kind": shard.kind,
-            "input": shard.source,
-            "samples": stats["samples"],
-            "dprime_pairs": len(records),
-        },
-    )
+    return {
+        "shard": n,
+        "kind": shard.kind,
+        "input": shard.source,
+        "samples": stats["samples"],
+        "dprime_pairs": len(records),
+    }
 
 
 def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """D' pairs, ledger and stats of one cleaned shard from its ledger rows; returns the stats.
+    """`write_web_files`, then the shard's manifest line; returns the stats."""
+    stats, entry = write_web_files(out, shard, rows)
+    record_shard(out, entry)
+    return stats
+
+
+def write_web_files(
+    out: Path, shard: Shard, rows: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """D' pairs, ledger and stats of one cleaned shard from its ledger rows; returns the stats and
+    the manifest line that makes the shard finished (`record_shard`).
 
     Image bytes are copied from the input, which is read again here (`read_input`, for the kept
     samples only): they never travel through the model stages. That read also gives the shard's
@@ -320,8 +347,7 @@ def write_web_shard(out: Path, shard: Shard, rows: list[dict[str, Any]]) -> dict
         "threshold": rows[0]["threshold"] if rows else None,
         "read_error": error,
     }
-    _finish(out, shard, records, index, table(rows), stats)
-    return stats
+    return stats, _finish(out, shard, records, index, table(rows), stats)
 
 
 def _human_problem(sample: InputSample) -> tuple[str, str] | None:
@@ -333,7 +359,7 @@ def _human_problem(sample: InputSample) -> tuple[str, str] | None:
         check_image(sample.image, name=sample.key)
     except ImageError as err:
         return err.reason, str(err)
-    if not (sample.text or "").strip():
+    if is_blank(sample.text):
         return "no_text", f"{sample.key} has no text (.txt, or a caption in its .json or table row)"
     return None
 
@@ -351,8 +377,16 @@ def _free_key(key: str, taken: set[str]) -> str:
 
 
 def write_human_shard(out: Path, shard: Shard) -> dict[str, Any]:
-    """Copy a human-annotated shard into D' (origin "human", key `{key}_h`); returns the stats.
-    A sample that cannot be copied is listed in the stats' `skipped_samples` with its reason."""
+    """`write_human_files`, then the shard's manifest line; returns the stats."""
+    stats, entry = write_human_files(out, shard)
+    record_shard(out, entry)
+    return stats
+
+
+def write_human_files(out: Path, shard: Shard) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Copy a human-annotated shard into D' (origin "human", key `{key}_h`); returns the stats and
+    the shard's manifest line (`record_shard`). A sample that cannot be copied is listed in the
+    stats' `skipped_samples` with its reason."""
     samples, error = read_input(shard.source)
     records, index = [], []
     skipped: list[dict[str, str | None]] = []
@@ -387,8 +421,7 @@ def write_human_shard(out: Path, shard: Shard) -> dict[str, Any]:
         "read_error": error,
         "dprime_pairs": len(records),
     }
-    _finish(out, shard, records, index, None, stats)
-    return stats
+    return stats, _finish(out, shard, records, index, None, stats)
 
 
 def read_stats(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:

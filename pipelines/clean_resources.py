@@ -229,3 +229,18 @@ def default_batch_size(device: str, cache_bytes_per_image: int) -> int:
     while batch > MIN_BATCH and batch * cache_bytes_per_image > CPU_CACHE_BUDGET:
         batch //= 2
     return batch
+
+
+# One writer (1,600-6,500 pairs/s measured, docs/operations.md) keeps up with some 4 H100s of
+# base CapFilt (766 pairs/s each).
+GPUS_PER_WRITER = 4
+MAX_WRITERS = 8
+
+
+def default_writers(plan: ActorPlan, local_cpus: int | None) -> int:
+    """Processes that write finished shards when the job is not told (`--writers`): 1 (the driver
+    itself) on CPU clusters and below 4 GPUs, one more for every 4 GPUs the model actors hold, at
+    most half the driver machine's `local_cpus` and MAX_WRITERS."""
+    gpus = (plan.captioner_actors + plan.filter_actors) * plan.gpus_per_actor
+    wanted = 1 + int(gpus // GPUS_PER_WRITER)
+    return max(1, min(wanted, MAX_WRITERS, (local_cpus or 1) // 2))

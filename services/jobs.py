@@ -152,6 +152,8 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
         argv += ["--captioner-actors", str(request.captioner_actors)]
     if request.filter_actors is not None:
         argv += ["--filter-actors", str(request.filter_actors)]
+    if request.writers is not None:
+        argv += ["--writers", str(request.writers)]
     argv += ["--seed", str(request.seed), "--precision", request.precision]
     argv += ["--resume"] if request.resume else []
     # the service's own checkpoints were checked when it started (ServeConfig.validate)

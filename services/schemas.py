@@ -241,6 +241,9 @@ class JobRequest(_Request):
     )
     captioner_actors: int | None = Field(None, ge=1, le=1024, description="default: from the cluster")
     filter_actors: int | None = Field(None, ge=1, le=1024, description="default: from the cluster")
+    writers: int | None = Field(
+        None, ge=1, le=8, description="processes writing finished shards (default: from the cluster's GPUs)"
+    )
     resume: bool = Field(False, description="continue the job in `output`, skipping finished shards")
     seed: Seed = 0
     precision: Literal["exact", "fast"] = Field(

@@ -11,6 +11,7 @@ from capfilt.curate import curate, sample_seed
 from capfilt.decision import Rule
 from capfilt.inference import Captioner, Filter
 from capfilt.model.generate import GenerationConfig
+from capfilt.text import is_blank
 
 GEN = GenerationConfig(method="nucleus", num_captions=3, repetition_penalty=1.1, max_tokens=8, min_tokens=2)
 
@@ -34,22 +35,23 @@ def test_sample_seed_is_stable_and_key_dependent():
 
 def test_curate_scores_with_enc_and_applies_the_rule(models):
     captioner, filt = models
-    images, keys = _images(4), ["k0", "k1", "k2", "k3"]
-    web = ["a red circle", "", None, "two green squares"]
+    images, keys = _images(5), ["k0", "k1", "k2", "k3", "k4"]
+    # k4: nothing to read, though str.strip() keeps it (zero-width space, BOM, NUL)
+    web = ["a red circle", "", None, "two green squares", "\u200b\ufeff\x00 "]
     rule = Rule(threshold=0.5, synthetic_per_image=1)
     out = curate(captioner, filt, images, keys, web, rule, GEN, seed=9)
     assert [c.key for c in out] == keys
     for c, img, w in zip(out, images, web):
         assert len(c.synthetic) == 3
-        texts = ([w] if w else []) + [s.text for s in c.synthetic]
+        texts = ([w] if not is_blank(w) else []) + [s.text for s in c.synthetic]
         direct = filt.score([img], [texts])[0]  # Filter.score is ITM with [ENC] (tests/model/test_sharing.py)
-        got = ([c.web_itm] if w else []) + [s.itm for s in c.synthetic]
+        got = ([c.web_itm] if not is_blank(w) else []) + [s.itm for s in c.synthetic]
         assert got == pytest.approx([d.itm for d in direct], abs=1e-6)
         best = max(c.synthetic, key=lambda s: s.itm)
         assert bool(c.decision.synthetic_kept) == (best.itm > 0.5)
         if best.itm > 0.5:
             assert c.decision.synthetic_kept[0].text == best.text
-        if not w:
+        if is_blank(w):
             assert c.web_itm is None and not c.decision.web_kept
         else:
             assert c.decision.web_kept == (c.web_itm > 0.5)
@@ -74,3 +76,10 @@ def test_threshold_extremes_keep_all_or_nothing(models):
     assert all(c.decision.kept_texts == [] for c in none)
     every = curate(captioner, filt, images, keys, web, Rule(threshold=0.0), GEN)
     assert all(len(c.decision.kept_texts) == 2 for c in every)
+
+
+def test_a_text_of_invisible_characters_is_blank():
+    for text in (None, "", "  \n\t", "\u200b\u200b", "\ufeff", "\x00", "\u200d \u2060\x7f"):
+        assert is_blank(text), repr(text)
+    for text in ("a", " \u200ba", "\u00e9", "\u05d0", "\U0001f600", "_"):
+        assert not is_blank(text), repr(text)

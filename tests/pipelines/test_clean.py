@@ -284,14 +284,46 @@ def test_killed_job_resumes_to_the_same_result(
     assert again.shards_skipped == 6 and again.run_samples == 0 and again.dprime_pairs == whole.dprime_pairs
 
 
+def test_writer_processes_write_what_the_driver_writes(
+    whole, inputs, world, our_captioner_dir, our_filter_dir, tmp_path
+) -> None:
+    """--writers 2: two processes write the finished shards beside the pipeline (one driver writes
+    some 4,200 pairs/s); every shard file equals the driver's own, byte for byte."""
+    out = tmp_path / "writers"
+    seen: list[tuple[int, int, int]] = []
+    config = _config(inputs, world, out, our_captioner_dir, our_filter_dir, writers=2)
+    summary = clean(config, lambda *a: seen.append(a))
+    assert summary.resources["writers"] == 2 and whole.resources["writers"] == 1
+    assert seen[-1] == (6, 6, 44) and all(b[0] >= a[0] for a, b in itertools.pairwise(seen))
+    files = sorted(
+        p.relative_to(whole.output)
+        for d in ("dprime", "dprime_index", "ledger", "stats")
+        for p in (Path(whole.output) / d).iterdir()
+    )
+    assert len(files) == 6 + 6 + 4 + 6  # 4 web shards and 2 human ones, which have no ledger
+    assert (
+        sorted(
+            p.relative_to(out)
+            for d in ("dprime", "dprime_index", "ledger", "stats")
+            for p in (out / d).iterdir()
+        )
+        == files
+    )
+    for f in files:
+        assert (out / f).read_bytes() == (Path(whole.output) / f).read_bytes(), f
+    manifest = Path(whole.output, "manifest.jsonl").read_text().splitlines()
+    assert sorted((out / "manifest.jsonl").read_text().splitlines()) == sorted(manifest)
+    assert summary.dprime_pairs == whole.dprime_pairs and summary.samples == whole.samples
+
+
 STOPPED_CLI = """
 import sys, time
-from capfilt.pipelines import clean as job
-write = job.write_web_shard
-def write_then_wait(*args):
-    write(*args)
+from capfilt.pipelines import clean_writers
+record = clean_writers.record_shard
+def record_then_wait(*args):
+    record(*args)
     time.sleep(300)  # stopped here, one shard finished
-job.write_web_shard = write_then_wait
+clean_writers.record_shard = record_then_wait
 from capfilt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -554,10 +586,9 @@ def test_keep_fraction_picks_the_threshold_over_all_scores(
             assert (r["reason"], r["web_kept"]) == (d.reason, d.web_kept)
             assert r["synthetic_kept"] == [s.text for s in d.synthetic_kept]
     assert summary.dprime_pairs == summary.web_kept + summary.synthetic_kept > 0
-    assert (
-        not (out / "scored").exists()
-        and json.loads((out / "threshold.json").read_text())["keep_fraction"] == 0.3
-    )
+    picked = json.loads((out / "threshold.json").read_text())
+    assert not (out / "scored").exists() and picked["keep_fraction"] == 0.3
+    assert (picked["texts"], picked["samples"]) == (len(judged), len(rows))  # texts: once the rows
 
 
 def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filter_dir, tmp_path) -> None:
@@ -586,6 +617,9 @@ def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filte
         clean(config(precision="half"))
     with pytest.raises(CapfiltError, match=r"--top-k must be >= 0 \(0: no top-k cut\); got -1"):
         clean(config(top_k=-1))
+    for writers in (0, 9):
+        with pytest.raises(CapfiltError, match=rf"--writers must be in \[1, 8\]; got {writers}"):
+            clean(config(writers=writers, output=str(tmp_path / "fresh")))
     for seed in (-1, 2**63):  # the captioners refused -1, and the ledger's int64 2**63, after the job began
         with pytest.raises(CapfiltError, match=rf"--seed must be in \[0, 2\*\*63 - 1\].*got {seed}"):
             clean(config(seed=seed, output=str(tmp_path / "fresh")))
@@ -657,9 +691,10 @@ def test_cli_flags_map_onto_the_config() -> None:
     argv = "clean --input a b --output o --captioner c --filter f --keep-fraction 0.3 --num-captions 4 "
     argv += (
         "--top-p 0.8 --top-k 7 --batch-size 5 --num-gpus 0.5 --captioner-actors 2 --filter-actors 3 --resume --seed 9"
-        " --precision fast"
+        " --precision fast --writers 3"
     )
     config = config_from_args(parser.parse_args(argv.split()))
+    assert config.writers == 3 and config_from_args(parser.parse_args(argv.split()[:10])).writers is None
     assert config.inputs == ["a", "b"] and config.keep_fraction == 0.3 and config.threshold is None
     assert (config.num_captions, config.top_p, config.batch_size, config.num_gpus) == (4, 0.8, 5, 0.5)
     assert (config.captioner_actors, config.filter_actors, config.resume, config.seed) == (2, 3, True, 9)

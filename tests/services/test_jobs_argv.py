@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from capfilt.pipelines.clean_cli import add_clean_parser, config_from_args
+from capfilt.pipelines.clean_resources import MAX_WRITERS
 from capfilt.services.config import ServeConfig
 from capfilt.services.errors import ClientError
 from capfilt.services.jobs import clean_argv
@@ -42,6 +43,7 @@ def test_every_job_option_reaches_the_clean_command(tmp_path: Path) -> None:
         num_gpus=0.5,
         captioner_actors=2,
         filter_actors=3,
+        writers=4,
         seed=11,
         precision="fast",
         resume=True,
@@ -50,13 +52,14 @@ def test_every_job_option_reaches_the_clean_command(tmp_path: Path) -> None:
     assert config.inputs == [str((tmp_path / "in" / "00000.tar").resolve())]
     assert (config.keep_fraction, config.threshold, config.num_captions) == (0.4, None, 3)
     assert (config.top_p, config.top_k, config.batch_size, config.num_gpus) == (0.8, 7, 5, 0.5)
-    assert (config.captioner_actors, config.filter_actors, config.seed) == (2, 3, 11)
+    assert (config.captioner_actors, config.filter_actors, config.seed, config.writers) == (2, 3, 11, 4)
     assert (config.precision, config.resume, config.captioner, config.filter) == ("fast", True, "cap", "filt")
     default = _parsed(
         clean_argv(JobRequest(input=[str(tmp_path / "in")], output=str(tmp_path / "out" / "j")), serve)
     )
     assert (default.top_k, default.precision, default.threshold, default.resume) == (50, "exact", None, False)
-    assert (default.num_gpus, default.captioner_actors, default.filter_actors) == (
+    assert (default.num_gpus, default.captioner_actors, default.filter_actors, default.writers) == (
+        None,
         None,
         None,
         None,
@@ -68,6 +71,9 @@ def test_bad_sampling_and_precision_are_refused_by_the_schema() -> None:
         JobRequest(input=["x"], output="y", precision="half")
     with pytest.raises(ValueError, match="top_k"):
         JobRequest(input=["x"], output="y", top_k=-1)
+    with pytest.raises(ValueError, match="writers"):  # the schema allows what `clean` does
+        JobRequest(input=["x"], output="y", writers=MAX_WRITERS + 1)
+    assert JobRequest(input=["x"], output="y", writers=MAX_WRITERS).writers == MAX_WRITERS
 
 
 def test_a_non_empty_output_without_resume_is_a_conflict(tmp_path: Path) -> None:
