@@ -23,13 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .curate import Curated
 from .decision import Rule, Scored, decide
+
+if TYPE_CHECKING:  # curate imports the models: the ledger's readers and writers need neither
+    from .curate import Curated
 
 MAX_SEED = 2**63 - 1  # the ledger's seed column is int64
 OK = "ok"

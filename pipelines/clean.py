@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -68,6 +67,7 @@ from .clean_resources import (
     default_batch_size,
     default_writers,
     gpu_share_problem,
+    local_cpus,
     plan_actors,
 )
 from .clean_tables import table_columns, table_schema
@@ -452,7 +452,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
                             plan.device, cap.cache_bytes_per_image * config.num_captions
                         ),
                     )
-                writers = config.writers or default_writers(plan, os.cpu_count())
+                writers = config.writers or default_writers(plan, local_cpus())
                 log.info(
                     "model actors: %s; %d images per model batch; %d shard writer(s)",
                     plan.as_dict(),

@@ -25,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -244,3 +246,25 @@ def default_writers(plan: ActorPlan, local_cpus: int | None) -> int:
     gpus = (plan.captioner_actors + plan.filter_actors) * plan.gpus_per_actor
     wanted = 1 + int(gpus // GPUS_PER_WRITER)
     return max(1, min(wanted, MAX_WRITERS, (local_cpus or 1) // 2))
+
+
+# A cgroup's CPU quota: v2 "QUOTA PERIOD" (or "max"), v1 two files in microseconds.
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
+def local_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, and its cgroup's quota where one is set (a
+    Kubernetes pod's CPU limit), which `os.cpu_count()` does not see: a head pod limited to 4 CPUs
+    on a 64-core host reads 64 there."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        if CGROUP_CPU_MAX.is_file():
+            quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        else:
+            quota, period = (p.read_text().strip() for p in CGROUP_V1_QUOTA)
+        if quota not in ("max", "-1"):
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup files (macOS, an older kernel): the affinity stands
+        pass
+    return cpus

@@ -11,14 +11,17 @@ thread, as before this module.
 Worker processes are started by `spawn` (Ray's threads make `fork` unsafe): a script that calls
 `clean()` with writers > 1 needs the usual `if __name__ == "__main__":` guard. They ignore SIGINT,
 so a Ctrl-C in a terminal stops the driver, which then waits for the shards being written (their
-work is kept) and drops the ones not begun.
+work is kept) and drops the ones not begun; and they end when the driver does, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -60,8 +63,20 @@ def _in_worker(write: Callable[..., Written], *args: Any) -> tuple[Written, list
         capfilt.removeHandler(collect)
 
 
-def _ignore_sigint() -> None:
+PARENT_POLL_S = 1.0
+
+
+def _start_writer(driver: int) -> None:
+    """A writer process's start: Ctrl-C is the driver's to handle, and the process ends with the
+    driver (killed, it leaves no writer behind: a pool's workers otherwise outlive it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(driver,), name="capfilt-exit-with-driver", daemon=True).start()
+
+
+def _exit_with(driver: int) -> None:
+    while os.getppid() == driver:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # a shard half written stays .tmp: --resume removes it and writes the shard again
 
 
 class ShardWriters:
@@ -76,7 +91,10 @@ class ShardWriters:
         self.pool: ProcessPoolExecutor | None = None
         if writers > 1:
             self.pool = ProcessPoolExecutor(
-                writers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+                writers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_writer,
+                initargs=(os.getpid(),),
             )
         self.limit = QUEUED_PER_WRITER * writers
         self.pending: dict[Future[tuple[Written, list[tuple[str, int, str]]]], Shard] = {}

@@ -5,10 +5,15 @@ plain processes beside the driver."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ from capfilt.curate import Candidate, Curated
 from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError
 from capfilt.ledger import ok_row, table
-from capfilt.pipelines import clean_writers
+from capfilt.pipelines import clean_resources, clean_writers
 from capfilt.pipelines.clean_output import Shard, prepare, read_manifest, write_web_shard
 from capfilt.pipelines.clean_resources import ActorPlan, default_writers
 from capfilt.pipelines.clean_writers import ShardWriters
@@ -166,3 +171,67 @@ def test_one_writer_unless_the_models_hold_four_gpus() -> None:
     assert default_writers(_plan(64, 1.0), 64) == 8  # at most 8
     assert default_writers(_plan(8, 1.0), 4) == 2  # at most half the driver machine's CPUs
     assert default_writers(_plan(8, 1.0), None) == 1
+
+
+KILLED_DRIVER = """
+import os, signal, sys
+from pathlib import Path
+from capfilt.pipelines.clean_output import prepare
+from capfilt.pipelines.clean_writers import ShardWriters
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    prepare(out, {"test": "killed"}, resume=False)
+    writing = ShardWriters(out, 2, on_written=lambda stats: None)
+    list(writing.pool.map(abs, [1, 2]))  # both writers started
+    print(*writing.pool._processes, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_writers_end_with_a_killed_driver(tmp_path: Path) -> None:
+    """Before, a pool's processes outlived a SIGKILLed driver, some 0.8 GB each, for ever."""
+    script = tmp_path / "driver.py"
+    script.write_text(KILLED_DRIVER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10 * clean_writers.PARENT_POLL_S
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # an exited child not yet reaped by init would still answer: a zombie counts as ended
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False
+
+
+def test_the_driver_machine_counts_its_pod_limit_not_the_host(tmp_path: Path, monkeypatch) -> None:
+    host = len(os.sched_getaffinity(0))
+    v2, quota, period = tmp_path / "cpu.max", tmp_path / "quota", tmp_path / "period"
+    monkeypatch.setattr(clean_resources, "CGROUP_CPU_MAX", v2)
+    monkeypatch.setattr(clean_resources, "CGROUP_V1_QUOTA", (quota, period))
+    assert clean_resources.local_cpus() == host  # no cgroup files: the affinity
+    quota.write_text("-1\n")
+    period.write_text("100000\n")
+    assert clean_resources.local_cpus() == host  # v1, no limit
+    quota.write_text("150000\n")
+    assert clean_resources.local_cpus() == 1  # v1, 1.5 CPUs: whole ones
+    v2.write_text("max 100000\n")
+    assert clean_resources.local_cpus() == host
+    v2.write_text("50000 100000\n")
+    assert clean_resources.local_cpus() == 1  # half a CPU still gets one
+    if host >= 2:
+        v2.write_text(f"{100000 * (host + 8)} 100000\n")
+        assert clean_resources.local_cpus() == host  # a quota above the affinity: the affinity
+    v2.write_text("garbage\n")
+    assert clean_resources.local_cpus() == host
