@@ -71,7 +71,7 @@ from .clean_resources import (
     plan_actors,
 )
 from .clean_tables import table_columns, table_schema
-from .clean_writers import ShardWriters
+from .clean_writers import ShardWriters, starting_a_writer
 from .ray_connect import connect_ray
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,11 @@ def job_record(
 def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSummary:
     """Clean `config.inputs` into `config.output`; see the module docstring."""
     start = time.perf_counter()
+    if starting_a_writer():
+        raise CapfiltError(
+            "clean() was called while a shard writer process started: spawn runs the script that "
+            'calls clean() again in each writer; put that call under `if __name__ == "__main__":`'
+        )
     config.validate()
     web = _shards(config.inputs, "input", 0, "web")
     human = _shards(config.human, "human", len(web), "human") if config.human else []
@@ -502,7 +507,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
             f" (--keep-fraction's first pass scored {scored}; the rerun keeps their scores)" if scored else ""
         )
         raise KeyboardInterrupt(
-            f"clean {err or 'interrupted'}: {finished} of {total} shards are finished in {out}{kept}; "
+            f"clean {str(err) or 'interrupted'}: {finished} of {total} shards are finished in {out}{kept}; "
             f"rerun the same command with --resume {rest}"
         ) from err
 

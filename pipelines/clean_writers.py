@@ -9,9 +9,10 @@ crash leaves is what `--resume` already handles. With `writers` = 1 the driver w
 thread, as before this module.
 
 Worker processes are started by `spawn` (Ray's threads make `fork` unsafe): a script that calls
-`clean()` with writers > 1 needs the usual `if __name__ == "__main__":` guard. They ignore SIGINT,
-so a Ctrl-C in a terminal stops the driver, which then waits for the shards being written (their
-work is kept) and drops the ones not begun; and they end when the driver does, even by SIGKILL.
+`clean()` with writers > 1 needs the usual `if __name__ == "__main__":` guard (`clean()` refuses to
+run inside a starting writer). They ignore SIGINT and SIGTERM, so a Ctrl-C in a terminal or a
+`ray job stop` stops the driver, which then waits for the shards being written (their work is
+kept) and drops the ones not begun; and they end when the driver does, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -66,10 +67,18 @@ def _in_worker(write: Callable[..., Written], *args: Any) -> tuple[Written, list
 PARENT_POLL_S = 1.0
 
 
+# Ctrl-C (to the terminal's process group) and SIGTERM (`ray job stop` signals the job's processes)
+# are the driver's to handle: it stops, keeping the shards being written, and the writers end with it.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
 def _start_writer(driver: int) -> None:
-    """A writer process's start: Ctrl-C is the driver's to handle, and the process ends with the
-    driver (killed, it leaves no writer behind: a pool's workers otherwise outlive it)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A writer process's start: the stop signals are ignored (they came blocked from the driver:
+    one sent while the process started is dropped here), and the process ends with the driver
+    (killed, it leaves no writer behind: a pool's workers otherwise outlive it)."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     threading.Thread(target=_exit_with, args=(driver,), name="capfilt-exit-with-driver", daemon=True).start()
 
 
@@ -77,6 +86,20 @@ def _exit_with(driver: int) -> None:
     while os.getppid() == driver:
         time.sleep(PARENT_POLL_S)
     os._exit(1)  # a shard half written stays .tmp: --resume removes it and writes the shard again
+
+
+def _died(shard: Shard) -> CapfiltError:
+    return CapfiltError(
+        f"a process writing shard {shard.name} ({shard.source}) died: killed, out of memory, or started "
+        'from a Python script that calls clean() outside `if __name__ == "__main__":` (spawn runs the '
+        "script again in each writer); rerun with --resume to write it again"
+    )
+
+
+def starting_a_writer() -> bool:
+    """True while a writer process is starting: `spawn` imports the driver's main script again
+    there, and a script without the `__main__` guard would start a whole second job."""
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
 
 
 class ShardWriters:
@@ -113,7 +136,18 @@ class ShardWriters:
             return
         while len(self.pending) >= self.limit:
             self._collect(FIRST_COMPLETED)
-        self.pending[self.pool.submit(_in_worker, write, *args)] = shard
+        # The pool starts its processes here, as work arrives. They start with the stop signals
+        # blocked: Python's import of torch and the rest takes seconds, and a Ctrl-C then killed
+        # the writers before `_start_writer` could ignore it. The driver still gets its signals:
+        # they are blocked in this thread only, for the start.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            future = self.pool.submit(_in_worker, write, *args)
+        except BrokenProcessPool as err:  # a writer died since the last shard was recorded
+            raise _died(shard) from err
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.pending[future] = shard
 
     def _collect(self, when: str) -> None:
         """Record the shards whose writes have ended (`when`: wait for the first or for all);
@@ -126,10 +160,7 @@ class ShardWriters:
             try:
                 written, logged = future.result()
             except BrokenProcessPool as err:
-                raise CapfiltError(
-                    f"a process writing shard {shard.name} ({shard.source}) died (killed, or out of "
-                    "memory); rerun with --resume to write it again"
-                ) from err
+                raise _died(shard) from err
             for name, level, message in logged:
                 logging.getLogger(name).log(level, "%s", message)
             self._record(*written)

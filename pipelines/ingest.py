@@ -236,7 +236,7 @@ def ingest(config: IngestConfig, progress: ProgressFn | None = None) -> IngestSu
         except KeyboardInterrupt as err:
             report()
             raise KeyboardInterrupt(
-                f"ingest {err or 'interrupted'}: {len(done)} of {shards_total} shards are finished in {out}; "
+                f"ingest {str(err) or 'interrupted'}: {len(done)} of {shards_total} shards are finished in {out}; "
                 "rerun the same command with --resume to fetch the rest"
             ) from err
     report()

@@ -316,6 +316,39 @@ def test_writer_processes_write_what_the_driver_writes(
     assert summary.dprime_pairs == whole.dprime_pairs and summary.samples == whole.samples
 
 
+def test_a_writer_starting_from_an_unguarded_script_starts_no_job(
+    inputs, world, our_captioner_dir, our_filter_dir, tmp_path, monkeypatch
+) -> None:
+    """spawn imports the driver's script again in each writer: without the `__main__` guard its
+    clean() ran a whole second job (with --resume, on the same output) inside the writer."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(CapfiltError, match=r'put that call under `if __name__ == "__main__":`'):
+        clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir, writers=2))
+    assert not out.exists()
+
+
+def test_ctrl_c_names_the_stop_and_what_is_finished(
+    inputs, world, our_captioner_dir, our_filter_dir, tmp_path, monkeypatch, ray_cluster
+) -> None:
+    from capfilt.pipelines import clean as job
+
+    def ctrl_c(*args: Any) -> None:
+        raise KeyboardInterrupt  # as Python raises it for SIGINT: no message
+
+    monkeypatch.setattr(job, "plan_actors", ctrl_c)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        clean(_config(inputs, world, out, our_captioner_dir, our_filter_dir))
+    # before: "clean : 0 of 6 ..." (an exception is true even when its message is empty)
+    assert str(stopped.value) == (
+        f"clean interrupted: 0 of 6 shards are finished in {out}; rerun the same command with --resume "
+        "to clean the rest"
+    )
+
+
 STOPPED_CLI = """
 import sys, time
 from capfilt.pipelines import clean_writers

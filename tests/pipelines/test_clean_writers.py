@@ -10,10 +10,12 @@ import io
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +151,20 @@ def _die(*args: Any) -> Any:
 def test_a_writer_that_dies_is_named_with_its_shard(shards, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(clean_writers, "write_web_files", _die)
     out = _output(tmp_path / "out")
-    shard, rows = shards[1]
-    died = r"a process writing shard 00001 \(.*\) died .*rerun with --resume"
+    (first, rows), (second, more) = shards[:2]
+    died = r"a process writing shard {} \(.*\) died: killed, out of memory, or .*rerun with --resume"
     with (
-        pytest.raises(CapfiltError, match=died),
+        pytest.raises(CapfiltError, match=died.format("00000")),
         ShardWriters(out, 2, on_written=lambda stats: None) as writing,
     ):
-        writing.web(shard, rows)
+        writing.web(first, rows)
+    with (
+        pytest.raises(CapfiltError, match=died.format("00001")),
+        ShardWriters(out, 2, on_written=lambda stats: None) as writing,
+    ):
+        writing.web(first, rows)
+        wait(list(writing.pending))  # the pool is broken now
+        writing.web(second, more)  # before, the pool's own BrokenProcessPool: a traceback
     assert read_manifest(out) == {}
 
 
@@ -235,3 +244,49 @@ def test_the_driver_machine_counts_its_pod_limit_not_the_host(tmp_path: Path, mo
         assert clean_resources.local_cpus() == host  # a quota above the affinity: the affinity
     v2.write_text("garbage\n")
     assert clean_resources.local_cpus() == host
+
+
+STOPPED_WHILE_STARTING = """
+import pickle, sys
+from pathlib import Path
+from capfilt.errors import signals_interrupt
+from capfilt.pipelines.clean_output import prepare, read_manifest
+from capfilt.pipelines.clean_writers import ShardWriters
+if __name__ == "__main__":
+    out, shards = Path(sys.argv[1]), pickle.loads(Path(sys.argv[2]).read_bytes())
+    prepare(out, {"test": "starting"}, resume=False)
+    try:  # as clean() runs them: SIGTERM stops as Ctrl-C does
+        with signals_interrupt(), ShardWriters(out, 2, on_written=lambda stats: None) as writing:
+            for shard, rows in shards[:2]:
+                writing.web(shard, rows)
+            print("handed over", flush=True)
+            writing.drain()
+    except KeyboardInterrupt:
+        print("stopped", sorted(read_manifest(out)), flush=True)
+        sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_writers_start_keeps_their_shards(shards, tmp_path: Path, stop: int) -> None:
+    """Ctrl-C reaches the terminal's whole process group, `ray job stop` the job's processes: the
+    writers ignore both and finish their shards; the driver stops. Before, a Ctrl-C while they
+    imported torch (1-13 s) killed them: 'a process writing shard 00000 ... died'."""
+    script, handed = tmp_path / "driver.py", tmp_path / "shards.pickle"
+    script.write_text(STOPPED_WHILE_STARTING)
+    handed.write_bytes(pickle.dumps(shards))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "out"), str(handed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job: the signal goes to all
+    )
+    try:
+        assert proc.stdout.readline() == "handed over\n"
+        os.killpg(proc.pid, stop)  # the writers are still starting: spawned, importing
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert out == "stopped ['00000', '00001']\n" and "died" not in err
