@@ -233,8 +233,8 @@ def default_batch_size(device: str, cache_bytes_per_image: int) -> int:
     return batch
 
 
-# One writer (1,600-6,500 pairs/s measured, docs/operations.md) keeps up with some 4 H100s of
-# base CapFilt (766 pairs/s each).
+# One writer (1,600-6,500 pairs/s measured for 64 px images, docs/operations.md) keeps up with 2-8
+# H100s of base CapFilt (766 pairs/s each); larger images cost more to copy: 4.
 GPUS_PER_WRITER = 4
 MAX_WRITERS = 8
 

@@ -17,13 +17,14 @@ kept) and drops the ones not begun; and they end when the driver does, even by S
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -67,9 +68,10 @@ def _in_worker(write: Callable[..., Written], *args: Any) -> tuple[Written, list
 PARENT_POLL_S = 1.0
 
 
-# Ctrl-C (to the terminal's process group) and SIGTERM (`ray job stop` signals the job's processes)
-# are the driver's to handle: it stops, keeping the shards being written, and the writers end with it.
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+# Ctrl-C and a closed terminal (SIGINT, SIGHUP to the terminal's process group) and SIGTERM (`ray
+# job stop` signals the job's processes) are the driver's to handle: it stops as `signals_interrupt`
+# says, keeping the shards being written, and the writers end with it.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def _start_writer(driver: int) -> None:
@@ -86,6 +88,18 @@ def _exit_with(driver: int) -> None:
     while os.getppid() == driver:
         time.sleep(PARENT_POLL_S)
     os._exit(1)  # a shard half written stays .tmp: --resume removes it and writes the shard again
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Processes started inside start with the stop signals blocked: Python's import of torch and
+    the rest takes seconds, and a Ctrl-C then killed a writer before `_start_writer` could ignore
+    it. The driver still gets its signals: they are blocked in this thread only, meanwhile."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _died(shard: Shard) -> CapfiltError:
@@ -113,12 +127,13 @@ class ShardWriters:
         self.out, self.on_written = out, on_written
         self.pool: ProcessPoolExecutor | None = None
         if writers > 1:
-            self.pool = ProcessPoolExecutor(
-                writers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_writer,
-                initargs=(os.getpid(),),
-            )
+            with _stop_signals_blocked():  # also multiprocessing's resource tracker, started here
+                self.pool = ProcessPoolExecutor(
+                    writers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_writer,
+                    initargs=(os.getpid(),),
+                )
         self.limit = QUEUED_PER_WRITER * writers
         self.pending: dict[Future[tuple[Written, list[tuple[str, int, str]]]], Shard] = {}
 
@@ -136,17 +151,13 @@ class ShardWriters:
             return
         while len(self.pending) >= self.limit:
             self._collect(FIRST_COMPLETED)
-        # The pool starts its processes here, as work arrives. They start with the stop signals
-        # blocked: Python's import of torch and the rest takes seconds, and a Ctrl-C then killed
-        # the writers before `_start_writer` could ignore it. The driver still gets its signals:
-        # they are blocked in this thread only, for the start.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            future = self.pool.submit(_in_worker, write, *args)
+            with _stop_signals_blocked():  # the pool starts its processes here, as work arrives
+                future = self.pool.submit(_in_worker, write, *args)
         except BrokenProcessPool as err:  # a writer died since the last shard was recorded
-            raise _died(shard) from err
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            # Name a shard it held (the one being handed over reached none); `_settle` logs the rest.
+            held = min(self.pending.values(), key=lambda s: s.id, default=shard)
+            raise _died(held) from err
         self.pending[future] = shard
 
     def _collect(self, when: str) -> None:

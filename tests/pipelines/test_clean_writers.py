@@ -159,7 +159,7 @@ def test_a_writer_that_dies_is_named_with_its_shard(shards, tmp_path: Path, monk
     ):
         writing.web(first, rows)
     with (
-        pytest.raises(CapfiltError, match=died.format("00001")),
+        pytest.raises(CapfiltError, match=died.format("00000")),  # the one it held, not the next
         ShardWriters(out, 2, on_written=lambda stats: None) as writing,
     ):
         writing.web(first, rows)
@@ -267,10 +267,10 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_while_the_writers_start_keeps_their_shards(shards, tmp_path: Path, stop: int) -> None:
-    """Ctrl-C reaches the terminal's whole process group, `ray job stop` the job's processes: the
-    writers ignore both and finish their shards; the driver stops. Before, a Ctrl-C while they
+    """Ctrl-C and a closed terminal reach the terminal's whole process group, `ray job stop` the
+    job's processes: the writers ignore them and finish their shards; the driver stops. Before, a Ctrl-C while they
     imported torch (1-13 s) killed them: 'a process writing shard 00000 ... died'."""
     script, handed = tmp_path / "driver.py", tmp_path / "shards.pickle"
     script.write_text(STOPPED_WHILE_STARTING)
