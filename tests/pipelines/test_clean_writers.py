@@ -247,7 +247,7 @@ def test_the_driver_machine_counts_its_pod_limit_not_the_host(tmp_path: Path, mo
 
 
 STOPPED_WHILE_STARTING = """
-import pickle, sys
+import pickle, sys, time
 from pathlib import Path
 from capfilt.errors import signals_interrupt
 from capfilt.pipelines.clean_output import prepare, read_manifest
@@ -259,6 +259,8 @@ if __name__ == "__main__":
         with signals_interrupt(), ShardWriters(out, 2, on_written=lambda stats: None) as writing:
             for shard, rows in shards[:2]:
                 writing.web(shard, rows)
+            while not all(f.running() for f in writing.pending):  # queued for the writers, so
+                time.sleep(0.01)  # a stop keeps them: only shards not begun are dropped
             print("handed over", flush=True)
             writing.drain()
     except KeyboardInterrupt:
