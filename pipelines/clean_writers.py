@@ -150,7 +150,7 @@ class ShardWriters:
             self._record(*write(*args))
             return
         while len(self.pending) >= self.limit:
-            self._collect(FIRST_COMPLETED)
+            self._collect()
         try:
             with _stop_signals_blocked():  # the pool starts its processes here, as work arrives
                 future = self.pool.submit(_in_worker, write, *args)
@@ -160,10 +160,10 @@ class ShardWriters:
             raise _died(held) from err
         self.pending[future] = shard
 
-    def _collect(self, when: str) -> None:
-        """Record the shards whose writes have ended (`when`: wait for the first or for all);
-        raises the error of a failed one, the others left pending."""
-        done, _ = wait(self.pending, return_when=when)
+    def _collect(self) -> None:
+        """Wait for a write to end, then record every shard whose write has ended; raises the
+        error of a failed one, the others left pending."""
+        done, _ = wait(self.pending, return_when=FIRST_COMPLETED)
         for future in sorted(done, key=lambda f: self.pending[f].id):
             shard = self.pending.pop(future)
             if future.cancelled():  # dropped by `_settle`: never begun
@@ -179,7 +179,7 @@ class ShardWriters:
     def drain(self) -> None:
         """Wait for every shard handed over and record it; raises the first failed write's error."""
         while self.pending:
-            self._collect(FIRST_COMPLETED)
+            self._collect()
 
     def _record(self, stats: dict[str, Any], entry: dict[str, Any]) -> None:
         record_shard(self.out, entry)
@@ -192,7 +192,7 @@ class ShardWriters:
             future.cancel()
         while self.pending:
             try:
-                self._collect(FIRST_COMPLETED)
+                self._collect()
             except Exception as err:  # already stopping for another reason: say so and go on
                 log.warning("%s", err)
 
