@@ -16,12 +16,15 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CapfiltError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the job's decode tasks need none
+    import torch
 
 MAX_PIXELS = 64_000_000  # refuse larger images: decompression bombs
 # Image files (tar members, files a table names) above this are not read: no web image is this large,
@@ -168,6 +171,8 @@ def stack_pixels(images: Sequence[ImageLike], size: int, pin: bool = False) -> t
     Each image is written straight into one batch buffer (page-locked with `pin`, so that a copy
     to a GPU can run asynchronously); large batches fill it from a few threads, since converting a
     PIL image to pixels releases the GIL."""
+    import torch
+
     global _fill_pool
     out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, pin_memory=pin)
     view = out.numpy()
@@ -190,15 +195,17 @@ def normalize_pixels(
     mean: Sequence[float],
     std: Sequence[float],
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) `dtype` on `device`. The uint8 pixels
-    travel (a quarter of the bytes of float32) and are normalised where the model runs."""
+    """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) `dtype` (float32 by default) on `device`. The
+    uint8 pixels travel (a quarter of the bytes of float32) and are normalised where the model runs."""
+    import torch
+
     device = torch.device(device)
     x = pixels.to(device, non_blocking=pixels.is_pinned()).permute(0, 3, 1, 2).float() / 255.0
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return ((x - m) / s).to(dtype)
+    return ((x - m) / s).to(dtype or torch.float32)
 
 
 def preprocess(
@@ -209,5 +216,7 @@ def preprocess(
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """RGB images (PIL or uint8 arrays) -> normalised pixels (B, 3, size, size), float32 on `device`."""
+    import torch
+
     pin = torch.device(device).type == "cuda"
     return normalize_pixels(stack_pixels(images, size, pin=pin), mean, std, device)

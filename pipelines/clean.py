@@ -253,7 +253,8 @@ def _pipeline(
     filter actor pools; its rows are the ledger rows, with `shard_id` and `shard_rows`."""
     import ray
 
-    from .clean_stages import CaptionStage, FilterStage, decode_batch, read_shard
+    from .clean_read import decode_batch, read_shard
+    from .clean_stages import CaptionStage, FilterStage
 
     # Actors hold their CPUs (and GPUs) for the whole job; read and decode tasks get the rest.
     actor_cpus, task_cpus = plan.cpus_per_actor, plan.task_cpus
@@ -264,12 +265,13 @@ def _pipeline(
     ds = ray.data.from_items(
         [{"shard_id": s.id, "source": s.source} for s in shards], override_num_blocks=len(shards)
     )
-    # max_retries=-1 is Ray Data's own default for map tasks. Named here, it sets these tasks'
+    # max_calls=0 (no limit) is Ray's own default for CPU tasks. Named here, it sets these tasks'
     # remote arguments apart from the model stages', so that Ray Data fuses read and decode into
     # one task but never into the captioner's actors. With equal CPUs per task and per actor it
     # did, and the fused actor then took `batch_size` *shards* a call: a small job ran whole in one
     # call of one actor, every shard finishing at its end (4 CPUs, 12 shards: 0 rows out for 46 s).
-    tasks = dict(batch_format="pyarrow", num_cpus=task_cpus, max_retries=-1)
+    # (A named parameter of map_batches: Ray 2.60 deprecates the others, such as max_retries.)
+    tasks = dict(batch_format="pyarrow", num_cpus=task_cpus, max_calls=0)
     ds = ds.map_batches(read_shard, batch_size=1, **tasks)
     # Whole blocks (batch_size=None): Ray fuses read and decode into one task, and a batch size
     # here would make that task bundle that many *shards*, reading the whole input in one task.

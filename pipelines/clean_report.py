@@ -20,7 +20,9 @@ import html
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,10 @@ SERIES = {  # histogram / keep-rate series: (title, colour)
     "candidates": ("synthetic captions (all candidates)", COLORS["candidates"]),
 }
 # What the counts, histograms and keep rates read of every ledger row: scores and decisions, not
-# texts. The whole ledger took 0.9 KB a row of the driver's memory (9 GB at 10M pairs); the
-# galleries read their few rows whole.
+# texts, one ledger file at a time, summed as they go (`_Totals`): the page's memory does not grow
+# with the job. Holding the whole ledger took 0.9 KB a row (9 GB at 10M pairs), these columns of it
+# 0.8 KB; the galleries read their few rows whole.
 SUMMARY_COLUMNS = [
-    "key",
-    "shard",
     "status",
     "reason",
     "threshold",
@@ -142,13 +143,26 @@ def _read_json(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _threshold(ledger: pa.Table, out: Path, job: dict[str, Any]) -> float | None:
+def _ledger_thresholds(files: Sequence[Path]) -> list[float]:
+    """The thresholds the ledger's rows were decided with, in the order first met (one column read;
+    a file that cannot be read is named by the pass that reads its scores)."""
+    seen: dict[float, None] = {}
+    for path in files:
+        try:
+            column = pq.ParquetFile(path).read(columns=["threshold"])["threshold"]
+        except (pa.ArrowException, OSError, KeyError, ValueError):
+            continue
+        seen.update(dict.fromkeys(float(t) for t in pc.unique(pc.drop_null(column)).to_pylist()))
+    return list(seen)
+
+
+def _threshold(files: Sequence[Path], out: Path, job: dict[str, Any]) -> float | None:
     """The threshold that decided the rows: the ledger's, else threshold.json's, else job.json's."""
-    used = pc.unique(pc.drop_null(ledger["threshold"])).to_pylist()
+    used = _ledger_thresholds(files)
     if len(used) > 1:
         log.warning("%s: the ledger holds several thresholds %s; showing the first", out, used)
     if used:
-        return float(used[0])
+        return used[0]
     saved = _read_json(out / "threshold.json").get("threshold", job.get("threshold"))
     return None if saved is None else float(saved)
 
@@ -182,28 +196,113 @@ def _kept_mask(ledger: pa.Table) -> np.ndarray:
     return np.asarray(web, dtype=bool) | (np.asarray(synthetic) > 0)
 
 
-def _counts(column: pa.ChunkedArray) -> list[tuple[str, int]]:
-    """(value, count), most frequent first."""
-    pairs = [(v["values"], v["counts"]) for v in pc.value_counts(column).to_pylist()]
-    return sorted(
-        ((str(v) if v is not None else "(none)", int(n)) for v, n in pairs), key=lambda p: (-p[1], p[0])
+def _value_counts(column: pa.ChunkedArray) -> Counter[str]:
+    return Counter(
+        {
+            str(v["values"]) if v["values"] is not None else "(none)": int(v["counts"])
+            for v in pc.value_counts(column).to_pylist()
+        }
     )
 
 
-def _pick(ledger: pa.Table, kept: np.ndarray, n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Up to `n` kept and `n` rejected rows, evenly spaced in key order (deterministic)."""
-    if n == 0 or ledger.num_rows == 0:
+def _counts(counts: Counter[str]) -> list[tuple[str, int]]:
+    """(value, count), most frequent first."""
+    return sorted(counts.items(), key=lambda p: (-p[1], p[0]))
+
+
+@dataclass
+class _Series:
+    """One series of scores, summed file by file: its histogram, how many lie strictly above each
+    threshold of the keep-rate grid and above the job's threshold, and how many there are."""
+
+    bins: int
+    threshold: float | None
+    histogram: np.ndarray = field(init=False)
+    above_grid: np.ndarray = field(init=False)
+    above: int = 0
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.histogram = np.zeros(self.bins, dtype=np.int64)
+        self.above_grid = np.zeros(KEEP_RATE_GRID, dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        self.histogram += np.histogram(values, bins=self.bins, range=(0.0, 1.0))[0]
+        grid = np.linspace(0.0, 1.0, KEEP_RATE_GRID)
+        self.above_grid += values.size - np.searchsorted(np.sort(values), grid, side="right")
+        if self.threshold is not None:
+            self.above += int((values > self.threshold).sum())
+        self.size += values.size
+
+
+@dataclass
+class _Totals:
+    """What the page shows of every ledger row, summed one ledger file at a time."""
+
+    files: list[Path]
+    series: dict[str, _Series]
+    rows: list[int] = field(default_factory=list)  # per file
+    kept: list[int] = field(default_factory=list)  # rows with a pair in D', per file
+    ok: int = 0
+    web_kept: int = 0
+    synthetic_kept: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.rows)
+
+
+def _totals(files: list[Path], bins: int, threshold: float | None) -> _Totals:
+    """Sum the ledger's files: each is read (its SUMMARY_COLUMNS), added and let go."""
+    schema = _summary_schema()
+    totals = _Totals(files, {s: _Series(bins, threshold) for s in SERIES})
+    for path in files:
+        ledger = _read_summary_file(path, schema)
+        for series, values in _scores(ledger).items():
+            totals.series[series].add(values)
+        totals.rows.append(ledger.num_rows)
+        totals.kept.append(int(_kept_mask(ledger).sum()))
+        totals.ok += int(pc.sum(pc.equal(ledger["status"], OK).cast(pa.int64())).as_py() or 0)
+        totals.web_kept += int(pc.sum(pc.fill_null(ledger["web_kept"], False).cast(pa.int64())).as_py() or 0)
+        totals.synthetic_kept += int(pc.sum(pc.list_value_length(ledger["synthetic_kept"])).as_py() or 0)
+        totals.reasons.update(_value_counts(ledger["reason"]))
+        totals.statuses.update(_value_counts(ledger["status"]))
+    return totals
+
+
+def _pick(totals: _Totals, n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Up to `n` kept and `n` rejected rows, evenly spaced in ledger order (its files by name, each
+    file's rows as written: shard by shard, a shard's samples in input order), read whole. Only the
+    files holding a picked row are read again."""
+    if n == 0 or not totals.samples:
         return [], []
-    order = pc.sort_indices(
-        ledger.select(["key", "shard"]), sort_keys=[("key", "ascending"), ("shard", "ascending")]
-    ).to_numpy()
-
-    def spread(idx: np.ndarray) -> list[dict[str, Any]]:
-        if idx.size > n:
-            idx = idx[np.linspace(0, idx.size - 1, n).round().astype(np.int64)]
-        return ledger.take(pa.array(idx, pa.int64())).to_pylist()
-
-    return spread(order[kept[order]]), spread(order[~kept[order]])
+    kept = np.asarray(totals.kept, dtype=np.int64)
+    sides = {True: kept, False: np.asarray(totals.rows, dtype=np.int64) - kept}
+    picked: dict[bool, np.ndarray] = {}
+    for side, per_file in sides.items():
+        count = int(per_file.sum())
+        picked[side] = (
+            np.linspace(0, count - 1, n).round().astype(np.int64) if count > n else np.arange(count)
+        )
+    where: dict[bool, list[dict[str, int]]] = {True: [], False: []}
+    schema = _summary_schema()
+    starts = {side: np.cumsum(per_file) - per_file for side, per_file in sides.items()}
+    for i, path in enumerate(totals.files):
+        wanted = {}
+        for side, per_file in sides.items():
+            first = starts[side][i]
+            at = picked[side][(picked[side] >= first) & (picked[side] < first + per_file[i])] - first
+            if at.size:
+                wanted[side] = at
+        if not wanted:
+            continue
+        mask = _kept_mask(_read_summary_file(path, schema))
+        for side, at in wanted.items():
+            rows = np.flatnonzero(mask == side)[at]
+            where[side] += [{"_file": i, "_row": int(r)} for r in rows]
+    return _whole_rows(totals.files, where[True]), _whole_rows(totals.files, where[False])
 
 
 def _thumbnails(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], str]:
@@ -287,10 +386,11 @@ def _threshold_line(threshold: float | None) -> list[str]:
     ]
 
 
-def _histogram(series: str, values: np.ndarray, bins: int, threshold: float | None) -> str:
-    """Counts of `values` in `bins` equal bins on [0, 1], one <rect class="bin"> per bin."""
+def _histogram(series: str, scores: _Series, threshold: float | None) -> str:
+    """Counts of the scores in `bins` equal bins on [0, 1], one <rect class="bin"> per bin."""
     title, color = SERIES[series]
-    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    counts, bins = scores.histogram, scores.bins
+    edges = np.linspace(0.0, 1.0, bins + 1)  # np.histogram's edges
     top = _axis_top(int(counts.max()))
     body = []
     for c, lo, hi in zip(counts.tolist(), edges[:-1].tolist(), edges[1:].tolist()):
@@ -305,34 +405,34 @@ def _histogram(series: str, values: np.ndarray, bins: int, threshold: float | No
             )
     svg = _svg(body + _threshold_line(threshold), title, "ITM p(match)", "texts", top, "n")
     return (
-        f'<figure class="histogram" data-series="{series}" data-total="{values.size}">{svg}'
-        f"<figcaption>{_e(title)}: {values.size} scored</figcaption></figure>"
+        f'<figure class="histogram" data-series="{series}" data-total="{scores.size}">{svg}'
+        f"<figcaption>{_e(title)}: {scores.size} scored</figcaption></figure>"
     )
 
 
-def _keep_rate(scores: dict[str, np.ndarray], threshold: float | None) -> str:
+def _keep_rate(scores: dict[str, _Series], threshold: float | None) -> str:
     """Fraction of web texts and of best synthetic captions above each threshold of a grid."""
     grid = np.linspace(0.0, 1.0, KEEP_RATE_GRID)
     body, legend = [], []
     for series in ("web", "synthetic"):
-        values = np.sort(scores[series])
+        values = scores[series]
         if not values.size:
             continue
         title, color = SERIES[series]
-        kept = 1.0 - np.searchsorted(values, grid, side="right") / values.size  # kept: strictly above
+        kept = values.above_grid / values.size  # kept: strictly above
         points = " ".join(f"{_x(t):.2f},{_y(f):.2f}" for t, f in zip(grid.tolist(), kept.tolist()))
         body.append(
             f'<polyline data-series="{series}" points="{points}" fill="none" stroke="{color}" stroke-width="2"/>'
         )
         note = ""
         if threshold is not None:
-            at = float(np.mean(values > threshold))
+            at = values.above / values.size
             body.append(
                 f'<circle cx="{_x(threshold):.2f}" cy="{_y(at):.2f}" r="4" fill="{color}"><title>{at:.1%}</title></circle>'
             )
             note = f": {at:.1%} kept at threshold {threshold:.3g}"
         legend.append(
-            f'<li data-series="{series}" data-kept="{(values > threshold).sum() if threshold is not None else ""}" '
+            f'<li data-series="{series}" data-kept="{values.above if threshold is not None else ""}" '
             f'data-total="{values.size}"><span style="background:{color}"></span>{_e(title)}{note} '
             f"(n = {values.size})</li>"
         )
@@ -435,19 +535,6 @@ def _read_summary_file(path: Path, schema: pa.Schema) -> pa.Table:
     return whole.select(schema.names).cast(schema)
 
 
-def _read_summary(out: Path) -> tuple[pa.Table, list[Path]]:
-    """The ledger's SUMMARY_COLUMNS over every file in `out/ledger`, with `_file` and `_row`: where
-    each row lies, to read it whole (`_whole_rows`)."""
-    files = sorted((out / "ledger").glob("*.parquet"))
-    schema = _summary_schema()
-    tables = [schema.empty_table()] + [_read_summary_file(path, schema) for path in files]
-    where = [np.full(t.num_rows, i - 1, dtype=np.int64) for i, t in enumerate(tables)]
-    rows = [np.arange(t.num_rows, dtype=np.int64) for t in tables]
-    ledger = pa.concat_tables(tables)
-    ledger = ledger.append_column("_file", pa.array(np.concatenate(where)))
-    return ledger.append_column("_row", pa.array(np.concatenate(rows))), files
-
-
 def _whole_rows(files: Sequence[Path], where: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The whole ledger rows at `where` (`_file`, `_row`), in that order; each file read once."""
     wanted: dict[int, list[int]] = {}
@@ -462,40 +549,36 @@ def _whole_rows(files: Sequence[Path], where: Sequence[dict[str, Any]]) -> list[
 
 def _render(out: Path, gallery_size: int, bins: int) -> str:
     """The report page of the clean job in `out`."""
-    ledger, files = _read_summary(out)
+    files = sorted((out / "ledger").glob("*.parquet"))
     job = _read_json(out / "job.json")
-    if not job and ledger.num_rows:  # no job.json: what the ledger knows
-        first = _whole_rows(
-            files, [{"_file": ledger["_file"][0].as_py(), "_row": ledger["_row"][0].as_py()}]
-        )[0]
-        job = {k: first[k] for k in ("captioner_id", "filter_id", "seed")}
-    threshold = _threshold(ledger, out, job)
+    threshold = _threshold(files, out, job)
     keep_fraction = job.get("keep_fraction", _read_json(out / "threshold.json").get("keep_fraction"))
-    scores = _scores(ledger)
-    kept = _kept_mask(ledger)
-    samples = ledger.num_rows
+    totals = _totals(files, bins, threshold)
+    if not job and totals.samples:  # no job.json: what the ledger knows
+        first = next(i for i, n in enumerate(totals.rows) if n)
+        row = _whole_rows(files, [{"_file": first, "_row": 0}])[0]
+        job = {k: row[k] for k in ("captioner_id", "filter_id", "seed")}
+    scores, samples, kept = totals.series, totals.samples, sum(totals.kept)
     stats = [_read_json(p) for p in sorted((out / "stats").glob("*.json"))]
-    web_kept = int(pc.sum(pc.fill_null(ledger["web_kept"], False).cast(pa.int64())).as_py() or 0)
-    synthetic_kept = int(pc.sum(pc.list_value_length(ledger["synthetic_kept"])).as_py() or 0)
-    totals = {
+    summary = {
         "samples": samples,
-        "scored samples (status ok)": int(
-            pc.sum(pc.equal(ledger["status"], OK).cast(pa.int64())).as_py() or 0
-        ),
+        "scored samples (status ok)": totals.ok,
         "web texts scored": scores["web"].size,
-        "kept web texts": web_kept,
-        "kept synthetic captions": synthetic_kept,
-        "D' pairs": sum(int(s.get("dprime_pairs", 0)) for s in stats) if stats else web_kept + synthetic_kept,
+        "kept web texts": totals.web_kept,
+        "kept synthetic captions": totals.synthetic_kept,
+        "D' pairs": sum(int(s.get("dprime_pairs", 0)) for s in stats)
+        if stats
+        else totals.web_kept + totals.synthetic_kept,
         "human pairs in D'": sum(int(s.get("dprime_pairs", 0)) for s in stats if s.get("kind") == "human"),
-        "samples with a pair in D'": int(kept.sum()),
-        "keep rate": f"{kept.sum() / samples:.1%}" if samples else "—",
+        "samples with a pair in D'": kept,
+        "keep rate": f"{kept / samples:.1%}" if samples else "—",
     }
     histograms = [
-        _histogram(s, scores[s], bins, threshold)
+        _histogram(s, scores[s], threshold)
         for s in ("web", "synthetic", "candidates")
         if s != "candidates" or scores["candidates"].size > scores["synthetic"].size  # K = 1: same as best
     ]
-    kept_rows, rejected_rows = (_whole_rows(files, rows) for rows in _pick(ledger, kept, gallery_size))
+    kept_rows, rejected_rows = _pick(totals, gallery_size)
     images = _thumbnails(kept_rows + rejected_rows)
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     return "\n".join(
@@ -505,11 +588,11 @@ def _render(out: Path, gallery_size: int, bins: int) -> str:
             f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
             f"<title>CapFilt clean report: {_e(out.name)}</title><style>{CSS}</style></head><body>",
             f"<h1>CapFilt clean report</h1><p><code>{_e(out)}</code></p>",
-            _header(job, threshold, keep_fraction, totals),
+            _header(job, threshold, keep_fraction, summary),
             '<section id="reasons"><h2>Samples by reason</h2>'
-            f"{_count_table('reason', _counts(ledger['reason']), samples)}</section>",
+            f"{_count_table('reason', _counts(totals.reasons), samples)}</section>",
             '<section id="status"><h2>Samples by status</h2>'
-            f"{_count_table('status', _counts(ledger['status']), samples)}</section>",
+            f"{_count_table('status', _counts(totals.statuses), samples)}</section>",
             f'<section id="scores"><h2>ITM p(match)</h2><div class="charts">{"".join(histograms)}</div></section>',
             f'<section id="keep-rate"><h2>Keep rate against threshold</h2>{_keep_rate(scores, threshold)}</section>',
             f'<section id="kept"><h2>Kept samples</h2>{_gallery("kept", kept_rows, images)}</section>',

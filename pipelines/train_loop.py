@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from capfilt.data import Collator, PairDataset
 from capfilt.errors import CapfiltError
 from capfilt.model.checkpoint import Checkpoint, load_checkpoint
 from capfilt.model.losses import MEDObjectives, alpha_ramp, hardness_ramp
 from capfilt.model.med import MED
+from capfilt.pairs import Collator, PairDataset
 
 from .train_batches import confusable_tokens, random_order, similar_order, text_features
 from .train_config import TASK_LOSSES, TrainConfig, default_queue_size, lr_at

@@ -212,5 +212,5 @@ async def image_pixels(data: bytes, max_pixels: int, sizes: list[int]) -> dict[i
 
 def model_pixels(image: Image.Image, size: int) -> bytes:
     """The image resized (bicubic) to the model's square input, raw uint8 bytes: what the cleaning
-    job's decode stage hands its model stages (`clean_stages.decode_batch`)."""
+    job's decode stage hands its model stages (`clean_read.decode_batch`)."""
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8).tobytes()

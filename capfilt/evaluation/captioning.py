@@ -5,11 +5,14 @@ Both n-gram metrics follow pycocoevalcap (tylin/coco-caption `bleu_scorer.py`; v
 
 Tokenisation stands in for the toolkit's Stanford PTBTokenizer (`-lowerCase`) followed by its
 removal of punctuation tokens: lower-case; split the clitics 's 're 've 'll 'd 'm n't off their word
-("isn't" -> "is n't", "dog's" -> "dog 's"); drop quotes, brackets and the marks . , ? ! : ; and
+("isn't" -> "is n't", "dog's" -> "dog 's") and PTB's split words ("cannot" -> "can not", "gonna" ->
+"gon na"); split $ % # off as tokens ("$5" -> "$ 5"); drop quotes and the marks . , ? ! : ; and
 free-standing dashes or ellipses, except that a point, comma or colon between two digits stays
-("3.5", "1,000"); hyphenated words stay whole ("black-and-white"). On plain captions this gives
-the same tokens as the toolkit; it differs only on rare PTB rules (abbreviations such as "u.s.",
-URLs).
+("3.5", "1,000"); hyphenated words stay whole ("black-and-white"). Brackets become PTB's escapes,
+lower-cased: "(" -> "-lrb-", and so on. The toolkit keeps these as words, because PTBTokenizer
+lower-cases after escaping and the toolkit's punctuation list has only the upper-case "-LRB-".
+On plain captions this gives the same tokens as the toolkit; it differs only on rare PTB rules
+(abbreviations such as "u.s." or "mr.", "'90s", URLs).
 
 Inputs everywhere: `candidates[i]` is the one caption under test for image i, `references[i]` its
 reference captions (at least one).
@@ -33,7 +36,18 @@ _BLEU_TINY, _BLEU_SMALL = 1e-15, 1e-9  # pycocoevalcap's guards: an n-gram order
 _CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m", "n't")
 _CLITIC = re.compile(r"(\w)(" + "|".join(_CLITICS) + r")\b")
 # a point, comma or colon is punctuation unless it sits between two digits
-_PUNCT = re.compile(r"[?!;\"`()\[\]{}]|(?<!\d)[.,:]|[.,:](?!\d)")
+_PUNCT = re.compile(r"[?!;\"`]|(?<!\d)[.,:]|[.,:](?!\d)")
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_BRACKET = re.compile(r"[()\[\]{}]")
+_SYMBOL = re.compile(r"([$%#])")
+_SPLIT_WORDS = {  # PTB's two-token words
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "lemme": ("lem", "me"),
+    "gimme": ("gim", "me"),
+}
 _DASHES = re.compile(r"^[-.']+$")
 
 Ngrams = Counter[tuple[str, ...]]
@@ -42,12 +56,13 @@ Ngrams = Counter[tuple[str, ...]]
 def tokenize(text: str) -> list[str]:
     """Lower-cased words with punctuation removed, as the COCO toolkit's PTB tokeniser leaves them."""
     text = _PUNCT.sub(" ", _CLITIC.sub(r"\1 \2", text.lower()))
+    text = _SYMBOL.sub(r" \1 ", _BRACKET.sub(lambda m: f" {_BRACKETS[m.group()]} ", text))
     words = []
     for word in text.split():
         if word not in _CLITICS:
             word = word.strip("'")  # quotes around a word; clitics keep their apostrophe
         if word and not _DASHES.match(word):
-            words.append(word)
+            words.extend(_SPLIT_WORDS.get(word, (word,)))
     return words
 
 
@@ -115,7 +130,7 @@ def _tfidf(
 
 
 def cider_d_per_image(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
-    """CIDEr-D of each candidate (pycocoevalcap's `CiderD`, df over the evaluated references).
+    """CIDEr-D of each candidate (pycocoevalcap's `Cider`, df over the evaluated references).
 
     Per n-gram order: cosine of tf-idf vectors with the candidate's weights clipped by the
     reference's, times exp(-(l_c - l_r)^2 / (2 sigma^2)); averaged over the orders n = 1..4 and the

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from capfilt.world import NOISE_TYPES
 
 CLEAN = "clean"  # the row name of clean texts in the per-type table
@@ -118,6 +120,14 @@ def _noise_type(value: Any) -> str | None:
     return str(value)
 
 
+def _noisy(value: Any, key: str) -> bool:
+    """The truth's `noisy` flag: a bool (numpy's too) or 0/1; a string such as "False" (a CSV read
+    without types) is refused, not read as true."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"truth row {key!r}: noisy must be true or false, got {value!r}")
+
+
 def filter_report(truth: Any, decisions: Mapping[str, bool], split: str | None = "web") -> FilterReport:
     """Score `decisions` (key -> the web text is kept) against the truth table.
 
@@ -126,17 +136,21 @@ def filter_report(truth: Any, decisions: Mapping[str, bool], split: str | None =
     hold is an error; truth rows without a decision are counted as `missing`.
     """
     counts: dict[str, list[int]] = {}  # type -> [texts, rejected]
-    seen: set[str] = set()
+    seen: set[str] = set()  # keys with a decision
+    seen_rows: set[str] = set()
     missing = 0
     for row in _rows(truth):
         if split is not None and "split" in row and row["split"] != split:
             continue
         key = str(row["key"])
+        if key in seen_rows:
+            raise ValueError(f"the truth holds key {key!r} twice; each text must have one row")
+        seen_rows.add(key)
         if key not in decisions:
             missing += 1
             continue
         seen.add(key)
-        noisy = bool(row["noisy"])
+        noisy = _noisy(row["noisy"], key)
         kind = (_noise_type(row["noise_type"]) or "unknown") if noisy else CLEAN
         entry = counts.setdefault(kind, [0, 0])
         entry[0] += 1

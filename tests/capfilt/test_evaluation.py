@@ -6,6 +6,7 @@ import json
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ from tests.conftest import CORPUS
 
 def test_tokenize_lowercases_and_drops_punctuation_like_the_ptb_tokenizer():
     assert tokenize("A Dog's toy, isn't it?") == ["a", "dog", "'s", "toy", "is", "n't", "it"]
-    assert tokenize("It costs 3.5 dollars... (really) -- yes!") == [
+    assert tokenize("It costs 3.5 dollars... really -- yes!") == [
         "it",
         "costs",
         "3.5",
@@ -43,6 +44,25 @@ def test_tokenize_lowercases_and_drops_punctuation_like_the_ptb_tokenizer():
         "really",
         "yes",
     ]
+    # PTB's escapes, split words and symbols; the toolkit lower-cases "-LRB-" after escaping, and its
+    # punctuation list has only the upper case: brackets stay as words
+    assert tokenize("A man (in red) [sic] {x}") == [
+        "a",
+        "man",
+        "-lrb-",
+        "in",
+        "red",
+        "-rrb-",
+        "-lsb-",
+        "sic",
+        "-rsb-",
+        "-lcb-",
+        "x",
+        "-rcb-",
+    ]
+    assert tokenize("It cannot cost $5, I'm gonna pay 50% for #1") == (
+        ["it", "can", "not", "cost", "$", "5", "i", "'m", "gon", "na", "pay", "50", "%", "for", "#", "1"]
+    )
     assert tokenize("a black-and-white photo of 'birds'.") == ["a", "black-and-white", "photo", "of", "birds"]
     assert tokenize("") == []
 
@@ -231,6 +251,41 @@ def test_recall_at_k_counts_unscored_ties_as_misses():
     assert m["ir_r1"] == pytest.approx(100 * 10 / 12) and m["ir_r10"] == pytest.approx(100 * 11 / 12)
 
 
+REFERENCE = json.loads((Path(__file__).parent / "reference_metrics.json").read_text())
+ITM_EVAL_KEYS = {  # BLIP's itm_eval names -> ours
+    "txt_r1": "tr_r1",
+    "txt_r5": "tr_r5",
+    "txt_r10": "tr_r10",
+    "txt_r_mean": "tr_mean",
+    "img_r1": "ir_r1",
+    "img_r5": "ir_r5",
+    "img_r10": "ir_r10",
+    "img_r_mean": "ir_mean",
+    "r_mean": "r_mean",
+}
+
+
+def test_bleu4_and_cider_equal_the_coco_toolkit_on_its_own_numbers():
+    """Values computed by pycocoevalcap itself (`reference_metrics.json`, made by it): exact matches,
+    no overlap, one and five references, repeated n-grams, an empty candidate, a length tie."""
+    ref = REFERENCE["caption"]
+    candidates, references = ref["candidates"], ref["references"]
+    assert [" ".join(tokenize(c)) for c in candidates] == candidates  # already the toolkit's tokens
+    assert bleu4(candidates, references) == pytest.approx(ref["bleu4"], abs=1e-12)
+    assert cider_d(candidates, references) == pytest.approx(ref["cider"], abs=1e-12)
+    assert cider_d_per_image(candidates, references) == pytest.approx(ref["cider_per_image"], abs=1e-12)
+
+
+@pytest.mark.parametrize("case", range(len(REFERENCE["retrieval"])))
+def test_recall_at_k_equals_blips_itm_eval(case):
+    """BLIP's own `itm_eval` numbers on tie-free scores, 1, 2 and 5 texts an image."""
+    ref = REFERENCE["retrieval"][case]
+    got = recall_at_k(np.array(ref["score_i2t"]), np.array(ref["score_t2i"]), ref["text_to_image"])
+    assert {ours: got[ours] for ours in ITM_EVAL_KEYS.values()} == pytest.approx(
+        {ours: ref["itm_eval"][theirs] for theirs, ours in ITM_EVAL_KEYS.items()}, abs=1e-9
+    )
+
+
 def test_recall_at_k_rejects_bad_inputs():
     with pytest.raises(ValueError, match="no text"):
         recall_at_k(np.zeros((2, 2)), np.zeros((2, 2)), [0, 0])
@@ -371,3 +426,15 @@ def test_filter_report_reads_arrow_tables_and_rejects_unknown_keys():
     assert (report.precision, report.recall) == (1.0, 0.5)
     with pytest.raises(ValueError, match="not in the truth"):
         filter_report(table, {"a": False, "zzz": True})
+
+
+def test_filter_report_refuses_a_key_twice_and_a_noisy_flag_that_is_not_a_bool():
+    """A repeated key would be counted twice; "False" from an untyped CSV would read as noisy."""
+    row = {"key": "a", "noisy": True, "noise_type": "swapped"}
+    with pytest.raises(ValueError, match="key 'a' twice"):
+        filter_report([row, row], {"a": False}, split=None)
+    with pytest.raises(ValueError, match="'a': noisy must be true or false, got 'False'"):
+        filter_report([{**row, "noisy": "False"}], {"a": False}, split=None)
+    numpy_flags = [{**row, "noisy": np.bool_(True)}, {"key": "b", "noisy": np.int64(0), "noise_type": None}]
+    report = filter_report(numpy_flags, {"a": False, "b": True}, split=None)
+    assert (report.noisy, report.rejected, report.precision) == (1, 1, 1.0)

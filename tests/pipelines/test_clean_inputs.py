@@ -695,10 +695,27 @@ def test_an_input_path_with_glob_characters_is_that_path_when_it_exists(tmp_path
     assert input_files([str(tmp_path / "crawl*" / "*.tar")]) == [str(tar)]  # a pattern still globs
 
 
+def test_the_read_decode_and_write_stages_and_the_report_import_no_torch() -> None:
+    """Ray workers that read and decode (a CPU's worth each) and the `--writers` processes load
+    these modules alone: torch and the model code would cost each of them about 0.5 GB and seconds
+    of start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import capfilt.pipelines.clean_read, capfilt.pipelines.clean_tables, capfilt.pipelines.clean_report\n"
+        "import capfilt.pipelines.clean_writers, capfilt.pipelines.clean_output\n"
+        "print(sorted(m for m in ('torch', 'capfilt.model', 'capfilt.curate') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_decoding_rejects_a_sample_whatever_its_image_raises(monkeypatch) -> None:
     """The decode stage's last line of defence: an image that fails past `open_image` (here, its
     resize) is that row's image_undecodable, and the batch's other rows are decoded as ever."""
-    from capfilt.pipelines import clean_stages
+    from capfilt.pipelines import clean_read
 
     good = _png((5, 6, 7))
     batch = pa.table(
@@ -719,7 +736,7 @@ def test_decoding_rejects_a_sample_whatever_its_image_raises(monkeypatch) -> Non
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "resize", resize)
-    out = clean_stages.decode_batch(batch, [4])
+    out = clean_read.decode_batch(batch, [4])
     assert out.column("status").to_pylist() == ["image_undecodable", "ok"]
     assert out.column("error_message").to_pylist() == [
         "a: cannot be resized (RuntimeError: a plugin's surprise)",

@@ -406,3 +406,68 @@ def test_a_ledger_file_that_cannot_be_read_is_named(job: Path, tmp_path: Path) -
     (broken / "ledger" / "00001.parquet").write_bytes(b"PAR1 not parquet")
     with pytest.raises(CapfiltError, match=r"ledger file .*00001\.parquet cannot be read"):
         _render(broken, 12, 20)
+
+
+def test_the_page_is_summed_file_by_file_and_reads_only_the_picked_rows_whole(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page's memory does not grow with the ledger: its files are read one at a time and
+    summed. The same rows split into a file each, or joined into one file, give the same page; and
+    only the gallery's rows are read whole."""
+    from capfilt.pipelines import clean_report
+
+    def page_of(out: Path, gallery: int = 4) -> str:
+        return clean_report._render(out, gallery, 20).replace(str(out), "OUT").replace(out.name, "OUT")
+
+    page = page_of(job)
+    whole = read_ledger(job)
+    one = _rewrite_ledgers(job, tmp_path / "joined_ledger", lambda t, p: p.unlink())
+    pq.write_table(whole, one / "ledger" / "00000.parquet")
+    assert page_of(one) == page
+    each = _rewrite_ledgers(job, tmp_path / "split_ledger", lambda t, p: p.unlink())
+    for i in range(whole.num_rows):
+        pq.write_table(whole.slice(i, 1), each / "ledger" / f"{i:05d}.parquet")
+    assert page_of(each) == page
+
+    read_whole: list[int] = []
+    real = clean_report.pq.read_table
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> pa.Table:
+        read_whole.append(1)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(clean_report.pq, "read_table", counting)
+    assert page_of(each) == page
+    assert len(read_whole) == 8  # the 4 kept and 4 rejected rows of the gallery, a file each
+
+
+def test_the_page_holds_one_ledger_file_at_a_time(tmp_path: Path) -> None:
+    """The peak of Arrow's memory while the page is made is that of a ledger file or two (the
+    gallery reads its rows' files whole), not the whole ledger's scores and decisions, which a job
+    of millions of rows could not hold (0.4 KB a row)."""
+    import subprocess
+    import sys
+
+    out, files, rows = tmp_path / "out", 40, 2_000
+    (out / "ledger").mkdir(parents=True)
+    for f in range(files):
+        row = _ok(sample_key(f, 0, 100), tmp_path / "gone.tar", f)
+        pq.write_table(
+            pa.Table.from_pylist([{**row, "key": f"{f:05d}{i:04d}"} for i in range(rows)], LEDGER_SCHEMA),
+            out / "ledger" / f"{f:05d}.parquet",
+        )
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import pyarrow as pa\n"
+        "from capfilt.pipelines import clean_report as r\n"
+        "out = Path(sys.argv[1])\n"
+        "one = r._read_summary_file(out / 'ledger' / '00000.parquet', r._summary_schema()).nbytes\n"
+        "r.write_report(out, gallery_size=2)\n"
+        "print(one, pa.default_memory_pool().max_memory())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out)], capture_output=True, text=True, check=True
+    )
+    one, peak = map(int, done.stdout.split())
+    assert peak < files * one / 2, (peak, one)

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from capfilt.data import Collator, PairDataset, iter_samples, shard_paths
+from capfilt.data import iter_samples, shard_paths
 from capfilt.errors import CapfiltError
 from capfilt.images import open_image, preprocess
 from capfilt.model.config import CLIP_MEAN, CLIP_STD
+from capfilt.pairs import Collator, PairDataset
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

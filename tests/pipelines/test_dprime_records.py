@@ -100,3 +100,34 @@ def test_human_pairs_keep_every_phrasing(tmp_path: Path, out: Path) -> None:
     )
     with tarfile.open(out / "dprime" / "00001.tar") as t:
         assert _strict(t.extractfile("h_h.json").read())["score"] is None
+
+
+def test_dprime_tars_are_what_webdatasets_writer_writes_byte_for_byte(tmp_path: Path) -> None:
+    """The writers write tars with tarfile alone (webdataset would import torch into each writer
+    process); the bytes are those of webdataset's `TarWriter` with the settings D' used: members in
+    extension order, mtime 0, mode 0444, no user or group; a PAX header only for a name over 100
+    characters."""
+    import random
+
+    import webdataset as wds
+
+    from capfilt.pipelines.clean_output import _write_tar
+
+    rng = random.Random(7)
+    records = [
+        {
+            "__key__": f"{i:09d}_s{i % 3}",
+            "jpg": rng.randbytes(rng.randint(0, 3000)),
+            "txt": "ü, a caption".encode(),
+            "json": json.dumps({"key": i}).encode(),
+        }
+        for i in range(50)
+    ]
+    records.append({"__key__": "k" * 150, "png": b"\x89PNG", "txt": b""})  # a long name
+    with wds.TarWriter(str(tmp_path / "wds.tar"), encoder=False, mtime=0, user="", group="") as sink:
+        for record in records:
+            sink.write(record)
+    _write_tar(tmp_path / "ours.tar", records)
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "wds.tar").read_bytes()
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        assert [m.name for m in tar.getmembers() if m.pax_headers] == ["k" * 150 + ".png", "k" * 150 + ".txt"]

@@ -178,7 +178,7 @@ def test_job_output_equals_the_cli_runs(runs: dict[str, Any]) -> None:
 
 
 def test_capfilt_equals_the_jobs_ledger_row(service: Service, runs: dict[str, Any]) -> None:
-    from capfilt.pipelines.clean_stages import read_input
+    from capfilt.pipelines.clean_inputs import read_input
 
     ledger = {r["key"]: r for r in read_ledger(runs["cli_out"]).to_pylist()}
     samples = {s.key: s for s in read_input(runs["shard"])[0]}
