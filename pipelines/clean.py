@@ -214,7 +214,7 @@ def inspect_checkpoint(path: str, task: str, option: str) -> _Model:
     )
 
 
-def _shards(entries: list[str], option: str, first_id: int, kind: str) -> list[Shard]:
+def input_shards(entries: list[str], option: str, first_id: int, kind: str) -> list[Shard]:
     """The input shards, each once.
 
     A readable parquet that is no image table fails the job here, before any work: a wrong kind
@@ -407,8 +407,8 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
             'calls clean() again in each writer; put that call under `if __name__ == "__main__":`'
         )
     config.validate()
-    web = _shards(config.inputs, "input", 0, "web")
-    human = _shards(config.human, "human", len(web), "human") if config.human else []
+    web = input_shards(config.inputs, "input", 0, "web")
+    human = input_shards(config.human, "human", len(web), "human") if config.human else []
     cap = inspect_checkpoint(config.captioner, "caption", "captioner")
     filt = inspect_checkpoint(config.filter, "score", "filter")
     out = Path(config.output)

@@ -108,9 +108,10 @@ def changed_job_arguments(saved: Any, job: dict[str, Any], ignore: tuple[str, ..
     leaving out the keys in `ignore`."""
     if not isinstance(saved, dict):
         return [f"job.json: saved {type(saved).__name__}, not the arguments of a job"]
-    saved = dict(saved)
+    saved, job = dict(saved), {"precision": "exact", **job}
     if "threshold" in saved and saved["threshold"] is None and saved.get("keep_fraction") is None:
         saved["threshold"] = DEFAULT_THRESHOLD  # written before job.json held the default
+    saved.setdefault("precision", "exact")  # named in job.json only when not the default
     return changed_arguments(
         {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in job.items() if k not in ignore}
     )

@@ -62,11 +62,11 @@ def confine(path: str, roots: Sequence[Path], what: str) -> Path:
         )
     given = Path(path)
     if not given.is_absolute():
-        raise ClientError(400, f"{what} {path!r}: give an absolute path")
+        raise ClientError(400, f"{what} {path!r}: give an absolute path", "invalid_path")
     try:
         resolved = given.resolve()
     except (OSError, RuntimeError) as err:  # a symlink loop
-        raise ClientError(400, f"{what} {path!r}: cannot resolve it ({err})") from err
+        raise ClientError(400, f"{what} {path!r}: cannot resolve it ({err})", "invalid_path") from err
     if not any(resolved == root or root in resolved.parents for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise ClientError(
@@ -107,7 +107,7 @@ def shards_under(entries: Sequence[str], roots: Sequence[Path], what: str) -> li
     try:
         sources = list(dict.fromkeys(input_files(resolved)))
     except CapfiltError as err:
-        raise ClientError(400, f"{what}: {err}") from err
+        raise ClientError(400, f"{what}: {err}", "invalid_input") from err
     for source in sources:
         confine(source, roots, what)
         sidecar = Path(source.removesuffix(".tar") + ".parquet")
@@ -128,7 +128,9 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
     filt = str(confine(request.filter, config.input_roots, "filter")) if request.filter else config.filter
     output = confine(request.output, config.output_roots, "output")
     if output.exists() and not output.is_dir():
-        raise ClientError(409, f"output {request.output} is a file; give a directory")
+        raise ClientError(
+            409, f"output {request.output} is a file; give a directory", "output_not_a_directory"
+        )
     if output.is_dir() and any(output.iterdir()) and not request.resume:
         raise ClientError(
             409,
@@ -159,7 +161,8 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
     # the service's own checkpoints were checked when it started (ServeConfig.validate)
     checkpoints = [(captioner, "caption", "captioner")] if request.captioner else []
     checkpoints += [(filt, "score", "filter")] if request.filter else []
-    clean_config = _check_with_the_cli(argv, checkpoints)
+    clean_config, digests = _check_with_the_cli(argv, checkpoints)
+    _check_inputs(inputs, human)
     if request.resume and output.is_dir() and any(output.iterdir()):
         if not (output / "job.json").is_file():  # what `capfilt clean --resume` refuses before any work
             raise ClientError(
@@ -168,21 +171,40 @@ def clean_argv(request: JobRequest, config: ServeConfig) -> list[str]:
                 "choose a new directory",
                 "output_not_a_job",
             )
-        _check_resumable(output, clean_config, inputs, human)
+        # the job refuses other weights than its output's: the service's own checkpoints too
+        for path, task, option in ((captioner, "caption", "captioner"), (filt, "score", "filter")):
+            if option not in digests:
+                digests[option] = _inspect(path, task, option).digest
+        _check_resumable(output, clean_config, inputs, human, digests["captioner"], digests["filter"])
     return argv
 
 
-def _check_resumable(output: Path, config: Any, inputs: list[str], human: list[str]) -> None:
-    """A resume whose arguments differ from those the output's job was started with is refused
-    now, not accepted and then failed by the job. The checkpoints' digests are left to the job."""
-    from capfilt.pipelines.clean import CHECKPOINT_KEYS, job_record
+def _check_inputs(inputs: list[str], human: list[str]) -> None:
+    """400 for inputs `capfilt clean` refuses before any work (a parquet that is no image table),
+    as the job would, not a job that fails once started."""
+    from capfilt.pipelines.clean import input_shards
+
+    try:
+        input_shards(inputs, "input", 0, "web")
+        if human:
+            input_shards(human, "human", 0, "human")
+    except CapfiltError as err:
+        raise ClientError(400, f"invalid job: {err}", "invalid_input") from err
+
+
+def _check_resumable(
+    output: Path, config: Any, inputs: list[str], human: list[str], captioner_id: str, filter_id: str
+) -> None:
+    """A resume whose arguments or checkpoints (by digest) differ from those the output's job was
+    started with is refused now, not accepted and then failed by the job."""
+    from capfilt.pipelines.clean import job_record
     from capfilt.pipelines.clean_output import changed_job_arguments
 
     try:
         saved = json.loads((output / "job.json").read_text())
     except (OSError, ValueError, RecursionError):
         return  # the job itself says what is wrong with it
-    diff = changed_job_arguments(saved, job_record(config, inputs, human, "", ""), ignore=CHECKPOINT_KEYS)
+    diff = changed_job_arguments(saved, job_record(config, inputs, human, captioner_id, filter_id))
     if diff:
         raise ClientError(
             409,
@@ -192,10 +214,24 @@ def _check_resumable(output: Path, config: Any, inputs: list[str], human: list[s
         )
 
 
-def _check_with_the_cli(argv: list[str], checkpoints: Sequence[tuple[str, str, str]] = ()) -> Any:
-    """Parse `argv` with `capfilt clean`'s own parser, validate its CleanConfig and load each
-    (path, task, option) of `checkpoints` as the command does before any work."""
+def _inspect(path: str, task: str, option: str) -> Any:
+    """A checkpoint loaded as `capfilt clean` loads it before any work (`inspect_checkpoint`)."""
     from capfilt.pipelines.clean import inspect_checkpoint
+
+    try:
+        return inspect_checkpoint(path, task, option)
+    except CapfiltError as err:  # "--filter PATH: checkpoint PATH is a captioner ...; pass a filter ..."
+        raise ClientError(
+            400, f"invalid job (options named as `capfilt clean` flags): {err}", "invalid_checkpoint"
+        ) from err
+
+
+def _check_with_the_cli(
+    argv: list[str], checkpoints: Sequence[tuple[str, str, str]] = ()
+) -> tuple[Any, dict[str, str]]:
+    """Parse `argv` with `capfilt clean`'s own parser, validate its CleanConfig and load each
+    (path, task, option) of `checkpoints` as the command does before any work; returns the config
+    and those checkpoints' digests by option."""
     from capfilt.pipelines.clean_cli import add_clean_parser, config_from_args
 
     parser = argparse.ArgumentParser(prog="capfilt", exit_on_error=False)
@@ -209,14 +245,7 @@ def _check_with_the_cli(argv: list[str], checkpoints: Sequence[tuple[str, str, s
         config.validate()
     except CapfiltError as err:
         raise ClientError(400, f"invalid job (options named as `capfilt clean` flags): {err}") from err
-    for path, task, option in checkpoints:
-        try:
-            inspect_checkpoint(path, task, option)
-        except CapfiltError as err:  # "--filter PATH: checkpoint PATH is a captioner ...; pass a filter ..."
-            raise ClientError(
-                400, f"invalid job (options named as `capfilt clean` flags): {err}", "invalid_checkpoint"
-            ) from err
-    return config
+    return config, {option: _inspect(path, task, option).digest for path, task, option in checkpoints}
 
 
 def read_progress(output: Path) -> JobProgress | None:
@@ -301,6 +330,7 @@ class JobManager:
         # one submission at a time: the check that no unfinished job writes there, then the submit
         self._submitting = threading.Lock()
         self._submitted: dict[str, Path] = {}  # job id -> output, until Ray Jobs lists the job
+        self._submitted_lock = threading.Lock()  # the overlap check reads it outside `_submitting`
 
     @property
     def client(self) -> Any:  # JobSubmissionClient: created on first use, when the dashboard is up
@@ -342,17 +372,19 @@ class JobManager:
         with self._submitting:
             self._refuse_overlap(request.output, Path(output))
             job_id = self._submit(argv, output)
-            self._submitted[job_id] = Path(output)
+            with self._submitted_lock:
+                self._submitted[job_id] = Path(output)
         return self.get(job_id)
 
-    def _unfinished_outputs(self) -> dict[str, tuple[str, Path]]:
+    def unfinished_outputs(self) -> dict[str, tuple[str, Path]]:
         """job id -> (state, output) of every cleaning job not finished, as Ray Jobs lists them, and
         of those this service submitted that Ray Jobs does not list yet."""
         jobs = self._call("list jobs", self.client.list_jobs)
         listed = {d.submission_id: d for d in jobs if d.submission_id}
-        for job_id in [j for j in self._submitted if j in listed]:
-            del self._submitted[job_id]  # Ray Jobs answers for it from now on
-        unfinished = {job_id: ("PENDING", out) for job_id, out in self._submitted.items()}
+        with self._submitted_lock:
+            for job_id in [j for j in self._submitted if j in listed]:
+                del self._submitted[job_id]  # Ray Jobs answers for it from now on
+            unfinished = {job_id: ("PENDING", out) for job_id, out in self._submitted.items()}
         for job_id, details in listed.items():
             state = str(getattr(details.status, "value", details.status))
             metadata = details.metadata or {}
@@ -363,7 +395,7 @@ class JobManager:
 
     def _refuse_overlap(self, given: str, output: Path) -> None:
         """409 when `output` is, contains or lies inside the output of an unfinished job."""
-        for job_id, (state, other) in sorted(self._unfinished_outputs().items()):
+        for job_id, (state, other) in sorted(self.unfinished_outputs().items()):
             how = overlap(output, other)
             if how is not None:
                 raise ClientError(
@@ -432,16 +464,32 @@ class JobManager:
         ours.sort(key=lambda d: d.start_time or 0, reverse=True)
         return [JobSummary(**self._summary(d)) for d in ours]
 
-    def get(self, job_id: str) -> JobInfo:
+    def get(self, job_id: str, message: str | None = None) -> JobInfo:
         details = self._details(job_id)
         summary = self._summary(details)
         output = self._readable_output(summary["output"])
-        return JobInfo(
-            **summary,
-            message=details.message,
-            entrypoint=details.entrypoint,
-            progress=read_progress(output) if output is not None else None,
-        )
+        progress = read_progress(output) if output is not None else None
+        message = message or details.message
+        if summary["state"] in TERMINAL and progress is not None:
+            later = self._later_job_on(output, details)
+            if later is not None:  # the output's counts are the later job's work too, not this job's
+                progress = None
+                message = f"{message or ''} Its output was taken on by job {later}: see that job's progress.".strip()
+        return JobInfo(**summary, message=message, entrypoint=details.entrypoint, progress=progress)
+
+    def _later_job_on(self, output: Path, details: Any) -> str | None:
+        """The newest cleaning job submitted after `details`' job with the same output, if any."""
+        started = details.start_time or 0
+        later = [
+            d
+            for d in self._call("list jobs", self.client.list_jobs)
+            if (d.metadata or {}).get("capfilt") == "clean"
+            and d.submission_id
+            and d.submission_id != details.submission_id
+            and (d.start_time or 0) > started
+            and local_path(str(d.metadata.get("output", ""))) == output
+        ]
+        return max(later, key=lambda d: d.start_time or 0).submission_id if later else None
 
     def _readable_output(self, text: str) -> Path | None:
         """A job's output as its metadata names it, resolved, when it lies under an output root: the
@@ -465,7 +513,8 @@ class JobManager:
         if state in TERMINAL:
             raise ClientError(409, f"job {job_id} has already ended: {state}", "job_ended")
         self._call("stop the job", self.client.stop_job, job_id)
-        return self.get(job_id)
+        # Ray's message still says "running": the driver stops within seconds (state STOPPED)
+        return self.get(job_id, message="Stop requested: the job stops within seconds, then reads STOPPED.")
 
     def counts_by_state(self) -> dict[str, int] | None:
         """Cleaning jobs by state, for /metrics: {} when jobs are off, None when Ray Jobs cannot answer."""

@@ -206,6 +206,13 @@ def run_serve(args: argparse.Namespace) -> int:
     jobs = JobManager(config, dashboard) if dashboard else None
     if jobs is None:
         log.warning("the Ray cluster has no dashboard: the job endpoints cannot reach Ray Jobs")
+    own_cluster = _started_ray_here()
+    if own_cluster and jobs is not None and config.jobs_enabled:
+        log.warning(
+            "jobs run on the Ray cluster this service started: they stop when the service stops, and a "
+            "restarted service does not list them. For jobs that outlive the service, start Ray with "
+            "`ray start --head` and pass its address with --ray-address."
+        )
     app = create_app(config, models, jobs)
     try:
         facts = {"dashboard": dashboard, "ray_address": ray.get_runtime_context().gcs_address}
@@ -216,9 +223,36 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if own_cluster and jobs is not None and config.jobs_enabled:
+            _say_which_jobs_stop(jobs)
         models.shutdown()
         ray.shutdown()
     return 0
+
+
+def _started_ray_here() -> bool:
+    """Whether this process started its Ray cluster (which then ends with it), not joined one."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # the head's Node when started here
+    return bool(getattr(node, "head", False))
+
+
+def _say_which_jobs_stop(jobs: Any) -> None:
+    """The unfinished jobs that stop with the service's own Ray, and how to finish them."""
+    try:
+        unfinished = jobs.unfinished_outputs()
+    except Exception as err:  # stopping anyway: say why nothing is listed
+        log.warning("could not list the jobs that stop with this service: %s", err)
+        return
+    for job_id, (state, output) in sorted(unfinished.items()):
+        log.warning(
+            'job %s (%s) stops with this service\'s Ray; submit it again with "resume": true and '
+            "output %s to finish it",
+            job_id,
+            state,
+            output,
+        )
 
 
 async def _serve(app: Any, config: ServeConfig, models: Any, facts: dict[str, Any]) -> None:

@@ -109,22 +109,32 @@ def test_submitted_jobs_read_table_image_paths_only_under_the_input_roots(tmp_pa
     assert env == {IMAGE_ROOTS_ENV: str(tmp_path / "in")}
 
 
-def test_a_resume_with_other_arguments_is_refused_at_submission(tmp_path: Path) -> None:
-    """The output's job.json names the arguments its job started with: a resume that changes one is
-    a 409 naming it (it used to be accepted, then failed by the job); the default threshold and an
-    explicit 0.5 are the same job, and the checkpoints are left to the job to compare."""
+def test_a_resume_with_other_arguments_or_checkpoints_is_refused_at_submission(tmp_path: Path) -> None:
+    """The output's job.json names the arguments and checkpoint digests its job started with: a
+    resume that changes one is a 409 naming it (it used to be accepted, then failed by the job:
+    for the checkpoints, also when the service's own were replaced since); the default threshold
+    and an explicit 0.5 are the same job, and so are no precision and "exact"."""
     import json
 
+    from capfilt.model.checkpoint import load_checkpoint
     from capfilt.pipelines.clean import job_record
 
+    weights = Path(__file__).resolve().parents[2] / "capfilt" / "weights" / "small"
     serve = _serve(tmp_path)
+    serve = ServeConfig(
+        captioner=str(weights / "captioner"),
+        filter=str(weights / "filter"),
+        input_roots=serve.input_roots,
+        output_roots=serve.output_roots,
+    )
+    ids = [load_checkpoint(weights / role).digest for role in ("captioner", "filter")]
     output = tmp_path / "out" / "job"
     output.mkdir()
     inputs = [str((tmp_path / "in" / "00000.tar").resolve())]
     started = _parsed(
         ["clean", "--input", *inputs, "--output", str(output), "--captioner", "c", "--filter", "f"]
     )
-    (output / "job.json").write_text(json.dumps(job_record(started, inputs, [], "sha256:aa", "sha256:bb")))
+    (output / "job.json").write_text(json.dumps(job_record(started, inputs, [], *ids)))
     same = JobRequest(input=[str(tmp_path / "in")], output=str(output), resume=True, threshold=0.5)
     assert "--resume" in clean_argv(same, serve)
     other = JobRequest(input=[str(tmp_path / "in")], output=str(output), resume=True, seed=5)
@@ -133,3 +143,30 @@ def test_a_resume_with_other_arguments_is_refused_at_submission(tmp_path: Path) 
     ) as refused:
         clean_argv(other, serve)
     assert (refused.value.status, refused.value.reason) == (409, "resume_mismatch")
+    fast = JobRequest(input=[str(tmp_path / "in")], output=str(output), resume=True, precision="fast")
+    with pytest.raises(ClientError, match=r"precision: saved 'exact', now 'fast'"):
+        clean_argv(fast, serve)
+    (output / "job.json").write_text(json.dumps(job_record(started, inputs, [], "sha256:aa", ids[1])))
+    with pytest.raises(ClientError, match=rf"captioner_id: saved 'sha256:aa', now '{ids[0]}'") as refused:
+        clean_argv(same, serve)
+    assert (refused.value.status, refused.value.reason) == (409, "resume_mismatch")
+
+
+def test_an_input_that_clean_refuses_before_any_work_is_a_400(tmp_path: Path) -> None:
+    """A parquet that is no image table: the job fails on it before any work, so the service
+    refuses it at submission (it used to accept it and the job failed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    serve = _serve(tmp_path)
+    pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "in" / "numbers.parquet")
+    request = JobRequest(
+        input=[str(tmp_path / "in" / "numbers.parquet")], output=str(tmp_path / "out" / "job")
+    )
+    with pytest.raises(ClientError, match=r"--input: .*numbers\.parquet") as refused:
+        clean_argv(request, serve)
+    assert (refused.value.status, refused.value.reason) == (400, "invalid_input")
+    relative = JobRequest(input=["in"], output=str(tmp_path / "out" / "job"))
+    with pytest.raises(ClientError, match="give an absolute path") as refused:
+        clean_argv(relative, serve)
+    assert (refused.value.status, refused.value.reason) == (400, "invalid_path")

@@ -77,6 +77,10 @@ class FakeRayJobs:
             raise RuntimeError(f"Job {job_id} does not exist")
         return self.jobs[job_id]
 
+    def stop_job(self, job_id: str) -> bool:
+        self._up()
+        return True  # as Ray: the job reads RUNNING until its driver has stopped
+
 
 def _config(tmp_path: Path) -> ServeConfig:
     (tmp_path / "in").mkdir()
@@ -235,6 +239,69 @@ def test_progress_is_read_only_under_the_output_roots(tmp_path: Path) -> None:
     assert progress is not None and progress.shards_total == 2
 
 
+def test_an_ended_job_whose_output_a_later_job_took_on_shows_no_progress(tmp_path: Path) -> None:
+    """Progress is counted from the output: once a later job resumed it, those counts are that
+    job's work too, and the stopped job showed them as its own (40 of 40 shards)."""
+    from capfilt.model.checkpoint import load_checkpoint
+    from capfilt.pipelines.clean import job_record
+    from capfilt.services.jobs import _check_with_the_cli, clean_argv
+
+    ray = FakeRayJobs()
+    jobs = _manager(tmp_path, ray)
+    argv = clean_argv(_request(tmp_path, "run"), jobs.config)
+    first = jobs.submit(_request(tmp_path, "run"))
+    out = tmp_path / "out" / "run"
+    out.mkdir()  # what the job writes first
+    inputs = argv[argv.index("--input") + 1 : argv.index("--output")]
+    ids = [load_checkpoint(WEIGHTS / role).digest for role in ("captioner", "filter")]
+    (out / "job.json").write_text(json.dumps(job_record(_check_with_the_cli(argv)[0], inputs, [], *ids)))
+    assert jobs.get(first.id).progress is not None
+    ray.jobs[first.id].status = "STOPPED"
+    assert jobs.get(first.id).progress is not None  # no later job: the output is this job's
+    ray.jobs[first.id].start_time -= 1000
+    later = jobs.submit(_request(tmp_path, "run", resume=True))
+    stopped = jobs.get(first.id)
+    assert stopped.progress is None and f"taken on by job {later.id}" in (stopped.message or "")
+    assert jobs.get(later.id).progress is not None
+
+
+def test_a_stop_says_it_was_requested(tmp_path: Path) -> None:
+    jobs = _manager(tmp_path, FakeRayJobs())
+    job = jobs.submit(_request(tmp_path, "run"))
+    jobs.client.jobs[job.id].status = "RUNNING"
+    stopping = jobs.stop(job.id)
+    assert stopping.state == "RUNNING" and stopping.message.startswith("Stop requested")
+
+
+def test_overlap_checks_and_submissions_at_once_never_break_on_the_submitted_jobs(tmp_path: Path) -> None:
+    """The overlap check outside the submission lock read and pruned the service's memory of jobs
+    Ray Jobs does not list yet while a submission added to it: a KeyError or "dictionary changed
+    size during iteration" answered a client with a 500."""
+    import sys
+
+    ray = FakeRayJobs(listed_after_s=0.001)
+    jobs = _manager(tmp_path, ray)
+    errors: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+
+        def submit(i: int) -> None:
+            try:
+                jobs.submit(_request(tmp_path, f"run{i}"))
+                jobs.unfinished_outputs()
+            except ClientError:
+                pass
+            except Exception as err:
+                errors.append(err)
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(submit, range(200)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
 @pytest.fixture
 def app_client(tmp_path: Path) -> Iterator[tuple[TestClient, FakeRayJobs]]:
     ray = FakeRayJobs()
@@ -299,3 +366,24 @@ def test_metrics_leave_job_counts_out_when_ray_jobs_cannot_answer(
     text = client.get("/metrics").text
     assert "capfilt_jobs{" not in text
     assert "capfilt_jobs_up 0.0" in text
+
+
+def test_a_service_that_started_its_own_ray_names_the_jobs_that_stop_with_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its Ray ends with it, and the jobs on it: each is named with how to finish it."""
+    from capfilt.services.serve_cli import _say_which_jobs_stop
+
+    jobs = _manager(tmp_path, FakeRayJobs())
+    job = jobs.submit(_request(tmp_path, "run"))
+    with caplog.at_level("WARNING"):
+        _say_which_jobs_stop(jobs)
+    assert [r.getMessage() for r in caplog.records] == [
+        f'job {job.id} (PENDING) stops with this service\'s Ray; submit it again with "resume": true and '
+        f"output {tmp_path / 'out' / 'run'} to finish it"
+    ]
+    jobs.client.down = True
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _say_which_jobs_stop(jobs)
+    assert "could not list the jobs that stop with this service" in caplog.text
