@@ -76,6 +76,8 @@ from .ray_connect import connect_ray
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "summary.json"  # OUT/summary.json: the last finished run's summary (`summary_record`)
+
 # (shards written, shards in the job, samples scored: counted as each batch leaves the filter, and
 # on a resumed job starting from the finished shards' samples)
 ProgressFn = Callable[[int, int, int], None]
@@ -373,10 +375,6 @@ def _job(
     return job_record(config, [s.source for s in web], [s.source for s in human], cap.digest, filt.digest)
 
 
-# job.json's keys that name the checkpoints by digest (the REST service checks a resume without them)
-CHECKPOINT_KEYS = ("captioner_id", "filter_id")
-
-
 def job_record(
     config: CleanConfig, web: list[str], human: list[str], captioner_id: str, filter_id: str
 ) -> dict[str, Any]:
@@ -414,6 +412,7 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
     out = Path(config.output)
     existed, empty = out.is_dir(), not out.exists() or (out.is_dir() and not any(out.iterdir()))
     done = prepare(out, _job(config, web, human, cap, filt), config.resume)
+    (out / SUMMARY).unlink(missing_ok=True)  # an earlier run's: this one has not finished
     total = len(web) + len(human)
     pending = [s for s in web if s.name not in done]
     finished = read_manifest(out).values()
@@ -497,7 +496,11 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
                     out, web, human, len(done), threshold, cap, filt, run_samples, start, timings
                 )
                 resources = {**plan.as_dict(), "batch_size": config.batch_size, "writers": writers}
-                return dataclasses.replace(summary, report=_report(out, summary.timings), resources=resources)
+                summary = dataclasses.replace(
+                    summary, report=_report(out, summary.timings), resources=resources
+                )
+                _write_summary(summary)
+                return summary
     except KeyboardInterrupt as err:
         try:
             finished = len(read_manifest(out))
@@ -512,6 +515,47 @@ def clean(config: CleanConfig, progress: ProgressFn | None = None) -> CleanSumma
             f"clean {str(err) or 'interrupted'}: {finished} of {total} shards are finished in {out}{kept}; "
             f"rerun the same command with --resume {rest}"
         ) from err
+
+
+def summary_record(s: CleanSummary) -> dict[str, Any]:
+    """The summary as JSON: what `capfilt clean` prints and OUT/summary.json holds."""
+    out = s.output
+    return {
+        "output": str(out),
+        "dprime": str(out / "dprime"),
+        "ledger": str(out / "ledger"),
+        "manifest": str(out / "manifest.jsonl"),
+        "report": str(s.report) if s.report else None,
+        "shards": s.shards_total,
+        "shards_skipped": s.shards_skipped,
+        "samples": s.samples,
+        "status": s.status,
+        "reasons": s.reasons,
+        "web_kept": s.web_kept,
+        "synthetic_kept": s.synthetic_kept,
+        "human_pairs": s.human_pairs,
+        "dprime_pairs": s.dprime_pairs,
+        "threshold": s.threshold,
+        "captioner_id": s.captioner_id,
+        "filter_id": s.filter_id,
+        "read_errors": s.read_errors,  # shard -> why it could not be read to its end
+        "wall_s": round(s.wall_s, 3),
+        "samples_per_s": round(s.samples_per_s, 3),
+        "timings": s.timings,
+        "resources": s.resources,  # the model actors asked of Ray: device, counts, CPUs, GPUs, threads
+    }
+
+
+def _write_summary(s: CleanSummary) -> None:
+    """OUT/summary.json, atomically: there once a run has finished, gone while one runs (the REST
+    API shows it). A failure is logged: the job's data stands without it."""
+    path = s.output / SUMMARY
+    tmp = path.with_name(SUMMARY + ".tmp")
+    try:
+        tmp.write_text(json.dumps(summary_record(s), indent=1, allow_nan=False) + "\n")
+        tmp.replace(path)
+    except (OSError, ValueError) as err:
+        log.warning("could not write %s: %s", path, err)
 
 
 def _report(out: Path, timings: dict[str, float]) -> Path | None:

@@ -150,7 +150,7 @@ def run_clean(args: argparse.Namespace) -> dict[str, Any]:
 
     from capfilt.progress import progress_bar
 
-    from .clean import clean
+    from .clean import clean, summary_record
 
     config = config_from_args(args)
     columns = (
@@ -167,28 +167,4 @@ def run_clean(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(task, completed=shards_done, total=shards_total, samples=samples_done)
 
         s = clean(config, progress)
-    out = s.output
-    return {
-        "output": str(out),
-        "dprime": str(out / "dprime"),
-        "ledger": str(out / "ledger"),
-        "manifest": str(out / "manifest.jsonl"),
-        "report": str(s.report) if s.report else None,
-        "shards": s.shards_total,
-        "shards_skipped": s.shards_skipped,
-        "samples": s.samples,
-        "status": s.status,
-        "reasons": s.reasons,
-        "web_kept": s.web_kept,
-        "synthetic_kept": s.synthetic_kept,
-        "human_pairs": s.human_pairs,
-        "dprime_pairs": s.dprime_pairs,
-        "threshold": s.threshold,
-        "captioner_id": s.captioner_id,
-        "filter_id": s.filter_id,
-        "read_errors": s.read_errors,  # shard -> why it could not be read to its end
-        "wall_s": round(s.wall_s, 3),
-        "samples_per_s": round(s.samples_per_s, 3),
-        "timings": s.timings,
-        "resources": s.resources,  # the model actors asked of Ray: device, counts, CPUs, GPUs, threads
-    }
+    return summary_record(s)

@@ -306,6 +306,18 @@ def read_progress(output: Path) -> JobProgress | None:
     )
 
 
+def read_summary(output: Path) -> dict[str, Any] | None:
+    """OUT/summary.json, which a job writes when it has finished (and removes when a rerun starts);
+    None when there is none or it cannot be read."""
+    from capfilt.pipelines.clean import SUMMARY
+
+    try:
+        loaded = json.loads((output / SUMMARY).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
 def require_jobs_enabled(config: ServeConfig) -> None:
     """403 jobs_disabled unless the service was started with input and output roots."""
     if not config.jobs_enabled:
@@ -469,13 +481,17 @@ class JobManager:
         summary = self._summary(details)
         output = self._readable_output(summary["output"])
         progress = read_progress(output) if output is not None else None
-        message = message or details.message
+        message, result = message or details.message, None
         if summary["state"] in TERMINAL and progress is not None:
             later = self._later_job_on(output, details)
             if later is not None:  # the output's counts are the later job's work too, not this job's
                 progress = None
                 message = f"{message or ''} Its output was taken on by job {later}: see that job's progress.".strip()
-        return JobInfo(**summary, message=message, entrypoint=details.entrypoint, progress=progress)
+            elif summary["state"] == "SUCCEEDED":
+                result = read_summary(output)
+        return JobInfo(
+            **summary, message=message, entrypoint=details.entrypoint, progress=progress, summary=result
+        )
 
     def _later_job_on(self, output: Path, details: Any) -> str | None:
         """The newest cleaning job submitted after `details`' job with the same output, if any."""

@@ -290,6 +290,11 @@ class JobInfo(JobSummary):
     message: str | None
     entrypoint: str
     progress: JobProgress | None
+    summary: dict[str, Any] | None = Field(
+        None,
+        description="a SUCCEEDED job's summary, as `capfilt clean` prints it (OUT/summary.json): totals, "
+        "the threshold used, read errors, timings, resources, where D', the ledger and the report are",
+    )
 
 
 class JobList(BaseModel):

@@ -711,6 +711,7 @@ def test_cli_reruns_a_finished_job_as_a_json_summary(
     argv += ["--filter", str(our_filter_dir), "--human", str(world / "human"), "--num-captions", "2"]
     argv += ["--batch-size", "8", "--seed", str(SEED), "--threshold", str(THRESHOLD), "--resume"]
     summary = json.loads(json.dumps(run_clean(_parser().parse_args(argv))))
+    assert json.loads((whole.output / "summary.json").read_text()) == summary  # what the REST API shows
     assert summary["shards_skipped"] == summary["shards"] == 6 and summary["samples"] == 44
     assert summary["dprime_pairs"] == whole.dprime_pairs and summary["status"] == whole.status
     assert summary["ledger"] == str(whole.output / "ledger")

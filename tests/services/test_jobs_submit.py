@@ -265,6 +265,22 @@ def test_an_ended_job_whose_output_a_later_job_took_on_shows_no_progress(tmp_pat
     assert jobs.get(later.id).progress is not None
 
 
+def test_a_succeeded_job_shows_the_summary_its_output_holds(tmp_path: Path) -> None:
+    ray = FakeRayJobs()
+    jobs = _manager(tmp_path, ray)
+    job = jobs.submit(_request(tmp_path, "run"))
+    out = tmp_path / "out" / "run"
+    out.mkdir()
+    (out / "job.json").write_text(json.dumps({"inputs": ["a.tar"], "human": []}))
+    (out / "summary.json").write_text(json.dumps({"dprime_pairs": 7, "threshold": 0.5}))
+    ray.jobs[job.id].status = "RUNNING"
+    assert jobs.get(job.id).summary is None  # a run's summary.json is an earlier run's until it ends
+    ray.jobs[job.id].status = "SUCCEEDED"
+    assert jobs.get(job.id).summary == {"dprime_pairs": 7, "threshold": 0.5}
+    (out / "summary.json").write_text("{cut")
+    assert jobs.get(job.id).summary is None
+
+
 def test_a_stop_says_it_was_requested(tmp_path: Path) -> None:
     jobs = _manager(tmp_path, FakeRayJobs())
     job = jobs.submit(_request(tmp_path, "run"))
