@@ -48,8 +48,8 @@ SERIES = {  # histogram / keep-rate series: (title, colour)
 }
 # What the counts, histograms and keep rates read of every ledger row: scores and decisions, not
 # texts, one ledger file at a time, summed as they go (`_Totals`): the page's memory does not grow
-# with the job. Holding the whole ledger took 0.9 KB a row (9 GB at 10M pairs), these columns of it
-# 0.8 KB; the galleries read their few rows whole.
+# with the job (holding these columns for the whole ledger took some 0.3 KB a row, 3 GB at 10M
+# pairs). The galleries read their few rows whole.
 SUMMARY_COLUMNS = [
     "status",
     "reason",
@@ -146,14 +146,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _ledger_thresholds(files: Sequence[Path]) -> list[float]:
     """The thresholds the ledger's rows were decided with, in the order first met (one column read;
     a file that cannot be read is named by the pass that reads its scores)."""
-    seen: dict[float, None] = {}
+    seen: list[float] = []
     for path in files:
         try:
             column = pq.ParquetFile(path).read(columns=["threshold"])["threshold"]
         except (pa.ArrowException, OSError, KeyError, ValueError):
             continue
-        seen.update(dict.fromkeys(float(t) for t in pc.unique(pc.drop_null(column)).to_pylist()))
-    return list(seen)
+        seen += pc.unique(pc.drop_null(column)).cast(pa.float64()).to_pylist()
+    return pc.unique(pa.array(seen, pa.float64())).to_pylist()  # as Arrow tells values apart: NaN once
 
 
 def _threshold(files: Sequence[Path], out: Path, job: dict[str, Any]) -> float | None:
@@ -419,7 +419,8 @@ def _keep_rate(scores: dict[str, _Series], threshold: float | None) -> str:
         if not values.size:
             continue
         title, color = SERIES[series]
-        kept = values.above_grid / values.size  # kept: strictly above
+        # kept: strictly above; as 1 - below / n, the float the whole-ledger page computed
+        kept = 1.0 - (values.size - values.above_grid) / values.size
         points = " ".join(f"{_x(t):.2f},{_y(f):.2f}" for t, f in zip(grid.tolist(), kept.tolist()))
         body.append(
             f'<polyline data-series="{series}" points="{points}" fill="none" stroke="{color}" stroke-width="2"/>'
@@ -502,7 +503,7 @@ def _header(job: dict[str, Any], threshold: float | None, keep_fraction: Any, to
 
 
 def _summary_schema() -> pa.Schema:
-    """SUMMARY_COLUMNS as `_read_summary` holds them: `synthetic` keeps each candidate's ITM alone,
+    """SUMMARY_COLUMNS as `_read_summary_file` holds them: `synthetic` keeps each candidate's ITM alone,
     `status` and `reason` are dictionaries."""
     fields = []
     for column in dict.fromkeys(c.split(".")[0] for c in SUMMARY_COLUMNS):

@@ -40,8 +40,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albument
 from img2dataset import downloader as _img2dataset
 from PIL import Image
 
+from capfilt.images import MAX_PIXELS  # the decoder's own limit (no torch: a worker needs none)
+
 SCHEMES = ("http", "https")
-MAX_PIXELS = 64_000_000  # as `capfilt.images.MAX_PIXELS` (that module imports torch; a worker need not)
 CHUNK = 1 << 16
 LIMITS: dict[str, float] = {"max_bytes": 64 * 2**20, "deadline_s": 60.0}  # set by SafeDownloader
 PROGRESS = ("_ingest", "progress")  # under OUT: a file per shard being downloaded

@@ -47,6 +47,7 @@ from .train_state import (
     remove_partial,
     state_step,
     truncate_metrics,
+    usable_states,
     write_final,
     write_init,
 )
@@ -112,7 +113,7 @@ def train(config: TrainConfig, progress: ProgressFn | None = None) -> TrainResul
     make_run_dir(out)
     remove_partial(out)
 
-    states = list_states(out)
+    states = usable_states(out)  # the newest whole state: one damaged on disk is set aside
     state = states[-1] if states else None
     resumed_from = None
     if state is not None:

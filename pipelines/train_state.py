@@ -8,9 +8,12 @@
         objectives.safetensors  MEDObjectives' own state: temperature, momentum encoders, queues
         trainer.pt              optimizer state, step, per-rank RNG states, wall time
         train_args.json         the arguments that must match to resume from it
+        checksums.json          the sha256 of each file above, written last
 
 A state directory is written under a temporary name and renamed into place, so a directory
-named `step_NNNNNN` is always complete; the last `KEEP` of them are kept.
+named `step_NNNNNN` is always complete; the last `KEEP` of them are kept. A resume checks the
+newest state's checksums (`usable_states`): one damaged on disk since is set aside as
+`damaged-step_NNNNNN` and the run resumes from the one before it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from capfilt.model.checkpoint import Checkpoint, save_checkpoint
+from capfilt.model.checkpoint import Checkpoint, file_digest, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ METRICS = "metrics.jsonl"
 KEEP = 2
 _PREFIX = "step_"
 _TMP = ".tmp-"
+CHECKSUMS = "checksums.json"
+DAMAGED = "damaged-"
 
 
 def state_root(out: Path) -> Path:
@@ -141,12 +146,52 @@ def write_state(
     save_file(state, str(tmp / "objectives.safetensors"))
     torch.save(trainer, tmp / "trainer.pt")
     (tmp / "train_args.json").write_text(json.dumps(train_args, indent=2, sort_keys=True) + "\n")
+    sums = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
     final = root / name
     _publish(tmp, final)
     for old in list_states(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("training state saved: %s", final)
     return final
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a state's files against its checksums, None when nothing is (or when it
+    was written before states had checksums)."""
+    try:
+        sums = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f"{CHECKSUMS} cannot be read ({err})"
+    if not isinstance(sums, dict):
+        return f"{CHECKSUMS} is not a list of files"
+    for name, digest in sorted(sums.items()):
+        try:
+            if file_digest(path / name) != digest:
+                return f"{name} is not the file that was written (its checksum differs)"
+        except OSError as err:
+            return f"{name} cannot be read ({err.strerror or err})"
+    return None
+
+
+def usable_states(out: Path) -> list[Path]:
+    """`list_states`, with the newest damaged ones set aside (renamed `damaged-step_NNNNNN`, kept for
+    a look) so that a resume starts from the newest whole one; each is logged with what is wrong."""
+    states = list_states(out)
+    while states:
+        problem = damage(states[-1])
+        if problem is None:
+            break
+        bad = states.pop()
+        aside = bad.with_name(DAMAGED + bad.name)
+        if aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(bad, aside)
+        where = f"resuming from {states[-1].name}" if states else "no earlier state is left: starting over"
+        log.warning("training state %s is damaged: %s; set aside as %s, %s", bad, problem, aside.name, where)
+    return states
 
 
 def read_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

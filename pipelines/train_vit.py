@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 WEIGHTS = "vit.safetensors"
 META = "vit.json"
 STATE = "vit_state.pt"
+STATE_MAGIC = (
+    b"CAPFILT-VIT-STATE sha256 "  # then the hex digest of the torch.save bytes, a newline, those bytes
+)
 # Arguments that may change between a run and its resume (they shape neither the weights nor the
 # data order): the rest must be the same.
 RESUME_EXEMPT = ("out", "checkpoint_every", "log_every", "max_memory_gb")
@@ -346,7 +350,7 @@ def _saved_state(out: Path, args: dict[str, Any], names: list[str], data: str) -
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_state_file(path)
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"it lacks {', '.join(missing)}")
@@ -397,9 +401,26 @@ def _save_state(
         "queue": torch.tensor(queue, dtype=torch.int64),
         "torch_rng": torch.get_rng_state(),
     }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getbuffer()
     tmp = out / f".{STATE}.tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:  # the checksum first: a byte the disk flips is found at the resume
+        f.write(STATE_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n")
+        f.write(data)
     os.replace(tmp, out / STATE)
+
+
+def _load_state_file(path: Path) -> dict[str, Any]:
+    """A state `_save_state` wrote, its checksum verified (a state of an earlier version, which has
+    none, is read as it is); ValueError when the bytes are not those that were written."""
+    raw = path.read_bytes()
+    if raw.startswith(STATE_MAGIC):
+        digest, _, data = raw[len(STATE_MAGIC) :].partition(b"\n")
+        if hashlib.sha256(data).hexdigest().encode() != digest:
+            raise ValueError("its checksum does not match: the file was damaged after it was written")
+        raw = data
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
 def _remove_tmp(out: Path) -> None:
@@ -410,7 +431,7 @@ def _remove_tmp(out: Path) -> None:
 def _saved_step(out: Path) -> int | None:
     """The step of the state in `out`, None when there is none (or it cannot be read)."""
     try:
-        return int(torch.load(out / STATE, map_location="cpu", weights_only=True)["step"])
+        return int(_load_state_file(out / STATE)["step"])
     except Exception:  # no state, or a torn one: the resume will say which
         return None
 

@@ -140,3 +140,26 @@ def test_killed_run_resumes_from_last_complete_state(world: Path, tmp_path: Path
     from capfilt.model.checkpoint import load_checkpoint
 
     assert load_checkpoint(out).role == "pretrain"
+
+
+def test_a_state_damaged_on_disk_is_set_aside_and_the_run_resumes_from_the_one_before(
+    world: Path, pretrained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each state holds the sha256 of its files: a byte flipped in the newest state's weights used to
+    load and train on. It is set aside (kept for a look) and the run resumes from the state before,
+    to the weights of a run never stopped."""
+    init = str(pretrained)
+    train(_config(world, tmp_path / "whole", max_steps=12, init=init))
+    run = tmp_path / "run"
+    assert train(_config(world, run, max_steps=10, init=init)).steps == 10  # states at 5 and 10
+    weights = run / "train_state" / "step_000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor's values
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        resumed = train(_config(world, run, max_steps=12, init=init))
+    assert resumed.resumed_from == 5 and resumed.steps == 12
+    assert "step_000010 is damaged: model.safetensors is not the file that was written" in caplog.text
+    assert (run / "train_state" / "damaged-step_000010").is_dir()
+    ours, theirs = _weights(run), _weights(tmp_path / "whole")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

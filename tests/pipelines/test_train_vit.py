@@ -330,3 +330,33 @@ def test_a_vit_state_that_is_no_state_is_named_and_nothing_saved_says_so(
         KeyboardInterrupt, match="with --checkpoint-every 0 no state is saved: a rerun starts over"
     ):
         train_vit(VitTrainConfig(out=str(tmp_path / "none"), checkpoint_every=0, **base), stop)
+
+
+def test_a_vit_state_damaged_on_disk_is_refused_and_one_without_a_checksum_still_resumes(
+    labelled: Path, tmp_path: Path
+) -> None:
+    """The state carries the sha256 of its bytes: one byte flipped inside the tensor data used to
+    load and train on. A state written before the checksum (plain `torch.save`) resumes as before."""
+    from capfilt.pipelines.train_vit import STATE_MAGIC, _load_state_file
+
+    base = dict(data=[str(labelled / "labelled")], size="tiny", steps=4, batch_size=8)
+
+    def stop_at_3(step: int, total: int, losses: dict[str, float]) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_vit(VitTrainConfig(out=str(run), checkpoint_every=2, **base), stop_at_3)
+    path = run / "vit_state.pt"
+    good = path.read_bytes()
+    assert good.startswith(STATE_MAGIC)
+    damaged = bytearray(good)
+    damaged[len(good) * 2 // 3] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CapfiltError, match=r"vit_state.pt is not a readable .*checksum does not match"):
+        train_vit(VitTrainConfig(out=str(run), checkpoint_every=2, **base))
+    path.write_bytes(good)
+    torch.save(_load_state_file(path), path)  # the format before the checksum
+    assert not path.read_bytes().startswith(STATE_MAGIC)
+    assert train_vit(VitTrainConfig(out=str(run), checkpoint_every=2, **base)).steps == 4
