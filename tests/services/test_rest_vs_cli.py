@@ -136,6 +136,12 @@ def test_job_over_rest_is_a_ray_job_that_runs_to_completion(service: Service, ru
     assert info["state"] == "SUCCEEDED" and "RUNNING" in runs["states"], info
     assert info["progress"]["shards_total"] == info["progress"]["shards_done"] == 1
     assert info["progress"]["samples_done"] == 20 and sum(info["progress"]["reasons"].values()) == 20
+    summary = info["summary"]  # what the CLI printed at the end, from OUT/summary.json
+    assert (
+        summary["samples"] == 20
+        and summary["threshold"] == 0.0222
+        and summary["report"].endswith("report.html")
+    )
     with service.client() as client:
         listed = client.get("/v1/jobs").json()["jobs"]
         logs = client.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 5}).json()["logs"]
