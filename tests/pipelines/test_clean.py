@@ -682,7 +682,7 @@ def test_fast_precision_cleans_every_sample_with_close_scores(
             assert abs(row["web_itm"] - exact[row["key"]]["web_itm"]) < 0.05
     job = json.loads((fast.output / "job.json").read_text())
     assert job["precision"] == "fast" and job["top_k"] == 50
-    with pytest.raises(CapfiltError, match=r"precision: saved 'fast', now None"):  # resumed as exact
+    with pytest.raises(CapfiltError, match=r"precision: saved 'fast', now 'exact'"):  # resumed as exact
         clean(_config(inputs, world, fast.output, our_captioner_dir, our_filter_dir, resume=True))
 
 
