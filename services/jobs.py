@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shlex
+import stat
 import threading
 import time
 import uuid
@@ -306,16 +307,26 @@ def read_progress(output: Path) -> JobProgress | None:
     )
 
 
-def read_summary(output: Path) -> dict[str, Any] | None:
-    """OUT/summary.json, which a job writes when it has finished (and removes when a rerun starts);
-    None when there is none or it cannot be read."""
+MAX_SUMMARY_BYTES = 16 * 2**20  # a job's summary names each unreadable shard: big jobs, big files
+
+
+def read_summary(output: Path, named: str) -> dict[str, Any] | None:
+    """OUT/summary.json, which a job writes when it has finished (and removes when a rerun starts),
+    when it is the summary of the job whose output is `named`; None otherwise. Shown to clients as
+    it is, so it is read only as a regular file (never through a symbolic link someone put in an
+    output folder, to a file elsewhere) and only when it names this output."""
     from capfilt.pipelines.clean import SUMMARY
 
     try:
-        loaded = json.loads((output / SUMMARY).read_text())
+        fd = os.open(output / SUMMARY, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            data = f.read(MAX_SUMMARY_BYTES + 1)
+        loaded = json.loads(data) if len(data) <= MAX_SUMMARY_BYTES else None
     except (OSError, ValueError, RecursionError):
         return None
-    return loaded if isinstance(loaded, dict) else None
+    return loaded if isinstance(loaded, dict) and loaded.get("output") == named else None
 
 
 def require_jobs_enabled(config: ServeConfig) -> None:
@@ -488,7 +499,7 @@ class JobManager:
                 progress = None
                 message = f"{message or ''} Its output was taken on by job {later}: see that job's progress.".strip()
             elif summary["state"] == "SUCCEEDED":
-                result = read_summary(output)
+                result = read_summary(output, summary["output"])
         return JobInfo(
             **summary, message=message, entrypoint=details.entrypoint, progress=progress, summary=result
         )

@@ -272,12 +272,22 @@ def test_a_succeeded_job_shows_the_summary_its_output_holds(tmp_path: Path) -> N
     out = tmp_path / "out" / "run"
     out.mkdir()
     (out / "job.json").write_text(json.dumps({"inputs": ["a.tar"], "human": []}))
-    (out / "summary.json").write_text(json.dumps({"dprime_pairs": 7, "threshold": 0.5}))
+    summary = {"output": str(out), "dprime_pairs": 7, "threshold": 0.5}
+    (out / "summary.json").write_text(json.dumps(summary))
     ray.jobs[job.id].status = "RUNNING"
     assert jobs.get(job.id).summary is None  # a run's summary.json is an earlier run's until it ends
     ray.jobs[job.id].status = "SUCCEEDED"
-    assert jobs.get(job.id).summary == {"dprime_pairs": 7, "threshold": 0.5}
+    assert jobs.get(job.id).summary == summary
     (out / "summary.json").write_text("{cut")
+    assert jobs.get(job.id).summary is None
+    # Shown as it is, so never another file's JSON: one planted in the output, or reached by a link.
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"output": str(out), "private_key": "..."}))
+    (out / "summary.json").unlink()
+    (out / "summary.json").symlink_to(secret)
+    assert jobs.get(job.id).summary is None
+    (out / "summary.json").unlink()
+    (out / "summary.json").write_text(json.dumps({"type": "service_account", "private_key": "..."}))
     assert jobs.get(job.id).summary is None
 
 
