@@ -353,6 +353,7 @@ class JobManager:
         # one submission at a time: the check that no unfinished job writes there, then the submit
         self._submitting = threading.Lock()
         self._submitted: dict[str, Path] = {}  # job id -> output, until Ray Jobs lists the job
+        self.submitted_here: dict[str, Path] = {}  # every job this process submitted -> its output
         self._submitted_lock = threading.Lock()  # the overlap check reads it outside `_submitting`
 
     @property
@@ -396,7 +397,7 @@ class JobManager:
             self._refuse_overlap(request.output, Path(output))
             job_id = self._submit(argv, output)
             with self._submitted_lock:
-                self._submitted[job_id] = Path(output)
+                self._submitted[job_id] = self.submitted_here[job_id] = Path(output)
         return self.get(job_id)
 
     def unfinished_outputs(self) -> dict[str, tuple[str, Path]]:

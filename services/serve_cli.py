@@ -239,16 +239,18 @@ def _started_ray_here() -> bool:
 
 
 def _say_which_jobs_stop(jobs: Any) -> None:
-    """The unfinished jobs that stop with the service's own Ray, and how to finish them."""
+    """The unfinished jobs that stop with the service's own Ray, and how to finish them. A stop
+    sent to the whole process group (systemd, `timeout`, Ctrl-C in a terminal) has taken Ray's
+    dashboard down already: then the jobs this service submitted are named, as maybe unfinished."""
     try:
         unfinished = jobs.unfinished_outputs()
-    except Exception as err:  # stopping anyway: say why nothing is listed
-        log.warning("could not list the jobs that stop with this service: %s", err)
-        return
+    except Exception as err:  # stopping anyway: name what this service knows
+        log.warning("could not list the jobs that stop with this service (%s)", err)
+        unfinished = {job_id: ("state unknown", out) for job_id, out in jobs.submitted_here.items()}
     for job_id, (state, output) in sorted(unfinished.items()):
         log.warning(
-            'job %s (%s) stops with this service\'s Ray; submit it again with "resume": true and '
-            "output %s to finish it",
+            "job %s (%s) stops with this service's Ray unless it had ended; submit it again with "
+            '"resume": true and output %s to finish it',
             job_id,
             state,
             output,

@@ -404,12 +404,14 @@ def test_a_service_that_started_its_own_ray_names_the_jobs_that_stop_with_it(
     job = jobs.submit(_request(tmp_path, "run"))
     with caplog.at_level("WARNING"):
         _say_which_jobs_stop(jobs)
-    assert [r.getMessage() for r in caplog.records] == [
-        f'job {job.id} (PENDING) stops with this service\'s Ray; submit it again with "resume": true and '
-        f"output {tmp_path / 'out' / 'run'} to finish it"
-    ]
-    jobs.client.down = True
+    named = (
+        "stops with this service's Ray unless it had ended; submit it again with "
+        f'"resume": true and output {tmp_path / "out" / "run"} to finish it'
+    )
+    assert [r.getMessage() for r in caplog.records] == [f"job {job.id} (PENDING) {named}"]
+    jobs.client.down = True  # a stop sent to the process group took the dashboard down too
     caplog.clear()
     with caplog.at_level("WARNING"):
         _say_which_jobs_stop(jobs)
     assert "could not list the jobs that stop with this service" in caplog.text
+    assert caplog.records[-1].getMessage() == f"job {job.id} (state unknown) {named}"
