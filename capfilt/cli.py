@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -315,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         console.print(str(err) or "interrupted", highlight=False, soft_wrap=True)
         return 130
+    except BrokenPipeError:  # `capfilt ... | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
 
 @contextlib.contextmanager
@@ -658,7 +663,7 @@ def _ablation(args: argparse.Namespace) -> int:
     total = len(seeds) * len(variants)
     result = _with_stage_bar("ablation", total, lambda progress: run_ablation(cfg, seeds, variants, progress))
     Console(stderr=True).print(Path(args.out, "ablation.md").read_text(), highlight=False)
-    print(json.dumps({"out": args.out, "table": result["table"]}))
+    print(json.dumps({"out": args.out, "table": result["table"]}, allow_nan=False))
     return 0
 
 

@@ -62,7 +62,9 @@ class Sample:
 
 
 def shard_paths(paths: PathsLike) -> list[Path]:
-    """Expand directories (their `*.tar`, sorted), glob patterns and tar paths into shard paths.
+    """Expand directories (their `*.tar`, sorted), glob patterns and tar paths into shard paths,
+    each file once (a directory and a tar in it: its samples would be read twice, doubling them in
+    training and making every text its own hard negative in retrieval).
 
     Raises CapfiltError naming an entry that matches no tar.
     """
@@ -85,7 +87,17 @@ def shard_paths(paths: PathsLike) -> list[Path]:
                 f"{entry} holds no tar shards (.tar, or compressed: .tar.gz, .tgz, .tar.bz2, .tar.xz; img2dataset's webdataset layout)"
             )
         out.extend(found)
-    return out
+    unique: list[Path] = []
+    seen: set[Path] = set()
+    for path in out:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    if len(unique) < len(out):
+        log.warning(
+            "%d shard(s) named more than once in %s: each is read once", len(out) - len(unique), entries
+        )
+    return unique
 
 
 def input_format(source: str) -> str:

@@ -92,9 +92,19 @@ def _open(source: str | Path | bytes, name: str | None, max_pixels: int, decode:
         path = Path(source)
         if path.is_dir():
             raise ImageError(f"{path} is a directory, not an image file", "image_missing")
-        if not path.is_file():
+        if not path.exists():
             raise ImageError(f"image not found: {path}", "image_missing")
-        data = path.read_bytes()
+        if not path.is_file():  # a FIFO, a device: reading it may never end
+            raise ImageError(f"{path} is not a regular file, not an image file", "image_missing")
+        try:
+            if path.stat().st_size > MAX_IMAGE_BYTES:
+                raise ImageError(
+                    f"{path}: {path.stat().st_size} bytes is over the limit of {MAX_IMAGE_BYTES} for an image",
+                    "image_too_large",
+                )
+            data = path.read_bytes()
+        except OSError as err:  # no permission, an I/O error
+            raise ImageError(f"{path}: cannot be read ({err.strerror or err})", "image_missing") from err
     else:
         data = source
     if not data:

@@ -22,6 +22,8 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
+from capfilt.data import text_of
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: pad id 0, as BERT
@@ -148,7 +150,9 @@ class CaptionTokenizer:
         The ids transformers' `hf(texts, padding="longest", truncation=True, max_length=...)` gives,
         from the same Rust tokenizer called directly: 256 short texts took 6.3 ms that way against
         13.7 through transformers' Python layer (the 2-core Xeon of `docs/benchmarks.md`)."""
-        texts = list(texts)
+        # what UTF-8 cannot encode (a command line's undecodable bytes, a JSON "\udcff") as U+FFFD:
+        # the Rust tokenizer refuses such a str with a TypeError
+        texts = [text_of(t) or "" for t in texts]
         if not texts:
             return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long)
         encoder = self._encoder(max_length)

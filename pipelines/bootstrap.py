@@ -30,10 +30,13 @@ from capfilt.decision import Rule, Scored, decide
 from capfilt.errors import CapfiltError, changed_arguments
 from capfilt.images import ImageError, open_image
 from capfilt.inference import BLIP_TOP_K, Captioner, Filter, capfilt_sampling
+from capfilt.ledger import MAX_SEED
 from capfilt.model.config import STEMS
+from capfilt.model.generate import MAX_CAPTIONS
 from capfilt.world.writer import Sample as ShardSample
 from capfilt.world.writer import write_shard
 
+from .clean_output import finite_json
 from .evaluate import eval_caption, eval_retrieval, read_truth
 from .train import train
 from .train_config import TrainConfig
@@ -95,8 +98,10 @@ class BootstrapConfig:
             )
         if self.variant not in VARIANTS:
             raise CapfiltError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.num_captions < 1:
-            raise CapfiltError(f"num_captions must be at least 1, got {self.num_captions}")
+        if not 1 <= self.num_captions <= MAX_CAPTIONS:
+            raise CapfiltError(
+                f"--num-captions must be between 1 and {MAX_CAPTIONS}, got {self.num_captions}"
+            )
         # Checked here, not at the stage that uses them: a bad value must not cost hours of training.
         for name, value, least in (
             ("pretrain_epochs", self.pretrain_epochs, 1),
@@ -112,6 +117,7 @@ class BootstrapConfig:
                 raise CapfiltError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             raise CapfiltError(f"--max-steps must be at least 1, got {self.max_steps}")
+        check_seed(self.seed)
         if not (math.isfinite(self.threshold) and 0.0 <= self.threshold <= 1.0):
             raise CapfiltError(f"--threshold is an ITM probability in [0, 1], got {self.threshold}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
@@ -128,6 +134,12 @@ class BootstrapConfig:
                 "no CUDA device in this process: training runs on the Ray workers' GPUs, the image "
                 "encoder's pre-training, CapFilt and evaluation on this process's CPU"
             )
+
+
+def check_seed(seed: int) -> None:
+    """A seed the sampling and the ledger take (non-negative, int64), checked before any training."""
+    if not (0 <= seed <= MAX_SEED):
+        raise CapfiltError(f"--seed must be in [0, 2**63 - 1], got {seed}")
 
 
 @dataclass
@@ -556,6 +568,8 @@ def run_ablation(
     cfg.validate()
     if not seeds:
         raise CapfiltError("the ablation needs at least one seed")
+    for seed in seeds:  # each seed trains for hours: a bad one is refused before the first
+        check_seed(seed)
     root = Path(cfg.out)
     _same_arguments(root, cfg, also_free=("seed",))
     per_seed: dict[int, dict[str, Any]] = {}
@@ -600,7 +614,7 @@ def _write_ablation(
         "stage_seconds": times.seconds,
     }
     for name, text in (
-        ("ablation.json", json.dumps(result, indent=2) + "\n"),
+        ("ablation.json", json.dumps(finite_json(result), indent=2, allow_nan=False) + "\n"),
         ("ablation.md", ablation_markdown(table, done, seeds)),
     ):
         tmp = root / f"{name}.tmp"
@@ -618,20 +632,25 @@ ABLATION_METRICS = {
 
 def ablation_table(
     per_seed: dict[int, dict[str, Any]], variants: tuple[str, ...]
-) -> dict[str, dict[str, list[float]]]:
-    """variant -> metric -> [mean, spread] over seeds (spread: half the max-min range)."""
-    table: dict[str, dict[str, list[float]]] = {}
+) -> dict[str, dict[str, list[float | None]]]:
+    """variant -> metric -> [mean, spread] over seeds (spread: half the max-min range); [None, None]
+    for a metric no seed has."""
+    table: dict[str, dict[str, list[float | None]]] = {}
     for variant in variants:
         table[variant] = {}
         for name, (group, key) in ABLATION_METRICS.items():
-            values = [float(run["rows"][variant][group].get(key, float("nan"))) for run in per_seed.values()]
+            values = [run["rows"][variant][group].get(key) for run in per_seed.values()]
+            values = [float(v) for v in values if v is not None and math.isfinite(v)]
+            if not values:  # a metric these runs have not (attribute accuracy without truth.parquet)
+                table[variant][name] = [None, None]
+                continue
             mean = sum(values) / len(values)
             table[variant][name] = [round(mean, 4), round((max(values) - min(values)) / 2, 4)]
     return table
 
 
 def ablation_markdown(
-    table: dict[str, dict[str, list[float]]], seeds: list[int], asked: list[int] | None = None
+    table: dict[str, dict[str, list[float | None]]], seeds: list[int], asked: list[int] | None = None
 ) -> str:
     names = list(ABLATION_METRICS)
     todo = [s for s in asked or [] if s not in seeds]
@@ -643,7 +662,9 @@ def ablation_markdown(
         "|---|" + "---|" * len(names),
     ]
     for variant, metrics in table.items():
-        cells = [f"{metrics[n][0]:.3f} ± {metrics[n][1]:.3f}" for n in names]
+        cells = [
+            "n/a" if metrics[n][0] is None else f"{metrics[n][0]:.3f} ± {metrics[n][1]:.3f}" for n in names
+        ]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

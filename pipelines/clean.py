@@ -49,7 +49,7 @@ from capfilt.decision import DEFAULT_THRESHOLD, Rule, threshold_for_keep_fractio
 from capfilt.errors import CapfiltError, signals_interrupt
 from capfilt.inference import PRECISIONS, capfilt_sampling
 from capfilt.ledger import LEDGER_SCHEMA, MAX_SEED, judged_scores, redecide, table
-from capfilt.model.generate import GenerationConfig
+from capfilt.model.generate import MAX_CAPTIONS, GenerationConfig
 
 from .clean_output import (
     Shard,
@@ -139,8 +139,8 @@ class CleanConfig:
             raise bad("keep-fraction", f"must be in (0, 1]; got {self.keep_fraction}")
         if not (0 <= self.seed <= MAX_SEED):
             raise bad("seed", f"must be in [0, 2**63 - 1] (the ledger stores it as int64); got {self.seed}")
-        if self.num_captions < 1:
-            raise bad("num-captions", f"must be >= 1; got {self.num_captions}")
+        if not 1 <= self.num_captions <= MAX_CAPTIONS:
+            raise bad("num-captions", f"must be between 1 and {MAX_CAPTIONS}; got {self.num_captions}")
         if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
             raise bad("top-p", f"must be in (0, 1]; got {self.top_p}")
         if self.top_k < 0:

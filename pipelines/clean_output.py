@@ -229,19 +229,19 @@ def _record(sample: InputSample, key: str, text: str, extra: dict[str, Any]) -> 
         "__key__": key,
         sample.ext: sample.image,  # the input's bytes: never re-encoded
         "txt": text.encode(),
-        "json": json.dumps(_finite(meta), sort_keys=True, allow_nan=False).encode(),
+        "json": json.dumps(finite_json(meta), sort_keys=True, allow_nan=False).encode(),
     }
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """`value` with NaN and infinite floats as None: JSON has no such numbers (Python writes a
     bare NaN that jq, JavaScript and DuckDB refuse), and a table's float column may hold them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 

@@ -91,17 +91,14 @@ def eval_caption(
     else:
         raise CapfiltError(f"unknown caption method {method!r}; use beam or nucleus")
     samples = list(iter_samples(data))
+    rows = read_truth(truth, "test")
+    if truth is not None:  # before any captioning: another world's truth scores wrong, silently
+        for sample in samples:
+            _check_against_truth(sample, rows.get(sample.key), data, truth, "test")
     images = [open_image(s.image, name=s.key) for s in samples]
     captioner = Captioner(_checkpoint(captioner_ckpt, "caption", device), device=device)
     captions = [c[0] for c in captioner.caption(images, gen)]
     refs = [sample_captions(s) for s in samples]
-    rows = read_truth(truth, "test")
-    missing = [s.key for s in samples if s.key not in rows] if rows else []
-    if missing:
-        raise CapfiltError(
-            f"{len(missing)} test keys (e.g. {missing[0]}) are missing from the truth table {truth}: is it "
-            "the same world?"
-        )
     contents = [rows[s.key]["content"] for s in samples] if rows else None
     metrics = caption_metrics(captions, refs, contents)
     return {**metrics, "method": method, "images": len(samples), "examples": captions[:5]}
@@ -138,22 +135,21 @@ def eval_filter(
     return {**report.to_dict(), "threshold": threshold, "markdown": report.to_markdown()}
 
 
-def _check_against_truth(sample: Any, row: dict[str, Any] | None, data: PathsLike, truth: str | Path) -> None:
-    """CapfiltError, before any more is scored, for a sample the truth's web split does not hold
-    as it is: its figures would count another text's noise (keys repeat across a world's splits,
+def _check_against_truth(
+    sample: Any, row: dict[str, Any] | None, data: PathsLike, truth: str | Path, split: str = "web"
+) -> None:
+    """CapfiltError, before any more is scored, for a sample the truth's `split` does not hold as
+    it is: its figures would count another sample's truth (keys repeat across a world's splits,
     and a world of another seed or noise mix has other texts under the same keys)."""
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     where = f"sample {sample.key!r} of {' '.join(map(str, paths))}"
+    hint = f"pass a world's {split} shards (WORLD/{split}) with that world's truth.parquet"
     if row is None:
-        raise CapfiltError(
-            f"{where} is not in the web split of {truth}: pass a world's web shards (WORLD/web) with "
-            "that world's truth.parquet"
-        )
+        raise CapfiltError(f"{where} is not in the {split} split of {truth}: {hint}")
     if row.get("text") is not None and row["text"] != sample.text:
         raise CapfiltError(
-            f"{where} carries another text than the web split of {truth} lists under its key "
-            f"({sample.text[:60]!r} against {str(row['text'])[:60]!r}): pass a world's web shards "
-            "(WORLD/web) with that world's truth.parquet"
+            f"{where} carries another text than the {split} split of {truth} lists under its key "
+            f"({sample.text[:60]!r} against {str(row['text'])[:60]!r}): {hint}"
         )
 
 

@@ -279,3 +279,22 @@ def test_stdout_holds_only_the_result_while_ray_prints(command, monkeypatch, cap
     assert code == 0, err
     assert json.loads(out) == result  # the result alone: Ray's line went to stderr
     assert "(raylet) Task _map_task failed" in err
+
+
+def test_a_reader_that_stops_reading_ends_the_command_without_a_traceback() -> None:
+    """`capfilt eval ... | head -c 20`: the print into the closed pipe ended in a BrokenPipeError
+    traceback (and another at interpreter exit)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from capfilt import cli\n"
+        "cli.COMMANDS['demo'] = lambda args: print('x' * 4_000_000)\n"
+        "sys.exit(cli.main(['demo']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.read(10) == b"x" * 10
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]

@@ -91,3 +91,32 @@ def test_a_plugins_own_error_is_an_image_error_naming_the_file(monkeypatch, fail
         open_image(png, name="shard/00001.png")
     assert caught.value.reason == "image_undecodable"
     assert str(caught.value) == f"shard/00001.png: not a readable image ({type(failure).__name__}: {failure})"
+
+
+def test_an_image_path_that_is_no_readable_file_is_an_image_error(tmp_path, monkeypatch):
+    """A FIFO used to be "not found" (and reading one may never end), a file without read
+    permission ended in a PermissionError traceback, a huge file was read whole."""
+    import os
+
+    from capfilt import images
+    from capfilt.images import ImageError, open_image
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="is not a regular file"):
+        open_image(fifo)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(photo)
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(photo), "read_bytes", refused)
+        with pytest.raises(ImageError, match=r"photo.png: cannot be read \(Permission denied\)") as err:
+            open_image(photo)
+        assert err.value.reason == "image_missing"
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 10)
+    with pytest.raises(ImageError, match="over the limit of 10") as err:
+        open_image(photo)
+    assert err.value.reason == "image_too_large"

@@ -733,3 +733,18 @@ def test_a_med_without_a_decoder_is_refused_by_name(method: str) -> None:
     images = filter_only.encode_image(torch.randn(2, 3, 32, 32)).detach()
     with pytest.raises(ValueError, match="no text decoder"):
         generate(filter_only, images, PROMPT, GenerationConfig(method=method, num_beams=2))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("num_captions", 1_000_000, "num_captions=1000000: must be between 1 and 64"),
+        ("num_beams", 100_000, "num_beams=100000: must be between 1 and 64"),
+        ("num_captions", 0, "must be between 1 and 64"),
+    ],
+)
+def test_caption_and_beam_counts_have_an_upper_bound(field, value, says) -> None:
+    """Each caption and beam is a batch row with its own cache: a mistyped count allocated until
+    the machine ran out of memory, then ended in a RuntimeError."""
+    with pytest.raises(ValueError, match=says):
+        GenerationConfig(method="beam" if field == "num_beams" else "nucleus", **{field: value}).validate()

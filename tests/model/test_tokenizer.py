@@ -112,3 +112,11 @@ def test_pickles_and_still_encodes(tokenizer):
 def test_no_texts(tokenizer):
     ids, mask = tokenizer([], 35)
     assert ids.shape[0] == 0 and mask.shape[0] == 0
+
+
+def test_texts_utf8_cannot_carry_are_tokenised_with_the_replacement_character(tokenizer):
+    """A command line's undecodable byte (`--text $'caf\\xe9'`) or a lone surrogate made the Rust
+    tokenizer raise a TypeError: `capfilt score` ended in a traceback."""
+    ids, mask = tokenizer(["caf\udce9 dog", "\ud800 cat"], 12)
+    want_ids, want_mask = tokenizer(["caf\ufffd dog", "\ufffd cat"], 12)
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)

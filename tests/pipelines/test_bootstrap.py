@@ -330,3 +330,30 @@ def test_a_rerun_with_other_workers_skips_finished_stages_and_resumes_a_cut_one_
     fresh = tmp_path / "run" / "captioner"
     job._train(cfg, "captioner", [], fresh, None, 1)
     assert asked[-1].workers == 2
+
+
+def test_an_ablation_without_attribute_truth_writes_valid_json_and_bad_seeds_stop_it_first(tmp_path):
+    """A world without truth.parquet has no attribute accuracy: the table said NaN, which is no JSON
+    (`json.loads` of jq and browsers refuse it). A negative seed was found at the first captioning,
+    after hours of training."""
+    from capfilt.errors import CapfiltError
+    from capfilt.pipelines.bootstrap import (
+        BootstrapConfig,
+        ablation_markdown,
+        ablation_table,
+        run_ablation,
+    )
+
+    rows = {"retrieval": {"r1_mean": 40.0}, "captioning": {"cider_d": 2.0}}
+    table = ablation_table({0: {"rows": {"none": rows}}, 1: {"rows": {"none": rows}}}, ("none",))
+    assert table["none"]["attribute accuracy"] == [None, None] and table["none"]["CIDEr-D"] == [2.0, 0.0]
+    assert json.loads(json.dumps(table, allow_nan=False)) == table
+    assert "| none | 40.000 ± 0.000 | 2.000 ± 0.000 | n/a |" in ablation_markdown(table, [0, 1])
+    world = tmp_path / "world"
+    for part in ("human", "web", "test"):
+        (world / part).mkdir(parents=True)
+    with pytest.raises(CapfiltError, match=r"--seed must be in \[0, 2\*\*63 - 1\], got -1"):
+        run_ablation(BootstrapConfig(data=str(world), out=str(tmp_path / "abl"), vit_steps=0), [0, -1])
+    with pytest.raises(CapfiltError, match="--seed must be"):
+        BootstrapConfig(data=str(world), out=str(tmp_path / "b"), vit_steps=0, seed=-3).validate()
+    assert not (tmp_path / "abl" / "seed_0").exists()

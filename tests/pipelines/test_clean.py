@@ -650,8 +650,10 @@ def test_options_are_named_in_errors(inputs, world, our_captioner_dir, our_filte
     (tmp_path / "out" / "something").write_text("x")
     with pytest.raises(CapfiltError, match=r"--output .* is not empty; pass --resume"):
         clean(config())
-    with pytest.raises(CapfiltError, match=r"--num-captions must be >= 1"):
+    with pytest.raises(CapfiltError, match=r"--num-captions must be between 1 and 64; got 0"):
         clean(config(num_captions=0))
+    with pytest.raises(CapfiltError, match=r"--num-captions must be between 1 and 64; got 1000000"):
+        clean(config(num_captions=1_000_000))
     with pytest.raises(CapfiltError, match=r"--precision must be one of exact, fast; got 'half'"):
         clean(config(precision="half"))
     with pytest.raises(CapfiltError, match=r"--top-k must be >= 0 \(0: no top-k cut\); got -1"):

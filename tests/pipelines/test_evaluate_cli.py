@@ -152,3 +152,20 @@ def test_eval_filter_against_another_worlds_truth_is_refused(world, our_filter_d
     code, out, err = _run(capsys, *argv, "--truth", str(fewer.truth))
     assert code == 2 and out == ""
     assert ("is not in the web split" in err or "carries another text" in err) and "Traceback" not in err
+
+
+def test_eval_caption_against_another_worlds_truth_or_split_is_refused(
+    world, our_captioner_dir, tmp_path, capsys
+) -> None:
+    """Every world uses the same keys: another world's truth (or the web shards against the test
+    truth) gave an attribute accuracy of other images' contents, with exit 0."""
+    from capfilt.world import synthesize
+
+    other = synthesize(tmp_path / "other", web=30, human=4, test=6, image_size=32, shard_size=16, seed=3)
+    argv = ["eval", "caption", "--model", str(our_captioner_dir)]
+    code, out, err = _run(capsys, *argv, "--data", str(world / "test"), "--truth", str(other.truth))
+    assert code == 2 and out == "" and "carries another text than the test split" in err
+    code, out, err = _run(
+        capsys, *argv, "--data", str(world / "web"), "--truth", str(world / "truth.parquet")
+    )
+    assert code == 2 and out == "" and "test split" in err and "Traceback" not in err
