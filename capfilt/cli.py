@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         metavar="K",
-        help="captions per image: K samples (nucleus) or the K best beams (default: 1)",
+        help="captions per image: K samples (nucleus) or the K best beams, 1-64 (default: 1)",
     )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus probability mass (default: 0.9)")
     p.add_argument(
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray Train workers per training stage; 0 trains in this process (default: 0)",
     )
     p.add_argument(
-        "--num-captions", type=int, default=1, help="nucleus samples per web image (default: 1, BLIP's)"
+        "--num-captions", type=int, default=1, help="nucleus samples per web image, 1-64 (default: 1, BLIP's)"
     )
     p.add_argument(
         "--threshold", type=float, default=0.5, help="ITM p(match) a text must exceed (default: 0.5)"

@@ -56,7 +56,11 @@ def add_clean_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="instead of a threshold: keep this fraction of web and best synthetic texts (two passes)",
     )
     p.add_argument(
-        "--num-captions", type=int, default=1, metavar="K", help="nucleus samples per image (default: 1)"
+        "--num-captions",
+        type=int,
+        default=1,
+        metavar="K",
+        help="nucleus samples per image, 1-64 (default: 1)",
     )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus probability mass (default: 0.9)")
     p.add_argument(
