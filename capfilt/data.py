@@ -246,6 +246,50 @@ def text_of(value: Any) -> str | None:
         return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
 
 
+ANOTHER_ARCHIVE = "another tar archive starts"
+
+
+def end_of_archive(tar: tarfile.TarFile) -> str | None:
+    """Why the bytes after the last member tarfile read are not the end of the tar, if they are not:
+    a tar ends in two zero blocks; anything before them is a header tarfile could not read."""
+    f = tar.fileobj
+    assert f is not None
+    f.seek(tar.offset)
+    zeros = 0
+    while chunk := f.read(1 << 16):
+        rest = chunk.lstrip(b"\0")
+        zeros += len(chunk) - len(rest)
+        if rest and zeros >= 2 * tarfile.BLOCKSIZE:  # after a whole end-of-archive marker: not the tar's
+            at = tar.offset + zeros
+            if is_tar_header(chunk, len(chunk) - len(rest)):
+                # webdataset stops here too; the samples of the second archive would vanish unseen.
+                return (
+                    f"{ANOTHER_ARCHIVE} at byte {at}, after the end-of-archive marker (tars joined "
+                    "with cat?): its members are not read; join tars with `tar --concatenate` instead"
+                )
+            log.warning("ignoring data after the end of %s", tar.name)
+            return None
+        if rest:
+            at = tar.offset + zeros
+            return f"unreadable data at byte {at} (a corrupt member header): the members after it are lost"
+    if zeros < tarfile.BLOCKSIZE:
+        return f"no end-of-archive marker after byte {tar.offset}: the tar was cut short"
+    return None
+
+
+def is_tar_header(chunk: bytes, start: int) -> bool:
+    """Whether the 512 bytes at `start` of `chunk` (block-aligned, or not: any offset) are a tar
+    member header with a valid checksum."""
+    block = chunk[start : start + tarfile.BLOCKSIZE]
+    if len(block) < tarfile.BLOCKSIZE:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
 def read_tar(
     path: str | Path, fileobj: IO[bytes] | None = None
 ) -> tuple[dict[str, dict[str, bytes]], str | None]:
@@ -264,9 +308,11 @@ def read_tar(
                 handle = tar.extractfile(member)
                 assert handle is not None
                 groups.setdefault(key, {})[ext] = handle.read()
+            # tarfile stops without a word at a cut between members or a corrupt header
+            error = end_of_archive(tar)
     except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as err:
         return groups, f"cannot read shard {path}: {err}"
-    return groups, None
+    return groups, f"cannot read shard {path}: {error}" if error else None
 
 
 def _read_shard(path: Path) -> dict[str, dict[str, bytes]]:
@@ -274,7 +320,7 @@ def _read_shard(path: Path) -> dict[str, dict[str, bytes]]:
     one bad shard does not stop training on the others."""
     groups, error = read_tar(path)
     if error:
-        log.warning("%s; training on the %d samples read before it", error, len(groups))
+        log.warning("%s; going on with the %d samples read before it", error, len(groups))
     return groups
 
 

@@ -30,8 +30,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from capfilt.data import (
+    ANOTHER_ARCHIVE,
     IMAGE_EXTENSIONS,
     PARQUET,
+    end_of_archive,
     input_format,
     skipped_member,
     split_member_name,
@@ -213,7 +215,7 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
     yields them as more samples of the key, or refuses the tar). What was read before an error is
     kept; the sample of the last member read is marked `cut`, as its other members may be lost.
     tarfile stops without a word at a corrupt header in the middle of a tar or at a tar cut between
-    members: the bytes after the last member tell (`_end_of_archive`)."""
+    members: the bytes after the last member tell (`capfilt.data.end_of_archive`)."""
     samples: list[TarSample] = []
     by_key: dict[str, list[TarSample]] = {}  # each key's samples, in the tar's order
     reading: TarSample | None = None
@@ -254,8 +256,8 @@ def read_tar(path: str | Path) -> tuple[list[TarSample], str | None]:
                     )
                 else:
                     reading.files[ext] = data
-            error = _end_of_archive(tar)
-            whole = error is not None and error.startswith(_ANOTHER_ARCHIVE)  # the first archive ended
+            error = end_of_archive(tar)
+            whole = error is not None and error.startswith(ANOTHER_ARCHIVE)  # the first archive ended
     except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, CapfiltError) as err:
         error, whole = str(err), False
     if error:
@@ -284,51 +286,7 @@ def _open_tar(f: Any) -> tarfile.TarFile:
         raise tarfile.ReadError("not a tar file (plain, gzip, bz2 or xz)") from err
 
 
-_ANOTHER_ARCHIVE = "another tar archive starts"
-
-
-def _end_of_archive(tar: tarfile.TarFile) -> str | None:
-    """Why the bytes after the last member tarfile read are not the end of the tar, if they are not:
-    a tar ends in two zero blocks; anything before them is a header tarfile could not read."""
-    f = tar.fileobj
-    assert f is not None
-    f.seek(tar.offset)
-    zeros = 0
-    while chunk := f.read(1 << 16):
-        rest = chunk.lstrip(b"\0")
-        zeros += len(chunk) - len(rest)
-        if rest and zeros >= 2 * tarfile.BLOCKSIZE:  # after a whole end-of-archive marker: not the tar's
-            at = tar.offset + zeros
-            if _is_tar_header(chunk, len(chunk) - len(rest)):
-                # webdataset stops here too; the samples of the second archive would vanish unseen.
-                return (
-                    f"{_ANOTHER_ARCHIVE} at byte {at}, after the end-of-archive marker (tars joined "
-                    "with cat?): its members are not read; join tars with `tar --concatenate` instead"
-                )
-            log.warning("ignoring data after the end of %s", tar.name)
-            return None
-        if rest:
-            at = tar.offset + zeros
-            return f"unreadable data at byte {at} (a corrupt member header): the members after it are lost"
-    if zeros < tarfile.BLOCKSIZE:
-        return f"no end-of-archive marker after byte {tar.offset}: the tar was cut short"
-    return None
-
-
 SIDECAR_COLUMNS = ("key", "status", "error_message", "caption", "url")
-
-
-def _is_tar_header(chunk: bytes, start: int) -> bool:
-    """Whether the 512 bytes at `start` of `chunk` (block-aligned, or not: any offset) are a tar
-    member header with a valid checksum."""
-    block = chunk[start : start + tarfile.BLOCKSIZE]
-    if len(block) < tarfile.BLOCKSIZE:
-        return False
-    try:
-        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
-    except tarfile.HeaderError:
-        return False
-    return True
 
 
 def read_sidecar(tar_path: str | Path) -> tuple[list[dict[str, Any]], str | None]:

@@ -98,3 +98,24 @@ def test_collate_tokenises_to_max_length(world: Path, tokenizer) -> None:
     assert batch["input_ids"].shape[1] <= 6
     assert (batch["input_ids"][:, 0] == tokenizer.ids.cls).all()
     assert batch["image_ids"].tolist() == [dataset.image_ids[i] for i in range(5)]
+
+
+def test_a_tar_cut_between_members_is_named_not_read_as_a_shorter_shard(
+    world: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tarfile stops without a word where a tar was cut between two members: training and eval read
+    it as a smaller shard (an eval over 8 of 16 test images, exit 0, "no_text: 1" the only sign)."""
+    shard = sorted((world / "web").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: members[len(members) // 2].offset])
+    whole = len(list(iter_samples([shard])))
+    with caplog.at_level(logging.WARNING):
+        read = list(iter_samples([cut]))
+    assert 0 < len(read) < whole
+    assert (
+        f"cannot read shard {cut}: no end-of-archive marker" in caplog.text
+        and "the tar was cut short" in caplog.text
+    )
+    assert "samples read before it" in caplog.text
