@@ -90,8 +90,9 @@ def shard_paths(paths: PathsLike) -> list[Path]:
     unique: list[Path] = []
     seen: set[Path] = set()
     for path in out:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
             unique.append(path)
     if len(unique) < len(out):
         log.warning(
